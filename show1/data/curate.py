@@ -1,0 +1,451 @@
+"""Curation: manifest rows → filtered, clipped, resized sources in shards, plus index and quarantine.
+
+The work is split into chunks of `curate.rows_per_shard` consecutive manifest rows. Each chunk is
+processed independently (in any order, in parallel) into one shard and one part file; the part file is
+written last and is the commit marker, so a killed run leaves no half-written shard and a rerun skips
+the chunks already done. `finalize` then assembles, in manifest order, the outputs other tools read:
+
+  OUT/index.jsonl       one row per kept clip
+  OUT/quarantine.jsonl  one row per rejected manifest row, with `reason` and `error`
+  OUT/summary.json      counts (also the DVC metrics of the curate stage)
+  OUT/shards/, OUT/parts/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from show1 import atomic
+from show1.config import Curate, Params
+from show1.data import captions, manifest, quality, shards, sources, video
+from show1.data.errors import Rejected
+from show1.data.manifest import ManifestRow
+
+INDEX = "index.jsonl"
+QUARANTINE = "quarantine.jsonl"
+SUMMARY = "summary.json"
+PARTS = "parts"
+SHARDS = "shards"
+_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class CurationPlan:
+    """What a curation run will do: the manifest's rows, cut into chunks, and the settings hash."""
+
+    manifest: Path
+    out: Path
+    cache: Path
+    settings: Curate
+    rows: tuple[ManifestRow, ...]
+    rows_per_chunk: int
+
+    @property
+    def chunk_count(self) -> int:
+        return (len(self.rows) + self.rows_per_chunk - 1) // self.rows_per_chunk
+
+    def chunk(self, index: int) -> tuple[ManifestRow, ...]:
+        return self.rows[index * self.rows_per_chunk:(index + 1) * self.rows_per_chunk]
+
+    def fingerprint(self, index: int) -> str:
+        """Changes whenever the chunk's rows or any setting that shapes its output change."""
+        payload = {
+            "settings": self.settings.model_dump(mode="json", exclude={"split", "rows_per_shard"}),
+            "manifest_dir": str(self.manifest.parent.resolve()),
+            "rows": [r.fingerprint_fields() | {"rejection": r.rejection and r.rejection.reason}
+                     for r in self.chunk(index)],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def part_path(self, index: int) -> Path:
+        return self.out / PARTS / f"part-{index:05d}.json"
+
+    def shard_name(self, index: int) -> str:
+        return f"{SHARDS}/shard-{index:05d}.safetensors"
+
+
+def plan_curation(manifest_path: Path | str, out: Path | str, params: Params) -> CurationPlan:
+    """Read the manifest and mark the rows that are rejected before any IO (bad fields, repeated ids)."""
+    manifest_path = Path(manifest_path)
+    rows = manifest.read_manifest(manifest_path, params.curate.columns)
+    seen: dict[str, int] = {}
+    checked = []
+    for row in rows:
+        if row.rejection is None and row.id is not None:
+            if row.id in seen:
+                row = ManifestRow(row=row.row, video=row.video, caption=row.caption, id=row.id,
+                                  rejection=Rejected("duplicate_id", f"id '{row.id}' is already used by row "
+                                                     f"{seen[row.id]}"))
+            else:
+                seen[row.id] = row.row
+        checked.append(row)
+    return CurationPlan(manifest=manifest_path, out=Path(out), cache=params.paths.cache,
+                        settings=params.curate, rows=tuple(checked), rows_per_chunk=params.curate.rows_per_shard)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+@dataclass
+class KeptSource:
+    """A source that passed every per-row filter, with its sampled frames at every size."""
+
+    row: ManifestRow
+    source_id: str
+    caption: str
+    path: Path
+    source_hash: str
+    info: video.VideoInfo
+    span: tuple[float, float]
+    frames: dict[str, np.ndarray]
+    firsts: list[int]
+    hashes: np.ndarray
+    motion: float
+
+
+def source_id_for(row: ManifestRow) -> str:
+    if row.id:
+        return _ID_CHARS.sub("_", row.id)
+    stem = _ID_CHARS.sub("_", Path(str(row.video).split("?")[0]).stem) or "video"
+    return f"{stem}-r{row.row}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_header(info: video.VideoInfo, cfg: Curate, start: float, end: float | None) -> float:
+    """Apply the header-level filters; return the usable duration in seconds."""
+    f = cfg.filters
+    if not f.min_fps <= info.fps <= f.max_fps:
+        raise Rejected("bad_fps", f"{info.fps:.2f} fps is outside [{f.min_fps}, {f.max_fps}]")
+    if info.width < f.min_width or info.height < f.min_height:
+        raise Rejected("too_small", f"{info.width}x{info.height} is below {f.min_width}x{f.min_height}")
+    if not f.min_aspect <= info.aspect <= f.max_aspect:
+        raise Rejected("bad_aspect", f"aspect {info.aspect:.2f} ({info.width}x{info.height}) is outside "
+                                     f"[{f.min_aspect}, {f.max_aspect}]")
+    if np.isnan(info.duration_s):
+        return float("nan")
+    if start >= info.duration_s:
+        raise Rejected("bad_time_span", f"start {start}s is past the end of the {info.duration_s:.2f}s video")
+    usable = min(end if end is not None else info.duration_s, info.duration_s) - start
+    if usable > f.max_duration_s:
+        raise Rejected("too_long", f"{usable:.1f}s > max_duration_s {f.max_duration_s}")
+    if usable < f.min_duration_s:
+        raise Rejected("too_short", f"{usable:.2f}s < min_duration_s {f.min_duration_s}")
+    return usable
+
+
+def _locate(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path) -> Path:
+    assert row.video is not None
+    sources.check_scheme(row.video)
+    if sources.is_url(row.video):
+        return sources.download(row.video, cache, cfg.download)
+    return sources.resolve_local(row.video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages)
+
+
+def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path) -> KeptSource:
+    """Run every per-row check and decode the source; raise `Rejected` for anything unusable."""
+    if row.rejection is not None:
+        raise row.rejection
+    if not row.video:
+        raise Rejected("missing_video", "the row has no video path or URL")
+    caption = captions.check_caption(row.caption, cfg.caption)
+    path = _locate(row, manifest_dir, cfg, cache)
+    size = path.stat().st_size
+    if size > cfg.filters.max_source_bytes:
+        raise Rejected("too_large", f"{size} bytes > curate.filters.max_source_bytes {cfg.filters.max_source_bytes}")
+    info = video.probe(path)
+    start = row.start or 0.0
+    _check_header(info, cfg, start, row.end)
+
+    clip = cfg.clip
+    limit = clip.frames + (clip.max_per_source - 1) * clip.stride if clip.max_per_source else None
+    per_size: dict[str, list[np.ndarray]] = {s.key: [] for s in clip.sizes}
+    thumbs: list[np.ndarray] = []
+    convert = video.FrameConverter(info.width, info.height, clip.sizes)
+    last_frame, last_converted = None, None
+    for _, frame in video.decode_on_grid(path, clip.fps, start=start, end=row.end, max_frames=limit):
+        if frame is not last_frame:  # a repeated frame (slow source) is converted once
+            last_frame, last_converted = frame, convert(frame)
+        assert last_converted is not None
+        for key, image in last_converted[0].items():
+            per_size[key].append(image)
+        thumbs.append(last_converted[1])
+    sampled = len(thumbs)
+    if sampled < clip.frames:
+        raise Rejected("too_short", f"{sampled} frames at {clip.fps:g} fps; a clip needs {clip.frames}")
+    thumbnails = np.stack(thumbs)
+    motion = quality.mean_motion(thumbnails)
+    if motion < cfg.filters.static_threshold:
+        raise Rejected("static", f"mean frame difference {motion:.3f} < static_threshold "
+                                 f"{cfg.filters.static_threshold}")
+    firsts = list(range(0, sampled - clip.frames + 1, clip.stride))
+    if clip.max_per_source:
+        firsts = firsts[:clip.max_per_source]
+    used = firsts[-1] + clip.frames
+    picks = quality.pick_evenly(used, cfg.filters.dedup_frames)
+    hashes = np.array([quality.phash(thumbnails[i]) for i in picks], dtype=np.uint64)
+    return KeptSource(
+        row=row, source_id=source_id_for(row), caption=caption, path=path,
+        source_hash=file_sha256(path), info=info, span=(start, start + used / clip.fps),
+        frames={k: np.stack(v[:used]) for k, v in per_size.items()}, firsts=firsts,
+        hashes=hashes, motion=motion)
+
+
+# ----------------------------------------------------------------------------------------------- chunks
+
+
+def quarantine_row(row: ManifestRow, rejection: Rejected) -> dict[str, Any]:
+    caption = row.caption if row.caption is None else row.caption[:200]
+    return {"row": row.row, "reason": rejection.reason, "error": rejection.message,
+            "video": row.video, "caption": caption, "id": row.id}
+
+
+def frame_digests(frames: dict[str, np.ndarray], size_keys: list[str]) -> list[bytes]:
+    """sha256 of each frame's bytes at every size, in the order of `size_keys`."""
+    count = len(frames[size_keys[0]])
+    digests = []
+    for i in range(count):
+        digest = hashlib.sha256()
+        for key in size_keys:
+            digest.update(frames[key][i].tobytes())
+        digests.append(digest.digest())
+    return digests
+
+
+def clip_content_hash(digests: list[bytes], first: int, count: int) -> str:
+    """A clip's content hash: sha256 over its frames' digests (see `frame_digests`)."""
+    return hashlib.sha256(b"".join(digests[first:first + count])).hexdigest()
+
+
+def _source_record(kept: KeptSource, source_key: str, cfg: Curate) -> dict[str, Any]:
+    clip = cfg.clip
+    digests = frame_digests(kept.frames, [s.key for s in clip.sizes])
+    clips = []
+    for number, first in enumerate(kept.firsts):
+        t0 = kept.span[0] + first / clip.fps
+        clips.append({"clip_id": f"{kept.source_id}-{number:04d}", "frame_start": first,
+                      "start": round(t0, 4), "end": round(t0 + clip.frames / clip.fps, 4),
+                      "content_hash": clip_content_hash(digests, first, clip.frames)})
+    row = kept.row
+    return {
+        "row": row.row, "source_id": kept.source_id, "source_key": source_key, "caption": kept.caption,
+        "source": row.video, "source_hash": kept.source_hash, "split": row.split,
+        "span": list(kept.span), "source_width": kept.info.width, "source_height": kept.info.height,
+        "source_fps": round(kept.info.fps, 4), "codec": kept.info.codec, "motion": round(kept.motion, 4),
+        "frame_hashes": [f"{int(h):016x}" for h in kept.hashes], "clips": clips,
+    }
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    index: int
+    skipped: bool
+    kept: int
+    rejected: int
+
+
+def chunk_done(plan: CurationPlan, index: int) -> bool:
+    part = plan.part_path(index)
+    if not part.is_file():
+        return False
+    try:
+        return json.loads(part.read_text())["fingerprint"] == plan.fingerprint(index)
+    except (ValueError, KeyError):
+        return False
+
+
+def run_chunk(plan: CurationPlan, index: int, on_row: Callable[[], None] | None = None,
+              force: bool = False) -> ChunkReport:
+    """Curate one chunk into its shard and part file, unless an identical run already did."""
+    rows = plan.chunk(index)
+    if not force and chunk_done(plan, index):
+        for _ in rows:
+            on_row and on_row()
+        return ChunkReport(index, skipped=True, kept=0, rejected=0)
+    kept_records, rejected_records, tensors = [], [], {}
+    manifest_dir = plan.manifest.parent
+    for row in rows:
+        try:
+            kept = process_row(row, manifest_dir, plan.settings, plan.cache)
+        except Rejected as rejection:
+            rejected_records.append(quarantine_row(row, rejection))
+        else:
+            key = f"r{row.row:07d}"
+            kept_records.append(_source_record(kept, key, plan.settings))
+            tensors.update({shards.tensor_name(key, k): v for k, v in kept.frames.items()})
+        if on_row:
+            on_row()
+    shard = plan.shard_name(index) if tensors else None
+    if shard:
+        shards.write_shard(plan.out / shard, tensors)
+    # The part file commits the chunk: written only after its shard is in place.
+    atomic.write_json(plan.part_path(index), {
+        "chunk": index, "fingerprint": plan.fingerprint(index), "shard": shard,
+        "sources": kept_records, "rejected": rejected_records})
+    return ChunkReport(index, skipped=False, kept=len(kept_records), rejected=len(rejected_records))
+
+
+# --------------------------------------------------------------------------------------------- finalize
+
+
+@dataclass
+class CurationSummary:
+    manifest: str
+    out: str
+    rows: int
+    kept_sources: int
+    rejected_rows: int
+    rejected_by_reason: dict[str, int]
+    clips: int
+    clips_by_split: dict[str, int]
+    frames: int
+    source_seconds: float
+    chunks_skipped: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "extra"} | self.extra
+
+
+def _val_by_hash(source_hash: str, fraction: float, seed: int) -> bool:
+    value = int(hashlib.sha256(f"{seed}:{source_hash}".encode()).hexdigest()[:15], 16)
+    return value / 16**15 < fraction
+
+
+def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
+    """Assemble index, quarantine and summary from the part files, in manifest order.
+
+    Near-duplicate search runs here, sequentially, so its result does not depend on how chunks ran.
+    """
+    parts = []
+    for index in range(plan.chunk_count):
+        if not chunk_done(plan, index):
+            raise RuntimeError(f"chunk {index} of {plan.out} is not curated yet; run the curation again")
+        parts.append(json.loads(plan.part_path(index).read_text()))
+    cfg = plan.settings
+    dedup = quality.Deduplicator(cfg.filters.dedup_max_distance, cfg.filters.dedup_min_match)
+    rows_by_number = {r.row: r for r in plan.rows}
+    quarantine = [q for p in parts for q in p["rejected"]]
+    kept: list[tuple[dict[str, Any], str]] = []
+    for part in parts:
+        for source in part["sources"]:
+            hashes = np.array([int(h, 16) for h in source["frame_hashes"]], dtype=np.uint64)
+            span = (float(source["span"][0]), float(source["span"][1]))
+            duplicate_of = dedup.find(source["source_hash"], span, hashes)
+            if duplicate_of:
+                quarantine.append(quarantine_row(rows_by_number[source["row"]],
+                                                 Rejected("duplicate", duplicate_of)))
+                continue
+            dedup.add(source["row"], source["source_id"], source["source_hash"], span, hashes)
+            kept.append((source, part["shard"]))
+
+    explicit: dict[str, str] = {}
+    for source, _ in kept:
+        if source["split"]:
+            explicit.setdefault(source["source_hash"], source["split"])
+    index_rows = []
+    for source, shard in kept:
+        split = source["split"] or explicit.get(source["source_hash"]) or (
+            "val" if _val_by_hash(source["source_hash"], cfg.split.val_fraction, cfg.split.seed) else "train")
+        for clip in source["clips"]:
+            index_rows.append({
+                "row": source["row"], "clip_id": clip["clip_id"], "caption": source["caption"],
+                "source": source["source"], "source_id": source["source_id"],
+                "source_hash": source["source_hash"], "start": clip["start"], "end": clip["end"],
+                "fps": cfg.clip.fps, "num_frames": cfg.clip.frames,
+                "resolutions": [s.key for s in cfg.clip.sizes],
+                "source_width": source["source_width"], "source_height": source["source_height"],
+                "source_fps": source["source_fps"], "shard": shard, "tensor": source["source_key"],
+                "frame_start": clip["frame_start"], "content_hash": clip["content_hash"], "split": split,
+            })
+    quarantine.sort(key=lambda q: q["row"])
+    atomic.write_jsonl(plan.out / INDEX, index_rows)
+    atomic.write_jsonl(plan.out / QUARANTINE, quarantine)
+    _remove_stale(plan, {p["shard"] for p in parts if p["shard"]})
+
+    splits = Counter(r["split"] for r in index_rows)
+    reasons = dict(sorted(Counter(q["reason"] for q in quarantine).items()))
+    summary = CurationSummary(
+        manifest=str(plan.manifest), out=str(plan.out), rows=len(plan.rows), kept_sources=len(kept),
+        rejected_rows=len(quarantine), rejected_by_reason=reasons,
+        clips=len(index_rows), clips_by_split={"train": splits.get("train", 0), "val": splits.get("val", 0)},
+        frames=len(index_rows) * cfg.clip.frames,
+        source_seconds=round(sum(s["span"][1] - s["span"][0] for s, _ in kept), 3),
+        chunks_skipped=chunks_skipped)
+    atomic.write_json(plan.out / SUMMARY, summary.to_dict())
+    return summary
+
+
+def _remove_stale(plan: CurationPlan, live_shards: set[str]) -> None:
+    """Drop parts/shards of chunks that no longer exist and shards no part refers to."""
+    for part in (plan.out / PARTS).glob("part-*.json"):
+        if int(part.stem.split("-")[1]) >= plan.chunk_count:
+            part.unlink()
+    for shard in (plan.out / SHARDS).glob("shard-*.safetensors"):
+        if f"{SHARDS}/{shard.name}" not in live_shards:
+            shard.unlink()
+    for folder in (plan.out / PARTS, plan.out / SHARDS):
+        atomic.remove_stale_temporaries(folder)
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder; a second curation of it fails fast."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{out} is being curated by another process") from None
+        yield
+
+
+class NothingKept(RuntimeError):
+    """Every manifest row was rejected."""
+
+
+ChunkRunner = Callable[[CurationPlan, list[int]], list[ChunkReport]]
+
+
+def curate(manifest_path: Path | str, out: Path | str, params: Params, workers: int = 1, force: bool = False,
+           on_row: Callable[[], None] | None = None, run_chunks: ChunkRunner | None = None) -> CurationSummary:
+    """Curate a manifest into `out`. Resumable: chunks already done with the same inputs are skipped.
+
+    `run_chunks` lets an orchestrator (the Prefect flow) run the chunks as its own tasks; by default they
+    run here, on `workers` threads.
+    """
+    plan = plan_curation(manifest_path, out, params)
+    with exclusive(plan.out):
+        for folder in (plan.out / PARTS, plan.out / SHARDS):
+            atomic.remove_stale_temporaries(folder)
+        indices = list(range(plan.chunk_count))
+        if run_chunks is not None:
+            reports = run_chunks(plan, indices)
+        elif workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                reports = list(pool.map(lambda i: run_chunk(plan, i, on_row, force), indices))
+        else:
+            reports = [run_chunk(plan, i, on_row, force) for i in indices]
+        summary = finalize(plan, chunks_skipped=sum(r.skipped for r in reports))
+    if summary.clips == 0:
+        raise NothingKept(f"nothing valid remains: all {summary.rows} manifest rows of {plan.manifest} were "
+                          f"rejected ({summary.rejected_by_reason}); see {plan.out / QUARANTINE}")
+    return summary

@@ -1,0 +1,145 @@
+"""The one video reader: probe a file with PyAV and decode it on a constant frame-rate grid."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+from show1.config import Size
+from show1.data.errors import Rejected
+
+THUMB = 32  # side of the gray thumbnails used for perceptual hashes and motion
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int
+    height: int
+    fps: float
+    duration_s: float
+    codec: str
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    if path.stat().st_size == 0:
+        raise Rejected("empty_file", f"{path} has zero bytes")
+    try:
+        return av.open(str(path), mode="r")
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise Rejected("undecodable", f"{path}: {exc}") from None
+
+
+def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise Rejected("no_video_stream", f"{path} has no video stream (streams: {', '.join(kinds)})")
+    return container.streams.video[0]
+
+
+def probe(path: Path) -> VideoInfo:
+    """Read the container header: size, frame rate, duration, codec."""
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        elif stream.frames and fps:
+            duration = stream.frames / fps
+        else:
+            duration = math.nan
+        if not stream.width or not stream.height:
+            raise Rejected("undecodable", f"{path}: the video stream has no frame size")
+        return VideoInfo(width=stream.width, height=stream.height, fps=fps, duration_s=duration,
+                         codec=stream.codec_context.name)
+
+
+def decode_on_grid(path: Path, fps: float, start: float = 0.0, end: float | None = None,
+                   max_frames: int | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
+    """Yield `(grid_time, frame)` for grid times start, start + 1/fps, …: each the decoded frame
+    nearest that time (frames repeat when the source is slower than `fps`). Works on variable frame
+    rates because it uses presentation times, not frame counts."""
+    step = 1.0 / fps
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        if start > 0 and stream.time_base is not None:
+            container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        emitted = 0
+        previous: tuple[float, av.VideoFrame] | None = None
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                t = frame.time if frame.time is not None else index / rate
+                if end is not None and t >= end:
+                    break
+                if previous is not None:
+                    midpoint = (previous[0] + t) / 2
+                    while (grid := start + emitted * step) < midpoint:
+                        yield grid, previous[1]
+                        emitted += 1
+                        if max_frames is not None and emitted >= max_frames:
+                            return
+                previous = (t, frame)
+        except av.FFmpegError as exc:
+            if previous is None:
+                raise Rejected("undecodable", f"{path}: {exc}") from None
+            # A damaged tail: keep what decoded cleanly.
+        if previous is None:
+            raise Rejected("undecodable", f"{path}: no frame could be decoded")
+        last_end = previous[0] + 1.0 / rate / 2
+        if end is not None:
+            last_end = min(last_end, end)
+        while (grid := start + emitted * step) < last_end:
+            yield grid, previous[1]
+            emitted += 1
+            if max_frames is not None and emitted >= max_frames:
+                return
+
+
+def cover_crop_box(src_w: int, src_h: int, size: Size) -> tuple[int, int, int, int]:
+    """Scaled size (w, h) that covers `size` keeping the aspect, and the (left, top) of the centre crop."""
+    scale = max(size.width / src_w, size.height / src_h)
+    scaled_w = max(size.width, round(src_w * scale))
+    scaled_h = max(size.height, round(src_h * scale))
+    return scaled_w, scaled_h, (scaled_w - size.width) // 2, (scaled_h - size.height) // 2
+
+
+class FrameConverter:
+    """Turns decoded frames into centre-cropped RGB images at every size, plus a gray thumbnail.
+
+    One swscale pass (in YUV, where it is cheapest) brings the full frame down to the cover size of the
+    largest target; smaller sizes and the thumbnail are resampled from that small image.
+    """
+
+    def __init__(self, src_w: int, src_h: int, sizes: list[Size]):
+        self.sizes = list(sizes)
+        largest = max(self.sizes, key=lambda s: s.width * s.height)
+        self.base_w, self.base_h, _, _ = cover_crop_box(src_w, src_h, largest)
+        self.upscale = self.base_w > src_w
+        self.boxes = {s.key: cover_crop_box(src_w, src_h, s) for s in self.sizes}
+
+    def __call__(self, frame: av.VideoFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        base = frame.reformat(width=self.base_w, height=self.base_h, format="yuv444p",
+                              interpolation="BICUBIC" if self.upscale else "AREA").to_ndarray(format="rgb24")
+        image = Image.fromarray(base)
+        out = {}
+        for size in self.sizes:
+            scaled_w, scaled_h, left, top = self.boxes[size.key]
+            scaled = base if (scaled_w, scaled_h) == (self.base_w, self.base_h) else np.asarray(
+                image.resize((scaled_w, scaled_h), Image.Resampling.BOX))
+            out[size.key] = np.ascontiguousarray(scaled[top:top + size.height, left:left + size.width])
+        thumbnail = np.asarray(image.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX))
+        return out, thumbnail

@@ -1,0 +1,104 @@
+"""Shared fixtures: a small params file per test and a library of real generated media."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import media
+import pytest
+import yaml
+
+from show1.config import Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD_SEEDS = range(6)
+
+# Small enough that a curation of a dozen 2 s, 96x64 videos runs in about a second: 8-frame clips at
+# 8 fps, so each generated video (2 s at 24 fps) gives 16 sampled frames and exactly 2 clips.
+SMALL: dict[str, Any] = {
+    "curate": {
+        "filters": {"min_width": 64, "min_height": 40},
+        "clip": {"frames": 8, "fps": 8, "stride": 8, "sizes": [[32, 20], [64, 40]]},
+        "rows_per_shard": 4,
+    },
+}
+CLIPS_PER_GOOD_VIDEO = 2
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
+
+
+@pytest.fixture(scope="session")
+def write_params() -> Callable[..., Params]:
+    """`write_params(folder, overrides)`: write folder/params.yaml (SMALL + overrides) and load it.
+
+    The download cache goes to folder/cache, never into the repository.
+    """
+
+    def write(folder: Path, overrides: dict[str, Any] | None = None) -> Params:
+        folder.mkdir(parents=True, exist_ok=True)
+        doc = deep_merge(deep_merge(SMALL, {"paths": {"cache": str(folder / "cache")}}), overrides or {})
+        path = folder / "params.yaml"
+        path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        return load_params(path)
+
+    return write
+
+
+@pytest.fixture
+def make_params(tmp_path: Path, write_params: Callable[..., Params]) -> Callable[..., Params]:
+    """`make_params(overrides=None)`: the small params, written to tmp_path/params.yaml."""
+    return lambda overrides=None: write_params(tmp_path, overrides)
+
+
+@pytest.fixture(scope="session")
+def library(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every kind of test video, written once per session; copy what a test needs with `stage`."""
+    folder = tmp_path_factory.mktemp("media")
+    files = {f"good{seed}": media.write_video(folder / f"good{seed}.mp4", seed=seed) for seed in GOOD_SEEDS}
+    files |= {
+        "static": media.write_static_video(folder / "static.mp4", seed=99),
+        "one_frame": media.write_one_frame_video(folder / "one_frame.mp4", seed=98),
+        "audio_only": media.write_audio_only(folder / "audio_only.m4a"),
+        "zero_byte": media.write_zero_byte(folder / "zero_byte.mp4"),
+        "text": media.write_text_as_mp4(folder / "text.mp4"),
+        "truncated": media.truncate(files["good0"], folder / "truncated.mp4", 0.5),
+        # A rescaled, more compressed copy of good0: a near-duplicate, not a byte copy.
+        "reencoded": media.reencode(files["good0"], folder / "reencoded.mp4", crf=35, size=(128, 86)),
+    }
+    return files
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """The manifest folder of a test (paths in its manifests resolve against it)."""
+    folder = tmp_path / "root"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def stage(library: dict[str, Path], root: Path) -> Callable[..., str]:
+    """`stage(name, as_name=None)`: copy a library file into root/videos; return its manifest path."""
+
+    def copy(name: str, as_name: str | None = None) -> str:
+        target = root / "videos" / (as_name or library[name].name)
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(library[name], target)
+        return target.relative_to(root).as_posix()
+
+    return copy
+
+
+@pytest.fixture
+def good_videos(stage: Callable[..., str]) -> list[str]:
+    """Four distinct moving videos in root/videos, as manifest paths."""
+    return [stage(f"good{seed}") for seed in range(4)]

@@ -1,0 +1,63 @@
+"""The `show1` CLI: help, exit codes and one-line errors for bad input."""
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from show1.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["--params", str(ROOT / "params.yaml"), *args])
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "curate" in result.output and "validate" in result.output
+
+
+def test_curate_demo_prints_summary_and_writes_metrics(tmp_path):
+    metrics = tmp_path / "metrics" / "curate.json"
+    result = invoke("curate", str(ROOT / "data/manifests/demo.csv"), "--out", str(tmp_path / "cur"),
+                    "--metrics", str(metrics), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "kept sources" in result.output and "duplicate" in result.output
+    summary = json.loads(metrics.read_text())
+    assert summary["kept_sources"] == 3 and summary["rejected_by_reason"] == {"duplicate": 1}
+    assert summary["clips"] == 31 and summary["clips_by_split"] == {"train": 30, "val": 1}
+
+
+def test_curate_exits_nonzero_when_nothing_valid_remains(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("video,caption\nmissing.mp4,a caption\n,\n")
+    result = invoke("curate", str(manifest), "--out", str(tmp_path / "cur"), "--quiet")
+    assert result.exit_code == 1
+    assert "nothing valid remains" in result.output and "quarantine.jsonl" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_curate_missing_manifest_and_missing_column_are_usage_errors(tmp_path):
+    result = invoke("curate", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "cur"))
+    assert result.exit_code == 2 and "manifest not found" in result.output
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,caption\na.mp4,hello there\n")
+    result = invoke("curate", str(manifest), "--out", str(tmp_path / "cur"))
+    assert result.exit_code == 2 and "no 'video' column" in result.output and "curate.columns.video" in result.output
+
+
+def test_bad_params_key_is_named(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("curate:\n  clip:\n    fsp: 8\n")
+    result = runner.invoke(app, ["--params", str(params), "curate", "x.csv"])
+    assert result.exit_code == 2
+    assert "unknown key 'curate.clip.fsp'" in result.output and "did you mean 'fps'" in result.output
+
+
+def test_unknown_profile_is_rejected():
+    result = invoke("--profile", "huge", "curate", "x.csv")
+    assert result.exit_code != 0

@@ -1,0 +1,79 @@
+"""The curation as it is orchestrated: a real Prefect flow run and a real `dvc repro` in a fresh git repo."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PREFECT_HOME=str(tmp_path / "prefect-home"),
+               DVC_NO_ANALYTICS="1", DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.com", PYTHONPATH=str(ROOT))
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def fresh_clone(tmp_path: Path, env: dict[str, str]) -> Path:
+    """The repository's files (tracked and new, not ignored) committed into a new git repo."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    repo = tmp_path / "clone"
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "clone"], repo, env)
+    return repo
+
+
+@pytest.mark.slow
+def test_prefect_flow_curates_and_validates(tmp_path):
+    env = _env(tmp_path)
+    result = run([sys.executable, "-m", "flows.curate", str(ROOT / "data/manifests/demo.csv"), "--out",
+                  str(tmp_path / "cur"), "--params", str(ROOT / "params.yaml")], tmp_path, env)
+    output = result.stdout + result.stderr
+    assert "Finished in state Completed" in output
+    assert "curate-chunk" in output and "validate-contracts" in output
+    summary = json.loads((tmp_path / "cur" / "summary.json").read_text())
+    assert summary["kept_sources"] == 3 and summary["clips"] == 31
+    assert json.loads((tmp_path / "data/validation/result.json").read_text())["success"] is True
+
+
+@pytest.mark.slow
+def test_dvc_repro_from_fresh_clone_then_noop_then_param_change(tmp_path):
+    env = _env(tmp_path)
+    repo = fresh_clone(tmp_path, env)
+    first = run(["dvc", "repro"], repo, env)
+    assert "Running stage 'curate'" in first.stdout and "Running stage 'validate'" in first.stdout
+    metrics = json.loads((repo / "metrics/curate.json").read_text())
+    assert metrics["kept_sources"] == 3 and metrics["clips"] == 31
+    assert json.loads((repo / "metrics/validate.json").read_text())["success"] == 1
+    assert (repo / "data/curated/index.jsonl").is_file()
+
+    second = run(["dvc", "repro"], repo, env)
+    assert "Running stage" not in second.stdout, second.stdout
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["profiles"]["tiny"]["curate"]["clip"]["stride"] = 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run(["dvc", "repro"], repo, env)
+    assert "Running stage 'curate'" in third.stdout
+    assert json.loads((repo / "metrics/curate.json").read_text())["clips"] < metrics["clips"]
