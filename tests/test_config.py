@@ -48,7 +48,7 @@ def test_error_in_inactive_profile_is_reported_with_its_path(tmp_path):
 def test_unknown_profile_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown profile 'huge'"):
         load_params(write(tmp_path, "profile: huge\n"))
-    with pytest.raises(ConfigError, match="profiles.medium"):
+    with pytest.raises(ConfigError, match=r"profiles\.medium"):
         load_params(write(tmp_path, "profiles:\n  medium: {}\n"))
 
 

@@ -11,7 +11,7 @@ import ftfy
 from show1.config import CaptionRules
 from show1.data.errors import Rejected
 
-_TAG = re.compile(r"<[^>]{0,200}>")
+_TAG = re.compile(r"</?[A-Za-z][^<>]{0,200}>")  # a tag starts with a letter: "a < b > c" stays
 _URL = re.compile(r"https?://\S+")
 _SPACE = re.compile(r"\s+")
 

@@ -51,6 +51,8 @@ class CurationPlan:
     settings: Curate
     rows: tuple[ManifestRow, ...]
     rows_per_chunk: int
+    # Clip-id prefix per manifest row, unique across the manifest (see `assign_source_ids`).
+    source_ids: dict[int, str] = field(default_factory=dict)
 
     @property
     def chunk_count(self) -> int:
@@ -64,7 +66,9 @@ class CurationPlan:
         payload = {
             "settings": self.settings.model_dump(mode="json", exclude={"split", "rows_per_shard"}),
             "manifest_dir": str(self.manifest.parent.resolve()),
-            "rows": [r.fingerprint_fields() | {"rejection": r.rejection and r.rejection.reason}
+            "rows": [r.fingerprint_fields() | {"rejection": r.rejection and r.rejection.reason,
+                                               "source_id": self.source_ids.get(r.row),
+                                               "file": _file_stamp(r, self.manifest.parent, self.settings)}
                      for r in self.chunk(index)],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -74,6 +78,35 @@ class CurationPlan:
 
     def shard_name(self, index: int) -> str:
         return f"{SHARDS}/shard-{index:05d}.safetensors"
+
+
+def _file_stamp(row: ManifestRow, manifest_dir: Path, cfg: Curate) -> list[int] | None:
+    """Size and mtime of a row's local file, so a replaced file is curated again on a rerun.
+
+    Downloads are keyed by URL in the cache and are not re-checked."""
+    if not row.video or sources.is_url(row.video):
+        return None
+    try:
+        stat = sources.resolve_local(row.video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages).stat()
+    except (Rejected, OSError):
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def assign_source_ids(rows: tuple[ManifestRow, ...] | list[ManifestRow]) -> dict[int, str]:
+    """A clip-id prefix per row: the id (or file stem + row) with unsafe characters replaced, made
+    unique in manifest order by appending `-r<row>` (and a counter) when two rows would collide."""
+    used: set[str] = set()
+    ids = {}
+    for row in rows:
+        base = source_id_for(row)
+        candidate, n = base, 1
+        while candidate in used:
+            candidate = f"{base}-r{row.row}" if n == 1 else f"{base}-r{row.row}-{n}"
+            n += 1
+        used.add(candidate)
+        ids[row.row] = candidate
+    return ids
 
 
 def plan_curation(manifest_path: Path | str, out: Path | str, params: Params) -> CurationPlan:
@@ -91,8 +124,10 @@ def plan_curation(manifest_path: Path | str, out: Path | str, params: Params) ->
             else:
                 seen[row.id] = row.row
         checked.append(row)
+    usable = [r for r in checked if r.rejection is None]
     return CurationPlan(manifest=manifest_path, out=Path(out), cache=params.paths.cache,
-                        settings=params.curate, rows=tuple(checked), rows_per_chunk=params.curate.rows_per_shard)
+                        settings=params.curate, rows=tuple(checked), rows_per_chunk=params.curate.rows_per_shard,
+                        source_ids=assign_source_ids(usable))
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -160,7 +195,8 @@ def _locate(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path) -> P
     return sources.resolve_local(row.video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages)
 
 
-def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path) -> KeptSource:
+def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path,
+                source_id: str | None = None) -> KeptSource:
     """Run every per-row check and decode the source; raise `Rejected` for anything unusable."""
     if row.rejection is not None:
         raise row.rejection
@@ -203,7 +239,7 @@ def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path) 
     picks = quality.pick_evenly(used, cfg.filters.dedup_frames)
     hashes = np.array([quality.phash(thumbnails[i]) for i in picks], dtype=np.uint64)
     return KeptSource(
-        row=row, source_id=source_id_for(row), caption=caption, path=path,
+        row=row, source_id=source_id or source_id_for(row), caption=caption, path=path,
         source_hash=file_sha256(path), info=info, span=(start, start + used / clip.fps),
         frames={k: np.stack(v[:used]) for k, v in per_size.items()}, firsts=firsts,
         hashes=hashes, motion=motion)
@@ -284,7 +320,7 @@ def run_chunk(plan: CurationPlan, index: int, on_row: Callable[[], None] | None 
     manifest_dir = plan.manifest.parent
     for row in rows:
         try:
-            kept = process_row(row, manifest_dir, plan.settings, plan.cache)
+            kept = process_row(row, manifest_dir, plan.settings, plan.cache, plan.source_ids.get(row.row))
         except Rejected as rejection:
             rejected_records.append(quarantine_row(row, rejection))
         else:
