@@ -207,23 +207,23 @@ def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path,
     size = path.stat().st_size
     if size > cfg.filters.max_source_bytes:
         raise Rejected("too_large", f"{size} bytes > curate.filters.max_source_bytes {cfg.filters.max_source_bytes}")
-    info = video.probe(path)
-    start = row.start or 0.0
-    _check_header(info, cfg, start, row.end)
-
-    clip = cfg.clip
-    limit = clip.frames + (clip.max_per_source - 1) * clip.stride if clip.max_per_source else None
-    per_size: dict[str, list[np.ndarray]] = {s.key: [] for s in clip.sizes}
-    thumbs: list[np.ndarray] = []
-    convert = video.FrameConverter(info.width, info.height, clip.sizes)
-    last_frame, last_converted = None, None
-    for _, frame in video.decode_on_grid(path, clip.fps, start=start, end=row.end, max_frames=limit):
-        if frame is not last_frame:  # a repeated frame (slow source) is converted once
-            last_frame, last_converted = frame, convert(frame)
-        assert last_converted is not None
-        for key, image in last_converted[0].items():
-            per_size[key].append(image)
-        thumbs.append(last_converted[1])
+    with video.VideoFile(path) as source:
+        info = source.info
+        start = row.start or 0.0
+        _check_header(info, cfg, start, row.end)
+        clip = cfg.clip
+        limit = clip.frames + (clip.max_per_source - 1) * clip.stride if clip.max_per_source else None
+        per_size: dict[str, list[np.ndarray]] = {s.key: [] for s in clip.sizes}
+        thumbs: list[np.ndarray] = []
+        convert = video.FrameConverter(info.width, info.height, clip.sizes)
+        last_frame, last_converted = None, None
+        for _, frame in source.frames_on_grid(clip.fps, start=start, end=row.end, max_frames=limit):
+            if frame is not last_frame:  # a repeated frame (slow source) is converted once
+                last_frame, last_converted = frame, convert(frame)
+            assert last_converted is not None
+            for key, image in last_converted[0].items():
+                per_size[key].append(image)
+            thumbs.append(last_converted[1])
     sampled = len(thumbs)
     if sampled < clip.frames:
         raise Rejected("too_short", f"{sampled} frames at {clip.fps:g} fps; a clip needs {clip.frames}")

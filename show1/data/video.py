@@ -9,6 +9,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from show1.config import Size
@@ -30,26 +31,41 @@ class VideoInfo:
         return self.width / self.height
 
 
-def _open(path: Path) -> av.container.InputContainer:
-    if path.stat().st_size == 0:
-        raise Rejected("empty_file", f"{path} has zero bytes")
-    try:
-        return av.open(str(path), mode="r")
-    except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        raise Rejected("undecodable", f"{path}: {exc}") from None
+class VideoFile:
+    """An open video: `info` from the container header, then `frames_on_grid` to decode it.
 
+    Use as a context manager; opening raises `Rejected` (empty_file, undecodable, no_video_stream).
+    """
 
-def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
-    if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams}) or ["none"]
-        raise Rejected("no_video_stream", f"{path} has no video stream (streams: {', '.join(kinds)})")
-    return container.streams.video[0]
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if self.path.stat().st_size == 0:
+            raise Rejected("empty_file", f"{self.path} has zero bytes")
+        try:
+            self._container = av.open(str(self.path), mode="r")
+        except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+            raise Rejected("undecodable", f"{self.path}: {exc}") from None
+        try:
+            self._stream = self._video_stream()
+            self.info = self._read_info()
+        except BaseException:
+            self._container.close()
+            raise
 
+    def __enter__(self) -> VideoFile:
+        return self
 
-def probe(path: Path) -> VideoInfo:
-    """Read the container header: size, frame rate, duration, codec."""
-    with _open(path) as container:
-        stream = _video_stream(container, path)
+    def __exit__(self, *exc: object) -> None:
+        self._container.close()
+
+    def _video_stream(self) -> av.video.stream.VideoStream:
+        if not self._container.streams.video:
+            kinds = sorted({s.type for s in self._container.streams}) or ["none"]
+            raise Rejected("no_video_stream", f"{self.path} has no video stream (streams: {', '.join(kinds)})")
+        return self._container.streams.video[0]
+
+    def _read_info(self) -> VideoInfo:
+        stream, container = self._stream, self._container
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         if stream.duration is not None and stream.time_base is not None:
@@ -61,19 +77,17 @@ def probe(path: Path) -> VideoInfo:
         else:
             duration = math.nan
         if not stream.width or not stream.height:
-            raise Rejected("undecodable", f"{path}: the video stream has no frame size")
+            raise Rejected("undecodable", f"{self.path}: the video stream has no frame size")
         return VideoInfo(width=stream.width, height=stream.height, fps=fps, duration_s=duration,
                          codec=stream.codec_context.name)
 
-
-def decode_on_grid(path: Path, fps: float, start: float = 0.0, end: float | None = None,
-                   max_frames: int | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
-    """Yield `(grid_time, frame)` for grid times start, start + 1/fps, …: each the decoded frame
-    nearest that time (frames repeat when the source is slower than `fps`). Works on variable frame
-    rates because it uses presentation times, not frame counts."""
-    step = 1.0 / fps
-    with _open(path) as container:
-        stream = _video_stream(container, path)
+    def frames_on_grid(self, fps: float, start: float = 0.0, end: float | None = None,
+                       max_frames: int | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
+        """Yield `(grid_time, frame)` for grid times start, start + 1/fps, …: each the decoded frame
+        nearest that time (frames repeat when the source is slower than `fps`). Works on variable frame
+        rates because it uses presentation times, not frame counts. A damaged tail ends the video."""
+        stream, container, path = self._stream, self._container, self.path
+        step = 1.0 / fps
         stream.thread_type = "AUTO"
         if start > 0 and stream.time_base is not None:
             container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
@@ -96,7 +110,6 @@ def decode_on_grid(path: Path, fps: float, start: float = 0.0, end: float | None
         except av.FFmpegError as exc:
             if previous is None:
                 raise Rejected("undecodable", f"{path}: {exc}") from None
-            # A damaged tail: keep what decoded cleanly.
         if previous is None:
             raise Rejected("undecodable", f"{path}: no frame could be decoded")
         last_end = previous[0] + 1.0 / rate / 2
@@ -107,6 +120,19 @@ def decode_on_grid(path: Path, fps: float, start: float = 0.0, end: float | None
             emitted += 1
             if max_frames is not None and emitted >= max_frames:
                 return
+
+
+def probe(path: Path) -> VideoInfo:
+    """Read the container header: size, frame rate, duration, codec."""
+    with VideoFile(path) as source:
+        return source.info
+
+
+def decode_on_grid(path: Path, fps: float, start: float = 0.0, end: float | None = None,
+                   max_frames: int | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
+    """`VideoFile.frames_on_grid` on a file opened (and closed) here."""
+    with VideoFile(path) as source:
+        yield from source.frames_on_grid(fps, start, end, max_frames)
 
 
 def cover_crop_box(src_w: int, src_h: int, size: Size) -> tuple[int, int, int, int]:
@@ -120,8 +146,9 @@ def cover_crop_box(src_w: int, src_h: int, size: Size) -> tuple[int, int, int, i
 class FrameConverter:
     """Turns decoded frames into centre-cropped RGB images at every size, plus a gray thumbnail.
 
-    One swscale pass (in YUV, where it is cheapest) brings the full frame down to the cover size of the
-    largest target; smaller sizes and the thumbnail are resampled from that small image.
+    One swscale pass brings the full frame down to the cover size of the largest target; smaller sizes
+    and the thumbnail are resampled from that small image. The reformatter is kept across frames: building
+    a new scaler for every frame (what `VideoFrame.reformat` does) costs more than the scaling itself.
     """
 
     def __init__(self, src_w: int, src_h: int, sizes: list[Size]):
@@ -130,10 +157,11 @@ class FrameConverter:
         self.base_w, self.base_h, _, _ = cover_crop_box(src_w, src_h, largest)
         self.upscale = self.base_w > src_w
         self.boxes = {s.key: cover_crop_box(src_w, src_h, s) for s in self.sizes}
+        self._reformatter = VideoReformatter()
 
     def __call__(self, frame: av.VideoFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        base = frame.reformat(width=self.base_w, height=self.base_h, format="yuv444p",
-                              interpolation="BICUBIC" if self.upscale else "AREA").to_ndarray(format="rgb24")
+        base = self._reformatter.reformat(frame, width=self.base_w, height=self.base_h, format="rgb24",
+                                          interpolation="BICUBIC" if self.upscale else "AREA").to_ndarray()
         image = Image.fromarray(base)
         out = {}
         for size in self.sizes:
