@@ -213,21 +213,12 @@ def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path,
         _check_header(info, cfg, start, row.end)
         clip = cfg.clip
         limit = clip.frames + (clip.max_per_source - 1) * clip.stride if clip.max_per_source else None
-        per_size: dict[str, list[np.ndarray]] = {s.key: [] for s in clip.sizes}
-        thumbs: list[np.ndarray] = []
-        convert = video.FrameConverter(info.width, info.height, clip.sizes)
-        last_frame, last_converted = None, None
-        for _, frame in source.frames_on_grid(clip.fps, start=start, end=row.end, max_frames=limit):
-            if frame is not last_frame:  # a repeated frame (slow source) is converted once
-                last_frame, last_converted = frame, convert(frame)
-            assert last_converted is not None
-            for key, image in last_converted[0].items():
-                per_size[key].append(image)
-            thumbs.append(last_converted[1])
-    sampled = len(thumbs)
+        frames = (frame for _, frame in source.frames_on_grid(clip.fps, start=start, end=row.end, max_frames=limit))
+        converted = video.convert_all(frames, video.FrameConverter(info.width, info.height, clip.sizes))
+    sampled = len(converted)
     if sampled < clip.frames:
         raise Rejected("too_short", f"{sampled} frames at {clip.fps:g} fps; a clip needs {clip.frames}")
-    thumbnails = np.stack(thumbs)
+    thumbnails = np.stack([thumb for _, thumb in converted])
     motion = quality.mean_motion(thumbnails)
     if motion < cfg.filters.static_threshold:
         raise Rejected("static", f"mean frame difference {motion:.3f} < static_threshold "
@@ -241,7 +232,8 @@ def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path,
     return KeptSource(
         row=row, source_id=source_id or source_id_for(row), caption=caption, path=path,
         source_hash=file_sha256(path), info=info, span=(start, start + used / clip.fps),
-        frames={k: np.stack(v[:used]) for k, v in per_size.items()}, firsts=firsts,
+        frames={s.key: np.stack([images[s.key] for images, _ in converted[:used]]) for s in clip.sizes},
+        firsts=firsts,
         hashes=hashes, motion=motion)
 
 

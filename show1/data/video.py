@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,3 +173,42 @@ class FrameConverter:
             out[size.key] = np.ascontiguousarray(scaled[top:top + size.height, left:left + size.width])
         thumbnail = np.asarray(image.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX))
         return out, thumbnail
+
+
+def convert_all(frames: Iterable[av.VideoFrame], convert: FrameConverter,
+                depth: int = 16) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """`convert` every frame on a second thread while the decoder produces the next ones.
+
+    Decoding and swscale both release the GIL, so the two overlap (about the cost of decoding alone on
+    two cores). A frame repeated back to back (a source slower than the grid) is converted once.
+    """
+    work: queue.Queue[av.VideoFrame | None] = queue.Queue(maxsize=depth)
+    results: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+    failure: list[BaseException] = []
+
+    def worker() -> None:
+        last_frame, last = None, None
+        while (frame := work.get()) is not None:
+            if failure:
+                continue  # drain after an error so the producer never blocks
+            try:
+                if frame is not last_frame:
+                    last_frame, last = frame, convert(frame)
+                assert last is not None
+                results.append(last)
+            except BaseException as exc:
+                failure.append(exc)
+
+    thread = threading.Thread(target=worker, name="show1-convert", daemon=True)
+    thread.start()
+    try:
+        for frame in frames:
+            if failure:
+                break
+            work.put(frame)
+    finally:
+        work.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+    return results
