@@ -61,3 +61,30 @@ def test_bad_params_key_is_named(tmp_path):
 def test_unknown_profile_is_rejected():
     result = invoke("--profile", "huge", "curate", "x.csv")
     assert result.exit_code != 0
+
+
+def test_validate_passes_on_demo_and_fails_naming_expectations_on_a_corrupted_index(tmp_path):
+    curated = tmp_path / "cur"
+    assert invoke("curate", str(ROOT / "data/manifests/demo.csv"), "--out", str(curated), "--quiet").exit_code == 0
+    metrics = tmp_path / "validate.json"
+    ok = invoke("validate", "--curated", str(curated), "--manifest", str(ROOT / "data/manifests/demo.csv"),
+                "--out", str(tmp_path / "v"), "--metrics", str(metrics))
+    assert ok.exit_code == 0, ok.output
+    assert "clips: passed" in ok.output and (tmp_path / "v" / "data_docs" / "index.html").is_file()
+    assert json.loads(metrics.read_text())["success"] == 1
+
+    index = curated / "index.jsonl"
+    rows = [json.loads(line) for line in index.read_text().splitlines()]
+    rows[1]["clip_id"] = rows[0]["clip_id"]
+    rows[2]["num_frames"] = 3
+    index.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    broken = invoke("validate", "--curated", str(curated), "--no-manifest", "--out", str(tmp_path / "v2"))
+    assert broken.exit_code == 1
+    assert "data contract broken" in broken.output
+    assert "expect_column_values_to_be_unique(column=clip_id)" in broken.output
+    assert "column=num_frames" in broken.output
+
+
+def test_validate_without_curated_data_is_a_usage_error(tmp_path):
+    result = invoke("validate", "--curated", str(tmp_path / "none"), "--no-manifest", "--out", str(tmp_path / "v"))
+    assert result.exit_code == 2 and "show1 curate" in result.output
