@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +62,26 @@ class CurationPlan:
     def chunk(self, index: int) -> tuple[ManifestRow, ...]:
         return self.rows[index * self.rows_per_chunk:(index + 1) * self.rows_per_chunk]
 
+    @cached_property
+    def fingerprints(self) -> tuple[str, ...]:
+        """Per chunk: changes whenever the chunk's rows, their files or a setting that shapes the output do."""
+        settings = self.settings.model_dump(mode="json", exclude={"split", "rows_per_shard"})
+        manifest_dir = self.manifest.parent
+        prints = []
+        for index in range(self.chunk_count):
+            payload = {
+                "settings": settings,
+                "manifest_dir": str(manifest_dir.resolve()),
+                "rows": [r.fingerprint_fields() | {"rejection": r.rejection and r.rejection.reason,
+                                                   "source_id": self.source_ids.get(r.row),
+                                                   "file": _file_stamp(r, manifest_dir, self.settings)}
+                         for r in self.chunk(index)],
+            }
+            prints.append(hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest())
+        return tuple(prints)
+
     def fingerprint(self, index: int) -> str:
-        """Changes whenever the chunk's rows or any setting that shapes its output change."""
-        payload = {
-            "settings": self.settings.model_dump(mode="json", exclude={"split", "rows_per_shard"}),
-            "manifest_dir": str(self.manifest.parent.resolve()),
-            "rows": [r.fingerprint_fields() | {"rejection": r.rejection and r.rejection.reason,
-                                               "source_id": self.source_ids.get(r.row),
-                                               "file": _file_stamp(r, self.manifest.parent, self.settings)}
-                     for r in self.chunk(index)],
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+        return self.fingerprints[index]
 
     def part_path(self, index: int) -> Path:
         return self.out / PARTS / f"part-{index:05d}.json"
@@ -336,6 +346,8 @@ def run_chunk(plan: CurationPlan, index: int, on_row: Callable[[], None] | None 
 
 @dataclass
 class CurationSummary:
+    """What a curation run produced; written as OUT/summary.json (the curate stage's DVC metrics)."""
+
     manifest: str
     out: str
     rows: int
@@ -347,10 +359,9 @@ class CurationSummary:
     frames: int
     source_seconds: float
     chunks_skipped: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "extra"} | self.extra
+        return dict(self.__dict__)
 
 
 def _val_by_hash(source_hash: str, fraction: float, seed: int) -> bool:

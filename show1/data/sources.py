@@ -4,6 +4,7 @@ an allowed installed package, or an http(s) URL fetched into a content-addressed
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib.util
 import json
 import time
@@ -82,9 +83,11 @@ def download(url: str, cache_dir: Path, cfg: Download) -> Path:
         raise Rejected("download_failed", f"{url}: downloads are disabled (curate.download.enabled)")
     record_path = cache_dir / "urls" / f"{hashlib.sha256(url.encode()).hexdigest()}.json"
     if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        blob = cache_dir / record["blob"]
-        if blob.is_file():
+        try:
+            blob = cache_dir / json.loads(record_path.read_text())["blob"]
+        except (ValueError, KeyError, TypeError):
+            blob = None  # a damaged record: download again and rewrite it
+        if blob is not None and blob.is_file():
             return blob
     last_error = "no attempt made"
     for attempt in range(cfg.retries + 1):
@@ -96,7 +99,7 @@ def download(url: str, cache_dir: Path, cfg: Download) -> Path:
             raise Rejected("download_failed", f"{url}: {exc}") from None
         except Rejected:
             raise
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        except (OSError, http.client.HTTPException) as exc:  # URLError and timeouts are OSErrors
             last_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
             continue
         atomic.write_json(record_path, {"url": url, "blob": str(blob.relative_to(cache_dir)), "bytes": size})
