@@ -159,5 +159,78 @@ def validate(
         fail("data contract broken:\n  " + "\n  ".join(report.failed_expectations()))
 
 
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+@app.command("init-weights")
+def init_weights(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for show-1-base, show-1-interpolation, …")],
+    profile: Annotated[str, typer.Option(help="tiny (CPU, seconds) | paper (published sizes).")] = "tiny",
+    text_encoder: Annotated[Path | None, typer.Option(
+        help="Text encoder folder for the base stage (paper: a local T5-XXL). Default for tiny: MiniLM.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace stage folders that exist.")] = False,
+) -> None:
+    """Write randomly initialised weights for the four stages, in the layout of the published checkpoints."""
+    from show1.pipelines.weights import init_weights as write_weights
+
+    if profile not in PROFILES:
+        fail(f"--profile {profile!r} is not one of {', '.join(PROFILES)}", code=2)
+    try:
+        written = write_weights(out_dir, profile, text_encoder_dir=text_encoder, seed=seed, overwrite=overwrite)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc), code=2)
+    for stage, folder in written.items():
+        out.print(f"{stage:>6}: {folder}", highlight=False)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What the video shows.")],
+    weights_dir: Annotated[Path, typer.Option(
+        help="Folder holding show-1-base, show-1-interpolation, show-1-sr1, show-1-sr2 (published or init-weights).")],
+    out_path: Annotated[Path, typer.Option("--out", help="Video to write (.mp4 or .gif).")] = Path("video.mp4"),
+    stages: Annotated[str, typer.Option(help="Comma-separated prefix of base,interp,sr1,sr2.")] = "base,interp,sr1,sr2",
+    seed: Annotated[int, typer.Option(help="Same seed, same frames.")] = 345,
+    steps: Annotated[int | None, typer.Option(
+        help="Denoising steps for every stage (default: the published 75/75/125/50).")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16")] = "float32",
+    offload: Annotated[bool, typer.Option(help="Model CPU offload (cuda): one stage's model on the GPU at a time.")]
+    = False,
+    fps: Annotated[float, typer.Option(help="Frame rate of the written video.")] = 8.0,
+) -> None:
+    """Generate a video with the cascade. The full cascade writes 29 frames."""
+    import torch
+
+    from show1.data.video import write_video
+    from show1.pipelines.base import MissingComponentError
+    from show1.pipelines.cascade import Show1Pipeline, check_stages
+
+    if not prompt.strip():
+        fail("the prompt is empty: describe the video to generate", code=2)
+    if dtype not in DTYPES:
+        fail(f"--dtype {dtype!r} is not one of {', '.join(sorted(set(DTYPES.values())))}", code=2)
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        fail(f"--device {device!r} is not available here (cpu | cuda with a GPU)", code=2)
+    if out_path.suffix.lower() not in (".mp4", ".gif"):
+        fail(f"--out {out_path}: write .mp4 or .gif", code=2)
+    try:
+        chosen = check_stages([s.strip() for s in stages.split(",") if s.strip()])
+        pipe = Show1Pipeline.from_pretrained(weights_dir, chosen, torch_dtype=getattr(torch, DTYPES[dtype]))
+    except (ValueError, FileNotFoundError, MissingComponentError) as exc:
+        fail(str(exc), code=2)
+    if offload:
+        pipe.enable_model_cpu_offload(device)
+    else:
+        pipe.to(device)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    result = pipe(prompt, generator=generator, num_inference_steps=steps)
+    write_video(result.frames[0].permute(1, 0, 2, 3), out_path, fps=fps)  # (3, F, H, W) -> (F, 3, H, W)
+    _, _, frames, height, width = result.frames.shape
+    out.print(f"wrote {out_path} ({frames} frames, {width}x{height}, stages {','.join(chosen)})", highlight=False)
+
+
 if __name__ == "__main__":
     app()

@@ -7,7 +7,9 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -212,3 +214,43 @@ def convert_all(frames: Iterable[av.VideoFrame], convert: FrameConverter,
     if failure:
         raise failure[0]
     return results
+
+
+def to_uint8_frames(frames: Any) -> np.ndarray:
+    """(F, 3, H, W) float in [-1, 1] (torch or numpy) or (F, H, W, 3) uint8 → (F, H, W, 3) uint8."""
+    array = frames.detach().float().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
+    if array.dtype == np.uint8 and array.shape[-1] == 3:
+        return array
+    if array.ndim != 4 or array.shape[1] != 3:
+        raise ValueError(f"frames must be (frames, 3, height, width) in [-1, 1], got {array.shape}")
+    return ((array.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def write_video(frames: Any, path: Path | str, fps: float = 8.0) -> Path:
+    """Write frames as .mp4 (H.264, yuv420p) or .gif, atomically (temp file, then rename)."""
+    from show1 import atomic
+
+    path = Path(path)
+    images = to_uint8_frames(frames)
+    suffix = path.suffix.lower()
+    if suffix not in (".mp4", ".gif"):
+        raise ValueError(f"{path}: write .mp4 or .gif")
+    with atomic.atomic_path(path) as tmp:
+        if suffix == ".gif":
+            frames_pil = [Image.fromarray(image) for image in images]
+            frames_pil[0].save(tmp, format="GIF", save_all=True, append_images=frames_pil[1:],
+                               duration=round(1000 / fps), loop=0)
+        else:
+            height, width = images.shape[1:3]
+            with av.open(str(tmp), mode="w", format="mp4") as container:
+                stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+                stream.width, stream.height = width + width % 2, height + height % 2
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": "18"}
+                for image in images:
+                    if image.shape[:2] != (stream.height, stream.width):  # yuv420p needs even sizes
+                        image = np.pad(image, ((0, stream.height - height), (0, stream.width - width), (0, 0)),
+                                       mode="edge")
+                    container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+                container.mux(stream.encode())
+    return path

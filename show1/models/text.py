@@ -34,7 +34,7 @@ def load_text_encoder(folder: Path | str, torch_dtype: torch.dtype | None = None
         raise FileNotFoundError(f"{enc_dir}: no config.json, so not a text encoder folder")
     config = AutoConfig.from_pretrained(enc_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    dtype_kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    dtype_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     return tokenizer, encoder_class(config.model_type).from_pretrained(enc_dir, **dtype_kwargs)
 
 
@@ -49,6 +49,15 @@ def encoder_class(model_type: str) -> type[PreTrainedModel]:
 
         return CLIPTextModel
     return AutoModel  # e.g. BERT-style encoders such as MiniLM
+
+
+def masks_padding(text_encoder: PreTrainedModel) -> bool:
+    """Whether an encoder runs with an attention mask over padding: T5 (IF, Show-1's pixel stages) and BERT do;
+    Stable-Diffusion-family pipelines (zeroscope, Show-1's sr2) run CLIP without one unless its config asks."""
+    config = getattr(text_encoder, "config", None)
+    if getattr(config, "model_type", None) not in ("clip", "clip_text_model"):
+        return True
+    return bool(getattr(config, "use_attention_mask", False))
 
 
 @torch.no_grad()
@@ -66,6 +75,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedMo
         if len(ids) > max_length:
             warnings.warn(f"prompt truncated to the text encoder's {max_length} tokens (it has {len(ids)}): "
                           f"{prompt[:80]!r}…", stacklevel=3)
-    output = text_encoder(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    mask = batch.attention_mask.to(device) if masks_padding(text_encoder) else None
+    output = text_encoder(input_ids=batch.input_ids.to(device), attention_mask=mask)
     hidden = output.last_hidden_state
     return hidden.to(dtype=dtype) if dtype is not None else hidden

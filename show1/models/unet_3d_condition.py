@@ -174,9 +174,9 @@ class ShowOneUNet3DConditionModel(ModelMixin, ConfigMixin):
                           add_upsample=add_upsample)
             if name == "SimpleCrossAttnUpBlock3D":
                 # The reference indexes attention_head_dim forwards here (not reversed); kept for parity.
-                kwargs |= {"attention_head_dim": head_dims[i] or output_channel, "cross_attention_dim": reversed_cross[i],
-                           "only_cross_attention": reversed_only_cross[i], "cross_attention_norm": cross_attention_norm,
-                           "norm_num_groups": norm_num_groups}
+                kwargs |= {"attention_head_dim": head_dims[i] or output_channel,
+                           "cross_attention_dim": reversed_cross[i], "only_cross_attention": reversed_only_cross[i],
+                           "cross_attention_norm": cross_attention_norm, "norm_num_groups": norm_num_groups}
             self.up_blocks.append(self._block(UP_BLOCKS, name, "up_block_types", kwargs))
 
         if norm_num_groups is not None:

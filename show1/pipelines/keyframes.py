@@ -1,0 +1,34 @@
+"""Stage `base`: text → 8 keyframes at 64×40 (pixel UNet3D, IF-I style)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from show1.pipelines.base import PromptEmbeddings, Show1StagePipeline, VideoPipelineOutput
+
+
+class Show1BasePipeline(Show1StagePipeline):
+    """Text-to-keyframes: `pipe("a panda", generator=g).frames` is (B, 3, 8, 40, 64) in [-1, 1]."""
+
+    def __init__(self, unet: Any, scheduler: Any, tokenizer: Any = None, text_encoder: Any = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, prompt_embeds: PromptEmbeddings | None = None,
+                 negative_prompt: str | list[str] | None = "", num_frames: int = 8, height: int = 40, width: int = 64,
+                 num_inference_steps: int = 75, guidance_scale: float = 9.0,
+                 generator: torch.Generator | None = None, return_dict: bool = True) -> VideoPipelineOutput | tuple:
+        if num_frames < 1 or height < 1 or width < 1 or num_inference_steps < 1:
+            raise ValueError("num_frames, height, width and num_inference_steps must be positive")
+        guidance = guidance_scale > 1.0
+        embeddings = self._embeddings(prompt, prompt_embeds, negative_prompt, guidance)
+        batch = embeddings.positive.shape[0]
+        sample = self.initial_noise((batch, 3, num_frames, height, width), generator, self.unet.dtype)
+        frames = self.denoise_pixels(sample, embeddings.for_guidance(guidance), guidance_scale,
+                                     num_inference_steps, generator=generator)
+        self.maybe_free_model_hooks()
+        frames = frames.clamp(-1, 1)
+        return VideoPipelineOutput(frames=frames) if return_dict else (frames,)
