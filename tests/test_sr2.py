@@ -155,7 +155,7 @@ def test_sr2_vae_slicing_changes_nothing(pipe):
         sliced = _run(pipe, video)
     finally:
         pipe.disable_vae_slicing()
-    assert (whole - sliced).abs().max() <= 1e-5
+    assert (whole - sliced).abs().max() <= 5e-5  # batch size changes the conv kernels: float noise only
 
 
 @pytest.mark.parametrize(("size", "image"), [((576, 320), "smooth"), ((576, 320), "noise"), ((20, 12), "noise")])

@@ -1,0 +1,155 @@
+"""The stage pipelines and the cascade on tiny random weights (CPU)."""
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from show1.pipelines.base import MissingComponentError
+from show1.pipelines.cascade import Show1Pipeline, check_stages
+from show1.pipelines.interpolation import Show1InterpolationPipeline, interpolation_condition
+from show1.pipelines.keyframes import Show1BasePipeline
+from show1.pipelines.sr1 import Show1SR1Pipeline, window_starts
+from show1.pipelines.weights import init_weights
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("weights")
+    init_weights(folder, "tiny")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(weights) -> Show1BasePipeline:
+    pipe = Show1BasePipeline.from_pretrained(weights / "show-1-base")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_init_weights_writes_the_published_layout(weights):
+    assert sorted(p.name for p in weights.iterdir()) == [
+        "show-1-base", "show-1-interpolation", "show-1-sr1", "show-1-sr2"]
+    index = json.loads((weights / "show-1-sr1" / "model_index.json").read_text())
+    assert index["unet"] == ["show1.models.unet_3d_condition", "ShowOneUNet3DConditionModel"]
+    assert "image_noising_scheduler" in index
+    assert list((weights / "show-1-base" / "unet").glob("*.safetensors"))
+    assert not list(weights.rglob("*.bin")) and not list(weights.rglob("*.pt"))
+
+
+def test_init_weights_refuses_to_overwrite(weights):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        init_weights(weights, "tiny", stages=["base"])
+
+
+def test_base_generates_keyframes_and_same_seed_gives_same_frames(base):
+    first = base("a red kite over a beach", num_inference_steps=2, generator=seeded(1)).frames
+    again = base("a red kite over a beach", num_inference_steps=2, generator=seeded(1)).frames
+    other = base("a red kite over a beach", num_inference_steps=2, generator=seeded(2)).frames
+    assert first.shape == (1, 3, 8, 40, 64) and first.abs().max() <= 1
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_base_save_load_round_trip_gives_identical_output(base, tmp_path):
+    base.save_pretrained(tmp_path / "copy")
+    loaded = Show1BasePipeline.from_pretrained(tmp_path / "copy")
+    loaded.set_progress_bar_config(disable=True)
+    before = base("a dog runs", num_inference_steps=2, generator=seeded(3)).frames
+    after = loaded("a dog runs", num_inference_steps=2, generator=seeded(3)).frames
+    assert torch.equal(before, after)
+
+
+def test_prompt_errors_are_clear(base):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        base("   ", num_inference_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        base.encode_prompts("word " * 200)
+    assert any("truncated" in str(w.message) for w in caught)
+
+
+def test_interpolation_condition_blends_the_ends_and_masks_them():
+    ends = torch.stack([torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)], dim=2)
+    condition = interpolation_condition(ends)
+    assert condition.shape == (1, 4, 5, 4, 4)
+    assert torch.allclose(condition[0, 0, :, 0, 0], torch.tensor([0, 0.25, 0.5, 0.75, 1.0]))
+    assert condition[0, 3, :, 0, 0].tolist() == [1, 0, 0, 0, 1]
+
+
+def test_interpolation_turns_8_keyframes_into_29_frames(weights, base):
+    interp = Show1InterpolationPipeline.from_pretrained(weights / "show-1-interpolation", load_text_encoder_=False)
+    interp.set_progress_bar_config(disable=True)
+    keyframes = torch.rand(1, 3, 8, 40, 64) * 2 - 1
+    out = interp(keyframes, prompt_embeds=base.encode_prompts("a kite"), num_inference_steps=2,
+                 generator=seeded(0)).frames
+    assert out.shape == (1, 3, 29, 40, 64)
+    with pytest.raises(ValueError, match="text encoder"):
+        interp(keyframes, prompt="a kite", num_inference_steps=1)
+
+
+def test_sr1_windows_cover_every_frame():
+    assert window_starts(29, 8, 7) == [0, 7, 14, 21]
+    assert window_starts(9, 8, 7) == [0, 1]
+    assert window_starts(5, 8, 7) == [0]
+
+
+def test_sr1_upscales_in_windows_reusing_the_overlap_frame(weights, base):
+    sr1 = Show1SR1Pipeline.from_pretrained(weights / "show-1-sr1", load_text_encoder_=False)
+    sr1.set_progress_bar_config(disable=True)
+    low = torch.rand(1, 3, 9, 10, 16) * 2 - 1
+    out = sr1(low, prompt_embeds=base.encode_prompts("a kite"), height=40, width=64, num_inference_steps=2,
+              generator=seeded(0)).frames
+    assert out.shape == (1, 3, 9, 40, 64) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="stride"):
+        sr1(low, prompt_embeds=base.encode_prompts("a kite"), stride=9)
+
+
+def test_stage_order_is_checked():
+    assert check_stages(["base", "interp"]) == ("base", "interp")
+    with pytest.raises(ValueError, match="out of order"):
+        check_stages(["base", "sr1"])
+    with pytest.raises(ValueError, match="unknown stage"):
+        check_stages(["base", "sr3"])
+
+
+def test_missing_component_is_named(weights, tmp_path):
+    broken = tmp_path / "weights"
+    shutil.copytree(weights / "show-1-base", broken / "show-1-base")
+    shutil.rmtree(broken / "show-1-base" / "unet")
+    with pytest.raises(MissingComponentError, match="'unet/'"):
+        Show1Pipeline.from_pretrained(broken, ["base"])
+    only_base = tmp_path / "only-base"
+    shutil.copytree(weights / "show-1-base", only_base / "show-1-base")
+    with pytest.raises(MissingComponentError, match="show-1-interpolation"):
+        Show1Pipeline.from_pretrained(only_base, ["base", "interp"])
+
+
+def test_published_model_index_maps_to_our_unet(weights, tmp_path):
+    """The published model_index.json names showone.models.unet_3d_condition; it loads with our class."""
+    folder = tmp_path / "show-1-base"
+    shutil.copytree(weights / "show-1-base", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index |= {"_class_name": "TextToVideoIFPipeline", "unet": ["showone.models.unet_3d_condition",
+                                                               "UNet3DConditionModel"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = Show1BasePipeline.from_pretrained(folder)
+    assert type(pipe.unet).__name__ == "ShowOneUNet3DConditionModel"
+
+
+@pytest.mark.slow
+def test_full_cascade_writes_29_frames_at_576x320(weights):
+    pipe = Show1Pipeline.from_pretrained(weights)
+    pipe.set_progress_bar_config(disable=True)
+    steps = {"base": 1, "interp": 1, "sr1": 1, "sr2": 2}  # sr2 runs strength 0.8 of its steps
+    result = pipe("a red kite over a beach", generator=seeded(345), num_inference_steps=steps)
+    assert result.stages["base"].shape == (1, 3, 8, 40, 64)
+    assert result.stages["interp"].shape == (1, 3, 29, 40, 64)
+    assert result.stages["sr1"].shape == (1, 3, 29, 160, 256)
+    assert result.frames.shape == (1, 3, 29, 320, 576)
