@@ -18,7 +18,7 @@ app = typer.Typer(
     help="Curate, validate, train, register and evaluate a Show-1 style cascaded text-to-video model.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
 )
-out = Console()
+out = Console(soft_wrap=True)  # paths are never wrapped mid-name
 err = Console(stderr=True)
 
 
