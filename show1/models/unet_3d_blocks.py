@@ -57,6 +57,16 @@ class _Temporal(nn.Module):
         modules.clear()
         modules.update(ordered)
 
+    def _add_temporal(self, conv_channels: list[int], attention_channels: list[int] = (),
+                      cross_attention_dim: int = 1280, norm_num_groups: int = 32) -> None:
+        """A temporal conv per resnet, a temporal attention per spatial attention, in the reference's order."""
+        self.temp_convs = nn.ModuleList([_temporal_conv(c) for c in conv_channels])
+        if attention_channels:
+            self.temp_attentions = nn.ModuleList([
+                _temporal_attention(c, self.attention_head_dim, cross_attention_dim, norm_num_groups)
+                for c in attention_channels])
+        self._order_modules("resnets", "temp_convs", "attentions", "temp_attentions", "downsamplers", "upsamplers")
+
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self.training and self.gradient_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
@@ -77,6 +87,13 @@ class _Temporal(nn.Module):
         return self._run(lambda h: self._temporal_attn(temp_attn, h, num_frames, cross_attention_kwargs),
                          hidden_states)
 
+    def _resample(self, samplers: nn.ModuleList | None, hidden_states: torch.Tensor,
+                  temb: torch.Tensor | None) -> torch.Tensor:
+        """The down/upsampling resnets at the end of a block (none in the last/first block)."""
+        for sampler in samplers or ():
+            hidden_states = self._run(sampler, hidden_states, temb)
+        return hidden_states
+
     def _resnet(self, resnet: nn.Module, temp_conv: TemporalConvLayer, hidden_states: torch.Tensor,
                 temb: torch.Tensor | None, num_frames: int) -> torch.Tensor:
         hidden_states = self._run(resnet, hidden_states, temb)
@@ -93,8 +110,7 @@ def _mask(attention_mask: torch.Tensor | None, encoder_hidden_states: torch.Tens
 class ResnetDownsampleBlock3D(ResnetDownsampleBlock2D, _Temporal):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.temp_convs = nn.ModuleList([_temporal_conv(r.out_channels) for r in self.resnets])
-        self._order_modules("resnets", "temp_convs", "downsamplers")
+        self._add_temporal([r.out_channels for r in self.resnets])
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, num_frames: int = 1,
                 **_: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -103,8 +119,7 @@ class ResnetDownsampleBlock3D(ResnetDownsampleBlock2D, _Temporal):
             hidden_states = self._resnet(resnet, temp_conv, hidden_states, temb, num_frames)
             output_states += (hidden_states,)
         if self.downsamplers is not None:
-            for downsampler in self.downsamplers:
-                hidden_states = self._run(downsampler, hidden_states, temb)
+            hidden_states = self._resample(self.downsamplers, hidden_states, temb)
             output_states += (hidden_states,)
         return hidden_states, output_states
 
@@ -112,12 +127,8 @@ class ResnetDownsampleBlock3D(ResnetDownsampleBlock2D, _Temporal):
 class SimpleCrossAttnDownBlock3D(SimpleCrossAttnDownBlock2D, _Temporal):
     def __init__(self, *args: Any, norm_num_groups: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        cross_dim = kwargs.get("cross_attention_dim", 1280)
-        self.temp_convs = nn.ModuleList([_temporal_conv(r.out_channels) for r in self.resnets])
-        self.temp_attentions = nn.ModuleList([
-            _temporal_attention(r.out_channels, self.attention_head_dim, cross_dim, norm_num_groups)
-            for r in self.resnets])
-        self._order_modules("resnets", "temp_convs", "attentions", "temp_attentions", "downsamplers")
+        channels = [r.out_channels for r in self.resnets]
+        self._add_temporal(channels, channels, kwargs.get("cross_attention_dim", 1280), norm_num_groups)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -132,8 +143,7 @@ class SimpleCrossAttnDownBlock3D(SimpleCrossAttnDownBlock2D, _Temporal):
                                          cross_attention_kwargs)
             output_states += (hidden_states,)
         if self.downsamplers is not None:
-            for downsampler in self.downsamplers:
-                hidden_states = self._run(downsampler, hidden_states, temb)
+            hidden_states = self._resample(self.downsamplers, hidden_states, temb)
             output_states += (hidden_states,)
         return hidden_states, output_states
 
@@ -142,13 +152,9 @@ class UNetMidBlock3DSimpleCrossAttn(UNetMidBlock2DSimpleCrossAttn, _Temporal):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         channels = kwargs["in_channels"]
-        groups = kwargs.get("resnet_groups", 32)
-        self.temp_convs = nn.ModuleList([_temporal_conv(channels) for _ in self.resnets])
-        self.temp_attentions = nn.ModuleList([
-            _temporal_attention(channels, self.attention_head_dim, kwargs.get("cross_attention_dim", 1280), groups)
-            for _ in self.attentions])
         self.gradient_checkpointing = False
-        self._order_modules("resnets", "temp_convs", "attentions", "temp_attentions")
+        self._add_temporal([channels] * len(self.resnets), [channels] * len(self.attentions),
+                           kwargs.get("cross_attention_dim", 1280), kwargs.get("resnet_groups", 32))
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -167,8 +173,7 @@ class UNetMidBlock3DSimpleCrossAttn(UNetMidBlock2DSimpleCrossAttn, _Temporal):
 class ResnetUpsampleBlock3D(ResnetUpsampleBlock2D, _Temporal):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.temp_convs = nn.ModuleList([_temporal_conv(r.out_channels) for r in self.resnets])
-        self._order_modules("resnets", "temp_convs", "upsamplers")
+        self._add_temporal([r.out_channels for r in self.resnets])
 
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],
                 temb: torch.Tensor | None = None, upsample_size: int | None = None, num_frames: int = 1,
@@ -177,21 +182,14 @@ class ResnetUpsampleBlock3D(ResnetUpsampleBlock2D, _Temporal):
             hidden_states = torch.cat([hidden_states, res_hidden_states_tuple[-1]], dim=1)
             res_hidden_states_tuple = res_hidden_states_tuple[:-1]
             hidden_states = self._resnet(resnet, temp_conv, hidden_states, temb, num_frames)
-        if self.upsamplers is not None:
-            for upsampler in self.upsamplers:
-                hidden_states = self._run(upsampler, hidden_states, temb)
-        return hidden_states
+        return self._resample(self.upsamplers, hidden_states, temb)
 
 
 class SimpleCrossAttnUpBlock3D(SimpleCrossAttnUpBlock2D, _Temporal):
     def __init__(self, *args: Any, norm_num_groups: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        cross_dim = kwargs.get("cross_attention_dim", 1280)
-        self.temp_convs = nn.ModuleList([_temporal_conv(r.out_channels) for r in self.resnets])
-        self.temp_attentions = nn.ModuleList([
-            _temporal_attention(r.out_channels, self.attention_head_dim, cross_dim, norm_num_groups)
-            for r in self.resnets])
-        self._order_modules("resnets", "temp_convs", "attentions", "temp_attentions", "upsamplers")
+        channels = [r.out_channels for r in self.resnets]
+        self._add_temporal(channels, channels, kwargs.get("cross_attention_dim", 1280), norm_num_groups)
 
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],
                 temb: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
@@ -206,10 +204,7 @@ class SimpleCrossAttnUpBlock3D(SimpleCrossAttnUpBlock2D, _Temporal):
             hidden_states = self._resnet(resnet, temp_conv, hidden_states, temb, num_frames)
             hidden_states = self._attend(attn, temp_attn, hidden_states, encoder_hidden_states, mask, num_frames,
                                          cross_attention_kwargs)
-        if self.upsamplers is not None:
-            for upsampler in self.upsamplers:
-                hidden_states = self._run(upsampler, hidden_states, temb)
-        return hidden_states
+        return self._resample(self.upsamplers, hidden_states, temb)
 
 
 DOWN_BLOCKS = {"ResnetDownsampleBlock3D": ResnetDownsampleBlock3D,

@@ -126,6 +126,16 @@ class Show1StagePipeline(DiffusionPipeline):
             raise ValueError("pass a prompt or prompt embeddings")
         return self.encode_prompts(prompt, negative_prompt, guidance)
 
+    def _video_and_text(self, video: torch.Tensor, min_frames: int, prompt: str | list[str] | None,
+                        embeddings: PromptEmbeddings | None, negative_prompt: str | list[str] | None,
+                        guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a video input (B, 3, F, H, W), move it to the UNet, and get the guidance text embeddings."""
+        if video.dim() != 5 or video.shape[1] != 3 or video.shape[2] < min_frames:
+            raise ValueError(f"video must be (batch, 3, frames>={min_frames}, height, width), got {tuple(video.shape)}")
+        guidance = guidance_scale > 1.0
+        text = self._embeddings(prompt, embeddings, negative_prompt, guidance).for_guidance(guidance)
+        return video.to(self._execution_device, self.unet.dtype), text
+
     # -------------------------------------------------------------------------------------- denoising
 
     def noise(self, shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,

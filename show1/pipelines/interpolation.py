@@ -35,12 +35,7 @@ class Show1InterpolationPipeline(Show1StagePipeline):
                  prompt_embeds: PromptEmbeddings | None = None, negative_prompt: str | list[str] | None = "",
                  num_inference_steps: int = 75, guidance_scale: float = 4.0,
                  generator: torch.Generator | None = None, return_dict: bool = True) -> VideoPipelineOutput | tuple:
-        if video.dim() != 5 or video.shape[1] != 3 or video.shape[2] < 2:
-            raise ValueError(f"video must be (batch, 3, frames>=2, height, width), got {tuple(video.shape)}")
-        guidance = guidance_scale > 1.0
-        embeddings = self._embeddings(prompt, prompt_embeds, negative_prompt, guidance)
-        text = embeddings.for_guidance(guidance)
-        video = video.to(self._execution_device, self.unet.dtype)
+        video, text = self._video_and_text(video, 2, prompt, prompt_embeds, negative_prompt, guidance_scale)
         b, _, keyframes, h, w = video.shape
         out = torch.zeros(b, 3, (SEGMENT - 1) * (keyframes - 1) + 1, h, w, device=video.device, dtype=video.dtype)
         # One noise draw shared by every segment, as in the reference.

@@ -45,16 +45,11 @@ class Show1SR1Pipeline(Show1StagePipeline):
                  height: int = 160, width: int = 256, num_inference_steps: int = 125, guidance_scale: float = 7.0,
                  noise_level: int = 250, window: int = 8, stride: int = 7, first_frame: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, return_dict: bool = True) -> VideoPipelineOutput | tuple:
-        if video.dim() != 5 or video.shape[1] != 3:
-            raise ValueError(f"video must be (batch, 3, frames, height, width), got {tuple(video.shape)}")
         if not 1 <= stride <= window:
             raise ValueError(f"stride ({stride}) must be between 1 and window ({window})")
         if not 0 <= noise_level < self.image_noising_scheduler.config.num_train_timesteps:
             raise ValueError(f"noise_level must be in [0, {self.image_noising_scheduler.config.num_train_timesteps})")
-        guidance = guidance_scale > 1.0
-        embeddings = self._embeddings(prompt, prompt_embeds, negative_prompt, guidance)
-        text = embeddings.for_guidance(guidance)
-        video = video.to(self._execution_device, self.unet.dtype)
+        video, text = self._video_and_text(video, 1, prompt, prompt_embeds, negative_prompt, guidance_scale)
         b, _, frames, _, _ = video.shape
         out = torch.zeros(b, 3, frames, height, width, device=video.device, dtype=video.dtype)
         levels = torch.full((b,), noise_level, device=video.device, dtype=torch.long)
