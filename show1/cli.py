@@ -159,6 +159,46 @@ def validate(
         fail("data contract broken:\n  " + "\n  ".join(report.failed_expectations()))
 
 
+@app.command()
+def train(
+    ctx: typer.Context,
+    stage: Annotated[str, typer.Option(help="base | interp | sr1 (sr2 training is not implemented yet).")],
+    data: Annotated[Path | None, typer.Option(help="Curated folder (show1 curate). Default: paths.curated.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder. Default: paths.runs/STAGE.")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.max_steps).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(min=1, help="Default: train.checkpoint_every.")] = None,
+    resume: Annotated[str | None, typer.Option(help="'latest': continue from the newest checkpoint.")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        help="Start from a stage folder (ours, or a published show-1-* folder) to fine-tune it.")] = None,
+    init_2d: Annotated[Path | None, typer.Option(help="Inflate an IF-style 2D UNet folder.")] = None,
+    text_encoder: Annotated[Path | None, typer.Option(
+        help="Text encoder folder (paper: T5-XXL). Default: the packaged MiniLM of the tiny profile.")] = None,
+) -> None:
+    """Train one stage of the cascade on curated clips; writes metrics.jsonl, checkpoints/ and final/.
+
+    Runs under `accelerate launch` too (multi-GPU: accelerate config, then
+    `accelerate launch -m show1.cli train --stage base ...`).
+    """
+    from show1.training.trainer import TRAINABLE_STAGES
+    from show1.training.trainer import train as run_training
+
+    params = ctx.obj.params()
+    if stage not in TRAINABLE_STAGES:
+        fail(f"--stage {stage!r}: trainable stages are {', '.join(TRAINABLE_STAGES)}", code=2)
+    data = data or params.paths.curated
+    out_dir = out_dir or params.paths.runs / stage
+    try:
+        result = run_training(stage, data, out_dir, params, max_steps=max_steps, checkpoint_every=checkpoint_every,
+                              resume=resume, init_from=init_from, init_2d=init_2d, text_encoder_dir=text_encoder,
+                              on_step=lambda row: out.print(f"step {row['step']:>6}  loss {row['loss']:.5f}  "
+                                                            f"lr {row['lr']:.2e}  {row['samples_per_s']:.2f} samples/s",
+                                                            highlight=False))
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc), code=2)
+    out.print(f"trained {stage} for {result.steps} steps\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
+              f"final stage folder: {result.final}", highlight=False)
+
+
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 

@@ -176,12 +176,34 @@ class Contracts(_Model):
     min_train_clips: int = Field(1, ge=0)
 
 
+class Train(_Model):
+    """Training hyper-parameters shared by every stage (see show1/training)."""
+
+    seed: int = 0
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(40, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(20, ge=1)
+    keep_last: int = Field(2, ge=1)
+    sr1_noise_level_max: int = Field(250, ge=0, lt=1000)  # noise augmentation of the low-res condition
+    sr2_max_timestep: int = Field(900, ge=1, le=1000)  # expert translation: trained on timesteps 0-900 only
+
+
 class Paths(_Model):
     manifest: Path = Path("data/manifests/demo.csv")
     curated: Path = Path("data/curated")
     cache: Path = Path("data/cache")
     validation: Path = Path("data/validation")
     metrics: Path = Path("metrics")
+    runs: Path = Path("runs")
 
 
 class Params(_Model):
@@ -191,6 +213,7 @@ class Params(_Model):
     paths: Paths = Paths()
     curate: Curate = Curate()
     contracts: Contracts = Contracts()
+    train: Train = Train()
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,73 @@
+"""Per-stage training specs: how a batch of curated clips becomes a denoising problem.
+
+Each spec returns the clean target `x0` (B, 3, F, H, W), the condition concatenated to the UNet input (or
+None) and the class labels (sr1's noise level, or None). All randomness comes from the trainer's generator,
+so a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from show1.config import Train
+from show1.pipelines.interpolation import SEGMENT, interpolation_condition
+
+KEYFRAME_STRIDE = SEGMENT - 1  # keyframes sit every 4th frame of the 29-frame clip: 0, 4, …, 28
+SR1_WINDOW = 8
+SR_FACTOR = 4  # 64×40 → 256×160
+
+
+@dataclass(frozen=True)
+class StageBatch:
+    x0: torch.Tensor
+    condition: torch.Tensor | None
+    class_labels: torch.Tensor | None
+
+
+def _channels_first(frames: torch.Tensor) -> torch.Tensor:
+    """(B, F, 3, H, W) from the dataset → (B, 3, F, H, W) for the UNet."""
+    return frames.permute(0, 2, 1, 3, 4)
+
+
+def base_batch(frames: torch.Tensor, generator: torch.Generator, cfg: Train, noising: Any) -> StageBatch:
+    """Text → keyframes: every 4th frame of the clip (8 of 29), as the cascade places them."""
+    return StageBatch(_channels_first(frames)[:, :, ::KEYFRAME_STRIDE], None, None)
+
+
+def interp_batch(frames: torch.Tensor, generator: torch.Generator, cfg: Train, noising: Any) -> StageBatch:
+    """A 5-frame window between two keyframes; its ends, blended, are the condition (plus the mask)."""
+    video = _channels_first(frames)
+    starts = torch.arange(0, video.shape[2] - SEGMENT + 1, KEYFRAME_STRIDE)
+    start = int(starts[torch.randint(len(starts), (1,), generator=generator)])
+    x0 = video[:, :, start:start + SEGMENT]
+    return StageBatch(x0, interpolation_condition(x0[:, :, [0, -1]]), None)
+
+
+def sr1_batch(frames: torch.Tensor, generator: torch.Generator, cfg: Train, noising: Any) -> StageBatch:
+    """An 8-frame high-res window; the condition is its ×4 downsample, upsampled back and noised to a random
+    level in [0, sr1_noise_level_max], which is also the class label (noise augmentation, as IF-II)."""
+    video = _channels_first(frames)
+    b, c, f, h, w = video.shape
+    start = int(torch.randint(max(f - SR1_WINDOW, 0) + 1, (1,), generator=generator))
+    x0 = video[:, :, start:start + SR1_WINDOW]
+    frames_2d = x0.permute(0, 2, 1, 3, 4).reshape(-1, c, h, w)
+    low = F.interpolate(frames_2d, (h // SR_FACTOR, w // SR_FACTOR), mode="area")
+    up = F.interpolate(low, (h, w), mode="bilinear", align_corners=True)
+    up = up.reshape(b, -1, c, h, w).permute(0, 2, 1, 3, 4)
+    levels = torch.randint(cfg.sr1_noise_level_max + 1, (b,), generator=generator)
+    noise = torch.randn(up.shape, generator=generator)
+    return StageBatch(x0, noising.add_noise(up, noise, levels), levels)
+
+
+SPECS = {"base": base_batch, "interp": interp_batch, "sr1": sr1_batch}
+
+
+def training_size(stage: str, resolutions: list[str]) -> str:
+    """The curated size a stage trains on: the smallest for base/interp, the largest (the high-res target)
+    for sr1 (64x40 and 256x160 with the default curation)."""
+    by_area = sorted(resolutions, key=lambda key: int(key.split("x")[0]) * int(key.split("x")[1]))
+    return by_area[-1] if stage == "sr1" else by_area[0]

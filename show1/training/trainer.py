@@ -1,0 +1,282 @@
+"""The one trainer, on 🤗 accelerate: read it top to bottom in `train`.
+
+ε-prediction (the first 3 of the UNet's 6 output channels, the learned-variance half is not trained by
+this loss), caption dropout for classifier-free guidance, AdamW with warmup, gradient accumulation and
+clipping, mixed precision and gradient checkpointing through accelerate/config, EMA weights, atomic
+checkpoints (every N steps, last K kept) and exact resume: model, optimizer, LR schedule, EMA, RNG states
+and data position are restored, so on the CPU a resumed run's losses equal an uninterrupted run's bit for bit.
+
+RUN_DIR/metrics.jsonl      one row per optimizer step: step, loss, lr, samples_per_s
+RUN_DIR/checkpoints/step-N/ unet.safetensors, ema.safetensors, training_state.pt (optimizer, LR, RNG), state.json
+RUN_DIR/final/             a stage folder (EMA weights) that the stage's pipeline loads
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+
+from show1 import atomic
+from show1.config import Params, Train
+from show1.data.dataset import CuratedClips
+from show1.models.configs import image_noising_scheduler_config, pixel_scheduler_config, pixel_unet_config
+from show1.models.text import encode_prompt, load_text_encoder, tiny_text_encoder_dir
+from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
+from show1.pipelines.cascade import STAGE_PIPELINES
+from show1.training.specs import SPECS, training_size
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+TRAINABLE_STAGES = tuple(SPECS)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final: Path
+    losses: list[float]
+
+
+def _scheduler(config: dict[str, Any]) -> Any:
+    config = dict(config)
+    return getattr(diffusers, config.pop("_class_name")).from_config(config)
+
+
+class DataOrder:
+    """Clip indices in a seeded permutation per epoch; `position` (epoch, offset) is saved and restored."""
+
+    def __init__(self, size: int, seed: int, epoch: int = 0, offset: int = 0):
+        if size == 0:
+            raise ValueError("the curated data has no clips for this split")
+        self.size, self.seed, self.epoch, self.offset = size, seed, epoch, offset
+
+    def _permutation(self) -> torch.Tensor:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+
+    def take(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            permutation = self._permutation()
+            while self.offset < self.size and len(out) < count:
+                out.append(int(permutation[self.offset]))
+                self.offset += 1
+            if self.offset == self.size:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return out
+
+
+def load_model(stage: str, params: Params, text_dim: int, init_from: Path | None, init_2d: Path | None
+               ) -> ShowOneUNet3DConditionModel:
+    if init_from is not None and init_2d is not None:
+        raise ValueError("pass --init-from or --init-2d, not both")
+    if init_from is not None:
+        unet_dir = init_from / "unet" if (init_from / "unet").is_dir() else init_from
+        return ShowOneUNet3DConditionModel.from_pretrained(unet_dir)
+    if init_2d is not None:
+        return ShowOneUNet3DConditionModel.from_2d(init_2d / "unet" if (init_2d / "unet").is_dir() else init_2d)
+    return ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, params.profile, text_dim))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a step folder exists only once it is complete: it is renamed into place)."""
+    steps = sorted((run_dir / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return steps[-1] if steps else None
+
+
+def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params, max_steps: int | None = None,
+          checkpoint_every: int | None = None, resume: str | None = None, init_from: Path | None = None,
+          init_2d: Path | None = None, text_encoder_dir: Path | None = None,
+          on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train `stage` on the curated clips in `data_dir`; write everything under `run_dir`."""
+    if stage not in TRAINABLE_STAGES:
+        raise ValueError(f"stage '{stage}' cannot be trained here yet (trainable: {', '.join(TRAINABLE_STAGES)})")
+    if resume not in (None, "latest"):
+        raise ValueError(f"--resume takes 'latest', got {resume!r}")
+    cfg: Train = params.train
+    max_steps = max_steps or cfg.max_steps
+    checkpoint_every = checkpoint_every or cfg.checkpoint_every
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)
+
+    # --- data and text -------------------------------------------------------------------------------------------
+    index = data_dir / "index.jsonl"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found: run `show1 curate MANIFEST --out {data_dir}` first")
+    first = atomic.read_jsonl(index)[:1]
+    if not first:
+        raise ValueError(f"{index} has no clips")
+    clips = CuratedClips(data_dir, size=training_size(stage, first[0]["resolutions"]), split="train")
+    tokenizer, text_encoder = load_text_encoder(text_encoder_dir or tiny_text_encoder_dir())
+    text_encoder.requires_grad_(False).eval().to(accelerator.device)
+    embedding_cache: dict[str, torch.Tensor] = {}
+
+    def embed(captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in embedding_cache]
+        if missing:
+            for caption, vector in zip(missing, encode_prompt(tokenizer, text_encoder, missing), strict=True):
+                embedding_cache[caption] = vector
+        return torch.stack([embedding_cache[c] for c in captions])
+
+    # --- model, optimizer, schedules -----------------------------------------------------------------------------
+    unet = load_model(stage, params, text_encoder.config.hidden_size, init_from, init_2d)
+    if cfg.gradient_checkpointing:
+        unet.set_gradient_checkpointing(True)
+    unet.train()
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
+    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    noise_schedule = _scheduler(pixel_scheduler_config() | {"_class_name": "DDPMScheduler"})
+    image_noising = _scheduler(image_noising_scheduler_config())
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = DataOrder(len(clips), cfg.seed)
+    step = 0
+
+    if resume == "latest" and (checkpoint := latest_checkpoint(run_dir)) is not None:
+        step = _restore(checkpoint, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, generator, order)
+        rows = [r for r in atomic.read_jsonl(run_dir / METRICS) if r["step"] <= step] \
+            if (run_dir / METRICS).is_file() else []
+        atomic.write_jsonl(run_dir / METRICS, rows)  # drop rows a killed run wrote after its last checkpoint
+    elif (run_dir / METRICS).is_file() or latest_checkpoint(run_dir):
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume latest, or choose a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"stage": stage, "params": params.model_dump(mode="json"),
+                                                      "data": str(data_dir)}, indent=2, default=str))
+
+    # --- the loop --------------------------------------------------------------------------------------------------
+    losses: list[float] = []
+    make_batch = SPECS[stage]
+    empty = embed([""])[0]
+    with open(run_dir / METRICS, "a", encoding="utf-8") as metrics:
+        while step < max_steps:
+            started = time.perf_counter()
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                with accelerator.accumulate(unet):
+                    items = [clips[i] for i in order.take(cfg.batch_size)]
+                    frames = torch.stack([item["frames"] for item in items])
+                    batch = make_batch(frames, generator, cfg, image_noising)
+                    text = embed([item["caption"] for item in items])
+                    dropped = torch.rand(len(items), generator=generator) < cfg.caption_dropout
+                    text = torch.where(dropped[:, None, None], empty, text)
+                    noise = torch.randn(batch.x0.shape, generator=generator)
+                    timesteps = torch.randint(noise_schedule.config.num_train_timesteps, (len(items),),
+                                              generator=generator)
+                    noisy = noise_schedule.add_noise(batch.x0, noise, timesteps)
+                    model_input = noisy if batch.condition is None else torch.cat([noisy, batch.condition], dim=1)
+                    device = accelerator.device
+                    prediction = unet(model_input.to(device), timesteps.to(device), text.to(device),
+                                      class_labels=None if batch.class_labels is None
+                                      else batch.class_labels.to(device)).sample
+                    loss = F.mse_loss(prediction[:, :3].float(), noise.to(device).float())
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    lr_schedule.step()
+                    optimizer.zero_grad()
+                    total += loss.item() / cfg.grad_accum
+            ema.step(accelerator.unwrap_model(unet).parameters())
+            step += 1
+            row = {"step": step, "loss": total, "lr": lr_schedule.get_last_lr()[0],
+                   "samples_per_s": cfg.batch_size * cfg.grad_accum / (time.perf_counter() - started)}
+            if not math.isfinite(total):
+                raise FloatingPointError(f"loss became {total} at step {step}: lower train.learning_rate")
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            losses.append(total)
+            if on_step:
+                on_step(row)
+            if step % checkpoint_every == 0 or step == max_steps:
+                _checkpoint(run_dir, step, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, generator,
+                            order, cfg.keep_last)
+    final = _export(stage, run_dir, accelerator.unwrap_model(unet), ema)
+    return TrainResult(run_dir=run_dir, steps=step, final=final, losses=losses)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+
+def _checkpoint(run_dir: Path, step: int, unet: torch.nn.Module, ema: EMAModel, optimizer: Any, lr_schedule: Any,
+                generator: torch.Generator, order: DataOrder, keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically (a temp folder renamed into place), then prune to the last K."""
+    folder = run_dir / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"step-{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()},
+                  str(staging / "unet.safetensors"))
+        save_file({f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
+                  str(staging / "ema.safetensors"))
+        # Only tensors, numbers and dicts: loadable with torch.load(weights_only=True).
+        torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "generator": generator.get_state()},
+                   staging / "training_state.pt")
+        (staging / "state.json").write_text(json.dumps({
+            "step": step, "data_epoch": order.epoch, "data_offset": order.offset,
+            "ema_optimization_step": ema.optimization_step, "ema_decay": ema.decay}))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep_last]:
+        shutil.rmtree(old)
+    return target
+
+
+def _restore(checkpoint: Path, unet: torch.nn.Module, ema: EMAModel, optimizer: Any, lr_schedule: Any,
+             generator: torch.Generator, order: DataOrder) -> int:
+    unet.load_state_dict(load_file(str(checkpoint / "unet.safetensors")))
+    shadow = load_file(str(checkpoint / "ema.safetensors"))
+    for i, param in enumerate(ema.shadow_params):
+        param.data.copy_(shadow[f"{i:05d}"])
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    generator.set_state(state["generator"])
+    info = json.loads((checkpoint / "state.json").read_text())
+    ema.optimization_step = info["ema_optimization_step"]
+    order.epoch, order.offset = info["data_epoch"], info["data_offset"]
+    return int(info["step"])
+
+
+def _export(stage: str, run_dir: Path, unet: ShowOneUNet3DConditionModel, ema: EMAModel) -> Path:
+    """The EMA weights as a stage folder (issue-3 layout) that the stage's pipeline loads."""
+    ema_unet = ShowOneUNet3DConditionModel.from_config(unet.config)
+    ema_unet.load_state_dict(unet.state_dict())
+    ema.copy_to(ema_unet.parameters())
+    parts: dict[str, Any] = {"unet": ema_unet, "scheduler": _scheduler(pixel_scheduler_config())}
+    if stage == "sr1":
+        parts["image_noising_scheduler"] = _scheduler(image_noising_scheduler_config())
+    pipe = STAGE_PIPELINES[stage](**parts)
+    target = run_dir / "final"
+    staging = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=run_dir))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

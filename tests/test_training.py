@@ -1,0 +1,124 @@
+"""The trainer on the real curated demo clips: overfitting, exact resume after kill -9, atomic checkpoints,
+and a trained stage folder that the pipeline loads."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from show1.config import load_params
+from show1.data.curate import curate
+from show1.models.text import load_text_encoder, tiny_text_encoder_dir
+from show1.pipelines.keyframes import Show1BasePipeline
+from show1.training.trainer import latest_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {  # the demo clips at a quarter of the tiny profile's sizes, so every stage trains in seconds
+    "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
+    "train": {"learning_rate": 0.001, "caption_dropout": 0.0, "batch_size": 2, "checkpoint_every": 100},
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("training")
+    (folder / "params.yaml").write_text(yaml.safe_dump(SMALL))
+    params = load_params(folder / "params.yaml")
+    curated = folder / "curated"
+    curate(ROOT / "data/manifests/demo.csv", curated, params)
+    # A fixed batch: one training clip (the val clip stays, the trainer ignores it).
+    rows = [json.loads(line) for line in (curated / "index.jsonl").read_text().splitlines()]
+    keep = [r for r in rows if r["split"] == "train"][:1] + [r for r in rows if r["split"] == "val"]
+    (folder / "one-clip").mkdir()
+    for item in curated.iterdir():
+        if item.name != "index.jsonl":
+            (folder / "one-clip" / item.name).symlink_to(item)
+    (folder / "one-clip" / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    return folder, params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["base", "interp", "sr1"])
+def test_each_stage_overfits_a_fixed_batch(setup, stage, tmp_path):
+    folder, params = setup
+    result = train(stage, folder / "one-clip", tmp_path / "run", params, max_steps=25)
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.5 * first, result.losses
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 26)) and all("loss" in r and "lr" in r for r in rows)
+
+
+def test_resume_after_kill_9_continues_bit_exactly(setup, tmp_path):
+    folder, _ = setup
+    args = [sys.executable, "-m", "show1.cli", "--params", str(folder / "params.yaml"), "train", "--stage", "base",
+            "--data", str(folder / "curated"), "--max-steps", "10", "--checkpoint-every", "2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True, env=env, timeout=300)
+
+    victim = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while latest_checkpoint(tmp_path / "killed") is None or latest_checkpoint(tmp_path / "killed").name < "step-000004":
+        assert time.time() < deadline and victim.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = int(latest_checkpoint(tmp_path / "killed").name.split("-")[1])
+    assert killed_at < 10
+    subprocess.run([*args, "--out", str(tmp_path / "killed"), "--resume", "latest"], check=True,
+                   capture_output=True, env=env, timeout=300)
+
+    def losses(run: str) -> list[tuple[int, float]]:
+        rows = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(json.loads(r)["step"], json.loads(r)["loss"]) for r in rows]
+
+    assert losses("killed") == losses("whole")  # every step, bit for bit, no step twice
+    assert len(losses("whole")) == 10
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(setup, tmp_path):
+    folder, params = setup
+    run = tmp_path / "run"
+    train("base", folder / "curated", run, params, max_steps=2, checkpoint_every=2)
+    # What a kill during the next checkpoint write leaves: a half-written staging folder.
+    partial = run / "checkpoints" / ".step-000004.tmp-abc"
+    partial.mkdir()
+    (partial / "unet.safetensors").write_bytes(b"\x00" * 100)
+    assert latest_checkpoint(run).name == "step-000002"
+    resumed = train("base", folder / "curated", run, params, max_steps=3, checkpoint_every=2, resume="latest")
+    assert resumed.steps == 3 and len(resumed.losses) == 1
+
+
+def test_a_finished_run_refuses_to_be_overwritten(setup, tmp_path):
+    folder, params = setup
+    train("base", folder / "curated", tmp_path / "run", params, max_steps=1)
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        train("base", folder / "curated", tmp_path / "run", params, max_steps=1)
+
+
+def test_trained_stage_folder_generates_through_the_pipeline(setup, tmp_path):
+    folder, params = setup
+    result = train("base", folder / "curated", tmp_path / "run", params, max_steps=2)
+    tokenizer, encoder = load_text_encoder(tiny_text_encoder_dir())
+    pipe = Show1BasePipeline.from_pretrained(result.final)
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=encoder)
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe("a rabbit on a hill", num_inference_steps=2, height=20, width=32,
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 3, 8, 20, 32) and torch.isfinite(frames).all()
+
+
+def test_fine_tuning_starts_from_a_stage_folder(setup, tmp_path):
+    folder, params = setup
+    first = train("base", folder / "curated", tmp_path / "a", params, max_steps=1)
+    tuned = train("base", folder / "curated", tmp_path / "b", params, max_steps=1, init_from=first.final)
+    assert tuned.steps == 1
+    shutil.rmtree(tmp_path / "a")
