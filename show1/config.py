@@ -197,6 +197,19 @@ class Train(_Model):
     sr2_max_timestep: int = Field(900, ge=1, le=1000)  # expert translation: trained on timesteps 0-900 only
 
 
+class Tracking(_Model):
+    """Where runs are tracked. `MLFLOW_TRACKING_URI` in the environment overrides `uri`."""
+
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifacts: Path = Path("mlruns/artifacts")
+    experiment: str = "show1"
+
+
+def tracking_uri(tracking: Tracking) -> str:
+    """The MLflow tracking URI: the environment's MLFLOW_TRACKING_URI, else params (read here, nowhere else)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or tracking.uri
+
+
 class Paths(_Model):
     manifest: Path = Path("data/manifests/demo.csv")
     curated: Path = Path("data/curated")
@@ -214,6 +227,7 @@ class Params(_Model):
     curate: Curate = Curate()
     contracts: Contracts = Contracts()
     train: Train = Train()
+    tracking: Tracking = Tracking()
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

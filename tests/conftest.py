@@ -102,3 +102,11 @@ def stage(library: dict[str, Path], root: Path) -> Callable[..., str]:
 def good_videos(stage: Callable[..., str]) -> list[str]:
     """Four distinct moving videos in root/videos, as manifest paths."""
     return [stage(f"good{seed}") for seed in range(4)]
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test tracks into its own sqlite MLflow store, never the repository's mlruns/."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

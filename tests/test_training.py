@@ -122,3 +122,20 @@ def test_fine_tuning_starts_from_a_stage_folder(setup, tmp_path):
     tuned = train("base", folder / "curated", tmp_path / "b", params, max_steps=1, init_from=first.final)
     assert tuned.steps == 1
     shutil.rmtree(tmp_path / "a")
+
+
+def test_training_is_tracked_in_mlflow_and_a_resume_continues_the_run(setup, tmp_path, mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    folder, params = setup
+    train("base", folder / "curated", tmp_path / "run", params, max_steps=2, checkpoint_every=2)
+    train("base", folder / "curated", tmp_path / "run", params, max_steps=3, resume="latest")
+    client = MlflowClient(tracking_uri=mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name(params.tracking.experiment).experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["stage"] == "base" and len(run.data.tags["data_version"]) == 64
+    assert run.data.tags["git_commit"] and run.data.params["train.learning_rate"] == "0.001"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert run.data.tags["final_stage_folder"].endswith("final")

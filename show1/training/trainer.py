@@ -39,6 +39,7 @@ from show1.models.text import encode_prompt, load_text_encoder, tiny_text_encode
 from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
 from show1.pipelines.cascade import STAGE_PIPELINES
 from show1.training.specs import SPECS, training_size
+from show1.training.tracking import TrainingRun
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -102,8 +103,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params, max_steps: int | None = None,
           checkpoint_every: int | None = None, resume: str | None = None, init_from: Path | None = None,
           init_2d: Path | None = None, text_encoder_dir: Path | None = None,
-          on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train `stage` on the curated clips in `data_dir`; write everything under `run_dir`."""
+          on_step: Callable[[dict[str, Any]], None] | None = None, track: bool = True) -> TrainResult:
+    """Train `stage` on the curated clips in `data_dir`; write everything under `run_dir`. With `track`, the
+    run is logged to MLflow (params.tracking) and a resumed run continues the same MLflow run."""
     if stage not in TRAINABLE_STAGES:
         raise ValueError(f"stage '{stage}' cannot be trained here yet (trainable: {', '.join(TRAINABLE_STAGES)})")
     if resume not in (None, "latest"):
@@ -158,6 +160,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     elif (run_dir / METRICS).is_file() or latest_checkpoint(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume latest, or choose a new --out")
     run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = TrainingRun(params, run_dir, stage, data_dir) if track else None
     (run_dir / "config.json").write_text(json.dumps({"stage": stage, "params": params.model_dump(mode="json"),
                                                       "data": str(data_dir)}, indent=2, default=str))
 
@@ -203,12 +206,16 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             losses.append(total)
+            if tracker:
+                tracker.log_step(row)
             if on_step:
                 on_step(row)
             if step % checkpoint_every == 0 or step == max_steps:
                 _checkpoint(run_dir, step, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, generator,
                             order, cfg.keep_last)
     final = _export(stage, run_dir, accelerator.unwrap_model(unet), ema)
+    if tracker:
+        tracker.finish(final)
     return TrainResult(run_dir=run_dir, steps=step, final=final, losses=losses)
 
 
