@@ -1,0 +1,113 @@
+"""Trainer speed against a bare torch loop on the same model, batch and optimizer; memory with and without
+gradient checkpointing.
+
+    python benchmarks/bench_train.py [--stage base] [--steps 20] [--params params.yaml] [--data DIR]
+
+The trainer's seconds per step come from its own metrics.jsonl (median, warm-up steps dropped); the bare
+loop is forward + MSE + backward + clip + AdamW step on a fixed batch of the same shape. Ratio = bare step /
+trainer step (goal >= 0.9). Peak memory is measured in a fresh process per setting (CUDA: max allocated;
+CPU: peak RSS). Without --data the demo manifest is curated into a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bare_loop(stage: str, params_path: Path, steps: int, checkpointing: bool) -> float:
+    """Median seconds per step of a plain training loop on a fixed batch shaped like the trainer's."""
+    import torch.nn.functional as F
+
+    from show1.config import load_params
+    from show1.models.configs import pixel_unet_config
+    from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
+
+    params = load_params(params_path)
+    cfg = params.train
+    torch.manual_seed(0)
+    unet = ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, params.profile, 384)).train()
+    unet.set_gradient_checkpointing(checkpointing)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate)
+    frames, channels = {"base": (8, 3), "interp": (5, 7), "sr1": (8, 6)}[stage]
+    sizes = sorted((s.height, s.width) for s in params.curate.clip.sizes)
+    h, w = sizes[-1] if stage == "sr1" else sizes[0]
+    x = torch.randn(cfg.batch_size, channels, frames, h, w)
+    target = torch.randn(cfg.batch_size, 3, frames, h, w)
+    text = torch.randn(cfg.batch_size, 77, 384)
+    t = torch.randint(1000, (cfg.batch_size,))
+    labels = torch.randint(250, (cfg.batch_size,)) if stage == "sr1" else None
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = F.mse_loss(unet(x, t, text, class_labels=labels).sample[:, :3], target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def trainer_step(stage: str, params_path: Path, data: Path, steps: int) -> float:
+    from show1.config import load_params
+    from show1.training.trainer import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train(stage, data, Path(tmp) / "run", load_params(params_path), max_steps=steps, checkpoint_every=10**6,
+              track=False)
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    # samples_per_s covers the whole step (data, text, forward, backward, optimizer, EMA); drop warm-up steps.
+    params = load_params(params_path).train
+    return statistics.median(params.batch_size * params.grad_accum / r["samples_per_s"] for r in rows[2:])
+
+
+def peak_memory_mb(stage: str, params_path: Path, checkpointing: bool) -> float:
+    code = (f"import resource, torch, sys; sys.path.insert(0, {str(ROOT)!r}); "
+            f"from benchmarks.bench_train import bare_loop; "
+            f"bare_loop({stage!r}, __import__('pathlib').Path({str(params_path)!r}), 3, {checkpointing}); "
+            "print(torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return round(float(out.stdout.strip().splitlines()[-1]), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=["base", "interp", "sr1"], default="base")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--data", type=Path)
+    args = parser.parse_args()
+    from show1.config import apply_offline_env, load_params
+    from show1.data.curate import curate
+
+    apply_offline_env()
+    data = args.data
+    if data is None:
+        data = Path(tempfile.mkdtemp()) / "curated"
+        curate(ROOT / "data/manifests/demo.csv", data, load_params(args.params))
+    trainer = trainer_step(args.stage, args.params, data, args.steps)
+    bare = bare_loop(args.stage, args.params, args.steps, checkpointing=False)
+    result = {
+        "stage": args.stage, "trainer_s_per_step": round(trainer, 4), "bare_s_per_step": round(bare, 4),
+        "ratio": round(bare / trainer, 3),
+        "peak_memory_mb": {"checkpointing_off": peak_memory_mb(args.stage, args.params, False),
+                           "checkpointing_on": peak_memory_mb(args.stage, args.params, True)},
+    }
+    print(json.dumps(result, indent=2))
+    print(f"trainer runs at {result['ratio']:.2f}x the bare loop's speed (goal >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
