@@ -173,6 +173,9 @@ def train(
     init_2d: Annotated[Path | None, typer.Option(help="Inflate an IF-style 2D UNet folder.")] = None,
     text_encoder: Annotated[Path | None, typer.Option(
         help="Text encoder folder (paper: T5-XXL). Default: the packaged MiniLM of the tiny profile.")] = None,
+    metrics: Annotated[Path | None, typer.Option(
+        help="Also write a summary (steps, final and mean last-10 loss) here (a DVC metrics file).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No per-step lines.")] = False,
 ) -> None:
     """Train one stage of the cascade on curated clips; writes metrics.jsonl, checkpoints/ and final/.
 
@@ -190,11 +193,15 @@ def train(
     try:
         result = run_training(stage, data, out_dir, params, max_steps=max_steps, checkpoint_every=checkpoint_every,
                               resume=resume, init_from=init_from, init_2d=init_2d, text_encoder_dir=text_encoder,
-                              on_step=lambda row: out.print(f"step {row['step']:>6}  loss {row['loss']:.5f}  "
-                                                            f"lr {row['lr']:.2e}  {row['samples_per_s']:.2f} samples/s",
-                                                            highlight=False))
+                              on_step=None if quiet else lambda row: out.print(
+                                  f"step {row['step']:>6}  loss {row['loss']:.5f}  lr {row['lr']:.2e}  "
+                                  f"{row['samples_per_s']:.2f} samples/s", highlight=False))
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         fail(str(exc), code=2)
+    if metrics:
+        from show1 import atomic
+
+        atomic.write_json(metrics, result.summary())
     out.print(f"trained {stage} for {result.steps} steps\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
               f"final stage folder: {result.final}", highlight=False)
 

@@ -58,22 +58,35 @@ def test_prefect_flow_curates_and_validates(tmp_path):
 
 
 @pytest.mark.slow
-def test_dvc_repro_from_fresh_clone_then_noop_then_param_change(tmp_path):
+def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     env = _env(tmp_path)
     repo = fresh_clone(tmp_path, env)
-    first = run(["dvc", "repro"], repo, env)
-    assert "Running stage 'curate'" in first.stdout and "Running stage 'validate'" in first.stdout
+    # Quarter-size clips and 3 training steps: the DAG's mechanics, in seconds (make demo runs the real sizes).
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["curate"]["clip"]["sizes"] = [[32, 20], [128, 80]]
+    params["train"].update(max_steps=3, checkpoint_every=3)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "small"], repo, env)
+
+    first = run(["dvc", "repro"], repo, env, timeout=600)
+    for stage in ("curate", "validate", "train@base", "train@interp", "train@sr1"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
     metrics = json.loads((repo / "metrics/curate.json").read_text())
     assert metrics["kept_sources"] == 3 and metrics["clips"] == 31
     assert json.loads((repo / "metrics/validate.json").read_text())["success"] == 1
-    assert (repo / "data/curated/index.jsonl").is_file()
+    assert json.loads((repo / "metrics/train-sr1.json").read_text())["steps"] == 3
+    assert (repo / "runs/base/final/unet/config.json").is_file()
 
     second = run(["dvc", "repro"], repo, env)
     assert "Running stage" not in second.stdout, second.stdout
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["profiles"]["tiny"]["curate"]["clip"]["stride"] = 4
+    params["train"]["learning_rate"] = 0.0002  # a training parameter: training re-runs, curation does not
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = run(["dvc", "repro"], repo, env)
-    assert "Running stage 'curate'" in third.stdout
+    third = run(["dvc", "repro"], repo, env, timeout=600)
+    assert "Running stage 'train@base'" in third.stdout and "Running stage 'curate'" not in third.stdout
+
+    params["profiles"]["tiny"]["curate"]["clip"]["stride"] = 4  # a curation parameter: everything re-runs
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = run(["dvc", "repro", "curate"], repo, env)
+    assert "Running stage 'curate'" in fourth.stdout
     assert json.loads((repo / "metrics/curate.json").read_text())["clips"] < metrics["clips"]

@@ -51,7 +51,13 @@ class TrainResult:
     run_dir: Path
     steps: int
     final: Path
-    losses: list[float]
+    losses: list[float]  # of the steps run in this call (a resumed run: only the new ones)
+
+    def summary(self) -> dict[str, Any]:
+        """Small numbers for a metrics file, from the whole run's metrics.jsonl."""
+        losses = [row["loss"] for row in atomic.read_jsonl(self.run_dir / METRICS)]
+        return {"steps": self.steps, "final_loss": losses[-1] if losses else None,
+                "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
 
 
 def _scheduler(config: dict[str, Any]) -> Any:
