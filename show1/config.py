@@ -210,6 +210,11 @@ def tracking_uri(tracking: Tracking) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or tracking.uri
 
 
+def accelerate_config_file() -> str | None:
+    """The accelerate config a deployment's job variables name (SHOW1_ACCELERATE_CONFIG), if any."""
+    return os.environ.get("SHOW1_ACCELERATE_CONFIG") or None
+
+
 class Paths(_Model):
     manifest: Path = Path("data/manifests/demo.csv")
     curated: Path = Path("data/curated")

@@ -90,3 +90,33 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     fourth = run(["dvc", "repro", "curate"], repo, env)
     assert "Running stage 'curate'" in fourth.stdout
     assert json.loads((repo / "metrics/curate.json").read_text())["clips"] < metrics["clips"]
+
+
+@pytest.mark.slow
+def test_prefect_training_flow_trains_a_stage(tmp_path):
+    env = _env(tmp_path)
+    params = {"curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
+              "train": {"checkpoint_every": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run([sys.executable, "-m", "show1.cli", "--params", str(tmp_path / "params.yaml"), "curate",
+         str(ROOT / "data/manifests/demo.csv"), "--out", str(tmp_path / "cur"), "--quiet"], tmp_path, env)
+    result = run([sys.executable, "-m", "flows.train", "--stages", "base", "--data", str(tmp_path / "cur"),
+                  "--runs", str(tmp_path / "runs"), "--params", str(tmp_path / "params.yaml"), "--max-steps", "2"],
+                 tmp_path, env)
+    output = result.stderr + result.stdout
+    assert "train-stage" in output and "Finished in state Completed" in output
+    assert (tmp_path / "runs/base/final/unet/config.json").is_file()
+    assert len((tmp_path / "runs/base/metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_prefect_yaml_deploys_training_on_the_gpu_pool():
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in config["deployments"]}
+    train = deployments["train"]
+    assert train["work_pool"]["name"] == "gpu"
+    accelerate = train["work_pool"]["job_variables"]["env"]["SHOW1_ACCELERATE_CONFIG"]
+    assert (ROOT / accelerate).is_file()
+    for deployment in deployments.values():  # every entrypoint names a real flow
+        module, _, name = deployment["entrypoint"].partition(":")
+        source = (ROOT / module).read_text()
+        assert f"def {name}(" in source and "@flow(" in source

@@ -1,0 +1,74 @@
+"""Prefect flow: train one stage (or several in order) of the cascade.
+
+In-process by default; with `accelerate_config` (a file from `accelerate config`), the training runs under
+`accelerate launch` (DDP/FSDP/DeepSpeed, as that file says). Deployed on the `gpu` work pool by prefect.yaml.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from show1.config import DEFAULT_PARAMS, accelerate_config_file, apply_offline_env, load_params
+from show1.training.trainer import TRAINABLE_STAGES, TrainResult, train
+
+
+@task(name="train-stage", cache_policy=NO_CACHE)
+def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profile: str | None,
+                max_steps: int | None, resume: str | None, accelerate_config: str | None) -> dict[str, Any]:
+    if accelerate_config:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+                   "-m", "show1.cli", "--params", str(params_path), *(["--profile", profile] if profile else []),
+                   "train", "--stage", stage, "--data", str(data), "--out", str(run_dir), "--quiet"]
+        command += ["--max-steps", str(max_steps)] if max_steps else []
+        command += ["--resume", resume] if resume else []
+        subprocess.run(command, check=True)
+        result = TrainResult(run_dir=run_dir, steps=-1, final=run_dir / "final", losses=[])
+    else:
+        result = train(stage, data, run_dir, load_params(params_path, profile), max_steps=max_steps, resume=resume)
+    summary = result.summary()
+    print(f"{stage}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, stage folder {result.final}")
+    return {"stage": stage, "final": str(result.final), **summary}
+
+
+@flow(name="show1-train", log_prints=True)
+def train_flow(stages: list[str] | None = None, data: str | None = None, runs: str | None = None,
+               params_path: str = str(DEFAULT_PARAMS), profile: str | None = None, max_steps: int | None = None,
+               resume: str | None = None, accelerate_config: str | None = None) -> list[dict[str, Any]]:
+    """Train `stages` (default: every trainable stage) on the curated data, one after another.
+
+    `accelerate_config` (or the SHOW1_ACCELERATE_CONFIG job variable of the deployment) runs the training
+    under `accelerate launch` with that config."""
+    apply_offline_env()
+    accelerate_config = accelerate_config or accelerate_config_file()
+    params = load_params(params_path, profile)
+    stages = stages or list(TRAINABLE_STAGES)
+    unknown = [s for s in stages if s not in TRAINABLE_STAGES]
+    if unknown:
+        raise ValueError(f"cannot train {unknown}: trainable stages are {', '.join(TRAINABLE_STAGES)}")
+    data_dir = Path(data) if data else params.paths.curated
+    runs_dir = Path(runs) if runs else params.paths.runs
+    return [train_stage(stage, data_dir, runs_dir / stage, Path(params_path), profile, max_steps, resume,
+                        accelerate_config) for stage in stages]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flows.train", description=train_flow.__doc__)
+    parser.add_argument("--stages", nargs="+", choices=TRAINABLE_STAGES)
+    parser.add_argument("--data")
+    parser.add_argument("--runs")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
+    parser.add_argument("--profile", choices=["tiny", "paper"])
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--resume", choices=["latest"])
+    parser.add_argument("--accelerate-config")
+    args = parser.parse_args()
+    train_flow(args.stages, args.data, args.runs, args.params, args.profile, args.max_steps, args.resume,
+               args.accelerate_config)
