@@ -162,7 +162,7 @@ def validate(
 @app.command()
 def train(
     ctx: typer.Context,
-    stage: Annotated[str, typer.Option(help="base | interp | sr1 (sr2 training is not implemented yet).")],
+    stage: Annotated[str, typer.Option(help="base | interp | sr1 | sr2.")],
     data: Annotated[Path | None, typer.Option(help="Curated folder (show1 curate). Default: paths.curated.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder. Default: paths.runs/STAGE.")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.max_steps).")] = None,

@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["base", "interp", "sr1"])
+@pytest.mark.parametrize("stage", ["base", "interp", "sr1", "sr2"])
 def test_each_stage_overfits_a_fixed_batch(setup, stage, tmp_path):
     folder, params = setup
     result = train(stage, folder / "one-clip", tmp_path / "run", params, max_steps=25)
@@ -139,3 +139,25 @@ def test_training_is_tracked_in_mlflow_and_a_resume_continues_the_run(setup, tmp
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3]
     assert run.data.tags["final_stage_folder"].endswith("final")
+
+
+def test_sr2_trains_only_on_timesteps_below_900_and_pixel_stages_on_all(setup):
+    from diffusers import DDPMScheduler
+
+    from show1.training.trainer import training_timesteps
+
+    _, params = setup
+    schedule = DDPMScheduler(num_train_timesteps=1000)
+    sr2 = training_timesteps("sr2", params.train, schedule, 20_000, torch.Generator().manual_seed(0))
+    base = training_timesteps("base", params.train, schedule, 20_000, torch.Generator().manual_seed(0))
+    assert sr2.max() == params.train.sr2_max_timestep - 1 == 899 and sr2.min() == 0
+    assert base.max() == 999
+
+
+def test_trained_sr2_folder_loads_into_its_pipeline(setup, tmp_path):
+    from show1.pipelines.sr2 import Show1SR2Pipeline
+
+    folder, params = setup
+    result = train("sr2", folder / "curated", tmp_path / "run", params, max_steps=1)
+    pipe = Show1SR2Pipeline.from_pretrained(result.final)
+    assert pipe.vae is not None and pipe.unet.config.in_channels == 4

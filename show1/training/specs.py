@@ -63,11 +63,25 @@ def sr1_batch(frames: torch.Tensor, generator: torch.Generator, cfg: Train, nois
     return StageBatch(x0, noising.add_noise(up, noise, levels), levels)
 
 
-SPECS = {"base": base_batch, "interp": interp_batch, "sr1": sr1_batch}
+def sr2_batch(frames: torch.Tensor, generator: torch.Generator, cfg: Train, vae: Any) -> StageBatch:
+    """Expert translation: an 8-frame window of the largest curated size, as scaled VAE latents (frozen VAE).
+    The stage is plain latent video diffusion; what makes it a translator is the 0–900 timestep range."""
+    video = _channels_first(frames)
+    b, c, f, h, w = video.shape
+    start = int(torch.randint(max(f - SR1_WINDOW, 0) + 1, (1,), generator=generator))
+    clip = video[:, :, start:start + SR1_WINDOW]
+    flat = clip.permute(0, 2, 1, 3, 4).reshape(-1, c, h, w).to(vae.device, vae.dtype)
+    with torch.no_grad():
+        latents = vae.encode(flat).latent_dist.sample(generator) * vae.config.scaling_factor
+    latents = latents.float().cpu().reshape(b, -1, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
+    return StageBatch(latents, None, None)
+
+
+SPECS = {"base": base_batch, "interp": interp_batch, "sr1": sr1_batch, "sr2": sr2_batch}
 
 
 def training_size(stage: str, resolutions: list[str]) -> str:
     """The curated size a stage trains on: the smallest for base/interp, the largest (the high-res target)
-    for sr1 (64x40 and 256x160 with the default curation)."""
+    for sr1 and sr2 (64x40 and 256x160 with the tiny curation; the paper profile adds 576x320 for sr2)."""
     by_area = sorted(resolutions, key=lambda key: int(key.split("x")[0]) * int(key.split("x")[1]))
-    return by_area[-1] if stage == "sr1" else by_area[0]
+    return by_area[-1] if stage in ("sr1", "sr2") else by_area[0]

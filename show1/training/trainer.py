@@ -1,7 +1,8 @@
 """The one trainer, on 🤗 accelerate: read it top to bottom in `train`.
 
-ε-prediction (the first 3 of the UNet's 6 output channels, the learned-variance half is not trained by
-this loss), caption dropout for classifier-free guidance, AdamW with warmup, gradient accumulation and
+Every stage: base, interp and sr1 (pixel UNets) and sr2 (latent, frozen VAE, timesteps 0–900).
+ε-prediction (for the pixel stages the first 3 of the UNet's 6 output channels: the learned-variance half is
+not trained by this loss), caption dropout for classifier-free guidance, AdamW with warmup, gradient accumulation and
 clipping, mixed precision and gradient checkpointing through accelerate/config, EMA weights, atomic
 checkpoints (every N steps, last K kept) and exact resume: model, optimizer, LR schedule, EMA, RNG states
 and data position are restored, so on the CPU a resumed run's losses equal an uninterrupted run's bit for bit.
@@ -27,6 +28,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet3DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -38,6 +40,12 @@ from show1.models.configs import image_noising_scheduler_config, pixel_scheduler
 from show1.models.text import encode_prompt, load_text_encoder, tiny_text_encoder_dir
 from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
 from show1.pipelines.cascade import STAGE_PIPELINES
+from show1.pipelines.sr2 import (
+    ZEROSCOPE_SCHEDULER_CONFIG,
+    paper_sr2_unet_config,
+    paper_sr2_vae_config,
+    tiny_sr2_components,
+)
 from show1.training.specs import SPECS, training_size
 from show1.training.tracking import TrainingRun
 
@@ -88,16 +96,51 @@ class DataOrder:
         return out
 
 
+@dataclass
+class StageModel:
+    """What a stage trains (`unet`) and the frozen parts it needs: sr2's VAE, the training noise schedule."""
+
+    unet: torch.nn.Module
+    noise_schedule: Any
+    vae: Any = None
+    eps_channels: int = 3  # pixel stages predict ε (3) + learned variance (3); sr2 predicts latent ε (4)
+
+
+def _folder_part(folder: Path, name: str) -> Path:
+    return folder / name if (folder / name).is_dir() else folder
+
+
 def load_model(stage: str, params: Params, text_dim: int, init_from: Path | None, init_2d: Path | None
-               ) -> ShowOneUNet3DConditionModel:
+               ) -> StageModel:
+    """The stage's trainable UNet: from a stage folder (fine-tuning), inflated from 2D, or from scratch."""
     if init_from is not None and init_2d is not None:
         raise ValueError("pass --init-from or --init-2d, not both")
+    if stage == "sr2":
+        if init_2d is not None:
+            raise ValueError("--init-2d inflates pixel UNets; sr2 starts from a latent video model (--init-from)")
+        if init_from is not None:
+            unet = UNet3DConditionModel.from_pretrained(_folder_part(init_from, "unet"))
+            vae = AutoencoderKL.from_pretrained(init_from / "vae")
+        else:
+            parts = tiny_sr2_components(text_dim) if params.profile == "tiny" else {
+                "unet": UNet3DConditionModel(**paper_sr2_unet_config()), "vae": AutoencoderKL(**paper_sr2_vae_config())}
+            unet, vae = parts["unet"], parts["vae"]
+        schedule = DDPMScheduler.from_config({k: v for k, v in ZEROSCOPE_SCHEDULER_CONFIG.items()
+                                              if k != "set_alpha_to_one"})
+        return StageModel(unet, schedule, vae.requires_grad_(False).eval(), eps_channels=4)
     if init_from is not None:
-        unet_dir = init_from / "unet" if (init_from / "unet").is_dir() else init_from
-        return ShowOneUNet3DConditionModel.from_pretrained(unet_dir)
-    if init_2d is not None:
-        return ShowOneUNet3DConditionModel.from_2d(init_2d / "unet" if (init_2d / "unet").is_dir() else init_2d)
-    return ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, params.profile, text_dim))
+        unet = ShowOneUNet3DConditionModel.from_pretrained(_folder_part(init_from, "unet"))
+    elif init_2d is not None:
+        unet = ShowOneUNet3DConditionModel.from_2d(_folder_part(init_2d, "unet"))
+    else:
+        unet = ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, params.profile, text_dim))
+    return StageModel(unet, _scheduler(pixel_scheduler_config() | {"_class_name": "DDPMScheduler"}))
+
+
+def training_timesteps(stage: str, cfg: Train, schedule: Any, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform training timesteps; sr2 (expert translation) only sees 0 … sr2_max_timestep − 1."""
+    high = cfg.sr2_max_timestep if stage == "sr2" else schedule.config.num_train_timesteps
+    return torch.randint(high, (count,), generator=generator)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -144,16 +187,18 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
         return torch.stack([embedding_cache[c] for c in captions])
 
     # --- model, optimizer, schedules -----------------------------------------------------------------------------
-    unet = load_model(stage, params, text_encoder.config.hidden_size, init_from, init_2d)
+    model = load_model(stage, params, text_encoder.config.hidden_size, init_from, init_2d)
+    unet = model.unet
     if cfg.gradient_checkpointing:
-        unet.set_gradient_checkpointing(True)
+        unet.enable_gradient_checkpointing()
     unet.train()
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
-    noise_schedule = _scheduler(pixel_scheduler_config() | {"_class_name": "DDPMScheduler"})
-    image_noising = _scheduler(image_noising_scheduler_config())
+    noise_schedule = model.noise_schedule
+    # sr1 noises its condition with IF-II's image-noising schedule; sr2 encodes with its frozen VAE.
+    auxiliary = model.vae.to(accelerator.device) if stage == "sr2" else _scheduler(image_noising_scheduler_config())
     generator = torch.Generator().manual_seed(cfg.seed)
     order = DataOrder(len(clips), cfg.seed)
     step = 0
@@ -182,20 +227,18 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                 with accelerator.accumulate(unet):
                     items = [clips[i] for i in order.take(cfg.batch_size)]
                     frames = torch.stack([item["frames"] for item in items])
-                    batch = make_batch(frames, generator, cfg, image_noising)
+                    batch = make_batch(frames, generator, cfg, auxiliary)
                     text = embed([item["caption"] for item in items])
                     dropped = torch.rand(len(items), generator=generator) < cfg.caption_dropout
                     text = torch.where(dropped[:, None, None], empty, text)
                     noise = torch.randn(batch.x0.shape, generator=generator)
-                    timesteps = torch.randint(noise_schedule.config.num_train_timesteps, (len(items),),
-                                              generator=generator)
+                    timesteps = training_timesteps(stage, cfg, noise_schedule, len(items), generator)
                     noisy = noise_schedule.add_noise(batch.x0, noise, timesteps)
                     model_input = noisy if batch.condition is None else torch.cat([noisy, batch.condition], dim=1)
                     device = accelerator.device
-                    prediction = unet(model_input.to(device), timesteps.to(device), text.to(device),
-                                      class_labels=None if batch.class_labels is None
-                                      else batch.class_labels.to(device)).sample
-                    loss = F.mse_loss(prediction[:, :3].float(), noise.to(device).float())
+                    labels = {} if batch.class_labels is None else {"class_labels": batch.class_labels.to(device)}
+                    prediction = unet(model_input.to(device), timesteps.to(device), text.to(device), **labels).sample
+                    loss = F.mse_loss(prediction[:, :model.eps_channels].float(), noise.to(device).float())
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
@@ -219,7 +262,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
             if step % checkpoint_every == 0 or step == max_steps:
                 _checkpoint(run_dir, step, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, generator,
                             order, cfg.keep_last)
-    final = _export(stage, run_dir, accelerator.unwrap_model(unet), ema)
+    final = _export(stage, run_dir, accelerator.unwrap_model(unet), ema, model.vae)
     if tracker:
         tracker.finish(final)
     return TrainResult(run_dir=run_dir, steps=step, final=final, losses=losses)
@@ -274,12 +317,15 @@ def _restore(checkpoint: Path, unet: torch.nn.Module, ema: EMAModel, optimizer: 
     return int(info["step"])
 
 
-def _export(stage: str, run_dir: Path, unet: ShowOneUNet3DConditionModel, ema: EMAModel) -> Path:
+def _export(stage: str, run_dir: Path, unet: torch.nn.Module, ema: EMAModel, vae: Any = None) -> Path:
     """The EMA weights as a stage folder (issue-3 layout) that the stage's pipeline loads."""
-    ema_unet = ShowOneUNet3DConditionModel.from_config(unet.config)
+    ema_unet = type(unet).from_config(unet.config)
     ema_unet.load_state_dict(unet.state_dict())
     ema.copy_to(ema_unet.parameters())
-    parts: dict[str, Any] = {"unet": ema_unet, "scheduler": _scheduler(pixel_scheduler_config())}
+    if stage == "sr2":
+        parts: dict[str, Any] = {"unet": ema_unet, "vae": vae, "scheduler": DDIMScheduler(**ZEROSCOPE_SCHEDULER_CONFIG)}
+    else:
+        parts = {"unet": ema_unet, "scheduler": _scheduler(pixel_scheduler_config())}
     if stage == "sr1":
         parts["image_noising_scheduler"] = _scheduler(image_noising_scheduler_config())
     pipe = STAGE_PIPELINES[stage](**parts)
