@@ -97,11 +97,13 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(setup,
     assert resumed.steps == 3 and len(resumed.losses) == 1
 
 
-def test_a_finished_run_refuses_to_be_overwritten(setup, tmp_path):
+def test_a_finished_run_refuses_to_be_overwritten_or_resumed_as_another_stage(setup, tmp_path):
     folder, params = setup
     train("base", folder / "curated", tmp_path / "run", params, max_steps=1)
     with pytest.raises(FileExistsError, match="--resume latest"):
         train("base", folder / "curated", tmp_path / "run", params, max_steps=1)
+    with pytest.raises(ValueError, match="run of stage 'base'"):
+        train("interp", folder / "curated", tmp_path / "run", params, max_steps=2, resume="latest")
 
 
 def test_trained_stage_folder_generates_through_the_pipeline(setup, tmp_path):

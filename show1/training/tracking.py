@@ -70,7 +70,7 @@ class TrainingRun:
     def log_step(self, row: dict[str, Any]) -> None:
         self.mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
-    def finish(self, final: Path | None = None) -> None:
+    def finish(self, final: Path | None = None, status: str = "FINISHED") -> None:
         if final is not None:
             self.mlflow.set_tag("final_stage_folder", str(final))
-        self.mlflow.end_run()
+        self.mlflow.end_run(status=status)

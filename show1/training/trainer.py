@@ -14,12 +14,13 @@ RUN_DIR/final/             a stage folder (EMA weights) that the stage's pipelin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,17 @@ def load_model(stage: str, params: Params, text_dim: int, init_from: Path | None
     return StageModel(unet, _scheduler(pixel_scheduler_config() | {"_class_name": "DDPMScheduler"}))
 
 
+@contextlib.contextmanager
+def _tracked(tracker: TrainingRun | None) -> Iterator[None]:
+    """End the MLflow run as FAILED (not left RUNNING) when training raises."""
+    try:
+        yield
+    except BaseException:
+        if tracker:
+            tracker.finish(status="FAILED")
+        raise
+
+
 def training_timesteps(stage: str, cfg: Train, schedule: Any, count: int, generator: torch.Generator) -> torch.Tensor:
     """Uniform training timesteps; sr2 (expert translation) only sees 0 … sr2_max_timestep − 1."""
     high = cfg.sr2_max_timestep if stage == "sr2" else schedule.config.num_train_timesteps
@@ -203,6 +215,10 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     order = DataOrder(len(clips), cfg.seed)
     step = 0
 
+    if resume == "latest" and (run_dir / "config.json").is_file():
+        previous = json.loads((run_dir / "config.json").read_text()).get("stage")
+        if previous != stage:
+            raise ValueError(f"{run_dir} is a run of stage '{previous}', not '{stage}'")
     if resume == "latest" and (checkpoint := latest_checkpoint(run_dir)) is not None:
         step = _restore(checkpoint, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, generator, order)
         rows = [r for r in atomic.read_jsonl(run_dir / METRICS) if r["step"] <= step] \
@@ -219,7 +235,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     losses: list[float] = []
     make_batch = SPECS[stage]
     empty = embed([""])[0]
-    with open(run_dir / METRICS, "a", encoding="utf-8") as metrics:
+    with open(run_dir / METRICS, "a", encoding="utf-8") as metrics, _tracked(tracker):
         while step < max_steps:
             started = time.perf_counter()
             total = 0.0
