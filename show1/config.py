@@ -193,6 +193,8 @@ class Train(_Model):
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(20, ge=1)
     keep_last: int = Field(2, ge=1)
+    loss: Literal["epsilon", "hybrid"] = "hybrid"  # hybrid: ε-MSE + the learned variance's VLB (IF)
+    vlb_weight: float = Field(0.001, ge=0)
     sr1_noise_level_max: int = Field(250, ge=0, lt=1000)  # noise augmentation of the low-res condition
     sr2_max_timestep: int = Field(900, ge=1, le=1000)  # expert translation: trained on timesteps 0-900 only
 

@@ -1,8 +1,8 @@
 """The one trainer, on 🤗 accelerate: read it top to bottom in `train`.
 
 Every stage: base, interp and sr1 (pixel UNets) and sr2 (latent, frozen VAE, timesteps 0–900).
-ε-prediction (for the pixel stages the first 3 of the UNet's 6 output channels: the learned-variance half is
-not trained by this loss), caption dropout for classifier-free guidance, AdamW with warmup, gradient accumulation and
+ε-prediction with IF's hybrid loss for the pixel UNets' learned variance (or ε-only: `train.loss`),
+caption dropout for classifier-free guidance, AdamW with warmup, gradient accumulation and
 clipping, mixed precision and gradient checkpointing through accelerate/config, EMA weights, atomic
 checkpoints (every N steps, last K kept) and exact resume: model, optimizer, LR schedule, EMA, RNG states
 and data position are restored, so on the CPU a resumed run's losses equal an uninterrupted run's bit for bit.
@@ -27,7 +27,6 @@ from typing import Any
 
 import diffusers
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet3DConditionModel
 from diffusers.optimization import get_scheduler
@@ -47,6 +46,7 @@ from show1.pipelines.sr2 import (
     paper_sr2_vae_config,
     tiny_sr2_components,
 )
+from show1.training.losses import diffusion_loss
 from show1.training.specs import SPECS, training_size
 from show1.training.tracking import TrainingRun
 
@@ -254,7 +254,10 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                     device = accelerator.device
                     labels = {} if batch.class_labels is None else {"class_labels": batch.class_labels.to(device)}
                     prediction = unet(model_input.to(device), timesteps.to(device), text.to(device), **labels).sample
-                    loss = F.mse_loss(prediction[:, :model.eps_channels].float(), noise.to(device).float())
+                    kind = cfg.loss if prediction.shape[1] == 2 * model.eps_channels else "epsilon"
+                    loss = diffusion_loss(prediction, noise.to(device), kind, batch.x0.to(device),
+                                          noisy.to(device), timesteps.to(device), noise_schedule.alphas_cumprod,
+                                          cfg.vlb_weight)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
