@@ -192,6 +192,8 @@ class Train(_Model):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(20, ge=1)
+    sample_every: int = Field(20, ge=0)  # a sample video from the EMA weights every N steps (0: never)
+    sample_steps: int = Field(4, ge=1)
     keep_last: int = Field(2, ge=1)
     loss: Literal["epsilon", "hybrid"] = "hybrid"  # hybrid: ε-MSE + the learned variance's VLB (IF)
     vlb_weight: float = Field(0.001, ge=0)

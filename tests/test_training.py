@@ -141,6 +141,13 @@ def test_training_is_tracked_in_mlflow_and_a_resume_continues_the_run(setup, tmp
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3]
     assert run.data.tags["final_stage_folder"].endswith("final")
+    # Sample videos from the EMA weights at the end of each call (sample_every is larger than the run).
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert artifacts == ["samples/step-000002.mp4", "samples/step-000003.mp4"]
+    sample = tmp_path / "run" / "samples" / "step-000003.mp4"
+    from show1.data.video import probe
+
+    assert probe(sample).width == 32 and probe(sample).height == 20
 
 
 def test_sr2_trains_only_on_timesteps_below_900_and_pixel_stages_on_all(setup):

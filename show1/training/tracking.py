@@ -70,6 +70,9 @@ class TrainingRun:
     def log_step(self, row: dict[str, Any]) -> None:
         self.mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
+    def log_artifact(self, path: Path, folder: str) -> None:
+        self.mlflow.log_artifact(str(path), artifact_path=folder)
+
     def finish(self, final: Path | None = None, status: str = "FINISHED") -> None:
         if final is not None:
             self.mlflow.set_tag("final_stage_folder", str(final))

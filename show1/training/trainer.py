@@ -36,9 +36,11 @@ from safetensors.torch import load_file, save_file
 from show1 import atomic
 from show1.config import Params, Train
 from show1.data.dataset import CuratedClips
+from show1.data.video import write_video
 from show1.models.configs import image_noising_scheduler_config, pixel_scheduler_config, pixel_unet_config
 from show1.models.text import encode_prompt, load_text_encoder, tiny_text_encoder_dir
 from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
+from show1.pipelines.base import PromptEmbeddings
 from show1.pipelines.cascade import STAGE_PIPELINES
 from show1.pipelines.sr2 import (
     ZEROSCOPE_SCHEDULER_CONFIG,
@@ -47,6 +49,7 @@ from show1.pipelines.sr2 import (
     tiny_sr2_components,
 )
 from show1.training.losses import diffusion_loss
+from show1.training.samples import sample_video
 from show1.training.specs import SPECS, training_size
 from show1.training.tracking import TrainingRun
 
@@ -278,6 +281,9 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                 tracker.log_step(row)
             if on_step:
                 on_step(row)
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == max_steps):
+                _log_sample(stage, run_dir, step, accelerator.unwrap_model(unet), ema, model.vae, clips,
+                            embed, cfg.sample_steps, tracker)
             if step % checkpoint_every == 0 or step == max_steps:
                 _checkpoint(run_dir, step, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, generator,
                             order, cfg.keep_last)
@@ -336,11 +342,31 @@ def _restore(checkpoint: Path, unet: torch.nn.Module, ema: EMAModel, optimizer: 
     return int(info["step"])
 
 
-def _export(stage: str, run_dir: Path, unet: torch.nn.Module, ema: EMAModel, vae: Any = None) -> Path:
-    """The EMA weights as a stage folder (issue-3 layout) that the stage's pipeline loads."""
-    ema_unet = type(unet).from_config(unet.config)
+def _ema_copy(unet: torch.nn.Module, ema: EMAModel) -> torch.nn.Module:
+    """A separate model holding the EMA weights (the training model is left as it is)."""
+    with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
+        ema_unet = type(unet).from_config(unet.config)
     ema_unet.load_state_dict(unet.state_dict())
     ema.copy_to(ema_unet.parameters())
+    return ema_unet.eval()
+
+
+def _log_sample(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, ema: EMAModel, vae: Any,
+                clips: CuratedClips, embed: Callable[[list[str]], torch.Tensor], steps: int,
+                tracker: TrainingRun | None) -> Path:
+    """Write run_dir/samples/step-N.mp4 from the EMA weights for the first clip's caption; log it to MLflow."""
+    item = clips[0]
+    embeddings = PromptEmbeddings(embed([item["caption"]]), embed([""]))
+    frames = sample_video(stage, _ema_copy(unet, ema), item["frames"], embeddings, steps, vae)
+    path = write_video(frames, run_dir / "samples" / f"step-{step:06d}.mp4", fps=7.5)
+    if tracker:
+        tracker.log_artifact(path, "samples")
+    return path
+
+
+def _export(stage: str, run_dir: Path, unet: torch.nn.Module, ema: EMAModel, vae: Any = None) -> Path:
+    """The EMA weights as a stage folder (issue-3 layout) that the stage's pipeline loads."""
+    ema_unet = _ema_copy(unet, ema)
     if stage == "sr2":
         parts: dict[str, Any] = {"unet": ema_unet, "vae": vae, "scheduler": DDIMScheduler(**ZEROSCOPE_SCHEDULER_CONFIG)}
     else:
