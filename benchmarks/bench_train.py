@@ -6,7 +6,8 @@ gradient checkpointing.
 The trainer's seconds per step come from its own metrics.jsonl (median, warm-up steps dropped); the bare
 loop is forward + MSE + backward + clip + AdamW step on a fixed batch of the same shape. Ratio = bare step /
 trainer step (goal >= 0.9). Peak memory is measured in a fresh process per setting (CUDA: max allocated;
-CPU: peak RSS). Without --data the demo manifest is curated into a temporary folder first.
+CPU: peak RSS, which the process's baseline dominates), and the activations autograd keeps for one training
+forward are counted exactly with saved-tensor hooks (what gradient checkpointing reduces). Without --data the demo manifest is curated into a temporary folder first.
 """
 
 from __future__ import annotations
@@ -82,6 +83,32 @@ def peak_memory_mb(stage: str, params_path: Path, checkpointing: bool) -> float:
     return round(float(out.stdout.strip().splitlines()[-1]), 1)
 
 
+def activation_memory_mb(stage: str, params_path: Path, checkpointing: bool) -> float:
+    """MB of tensors autograd keeps for the backward pass of one training forward (what checkpointing saves)."""
+    from show1.config import load_params
+    from show1.models.configs import pixel_unet_config
+    from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
+
+    params = load_params(params_path)
+    unet = ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, params.profile, 384)).train()
+    unet.set_gradient_checkpointing(checkpointing)
+    frames, channels = {"base": (8, 3), "interp": (5, 7), "sr1": (8, 6)}[stage]
+    sizes = sorted((s.height, s.width) for s in params.curate.clip.sizes)
+    h, w = sizes[-1] if stage == "sr1" else sizes[0]
+    b = params.train.batch_size
+    labels = torch.randint(250, (b,)) if stage == "sr1" else None
+    total = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        unet(torch.randn(b, channels, frames, h, w), torch.randint(1000, (b,)), torch.randn(b, 77, 384),
+             class_labels=labels).sample.sum()
+    return round(total[0] / 2**20, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["base", "interp", "sr1"], default="base")
@@ -104,6 +131,8 @@ def main() -> None:
         "ratio": round(bare / trainer, 3),
         "peak_memory_mb": {"checkpointing_off": peak_memory_mb(args.stage, args.params, False),
                            "checkpointing_on": peak_memory_mb(args.stage, args.params, True)},
+        "saved_activations_mb": {"checkpointing_off": activation_memory_mb(args.stage, args.params, False),
+                                 "checkpointing_on": activation_memory_mb(args.stage, args.params, True)},
     }
     print(json.dumps(result, indent=2))
     print(f"trainer runs at {result['ratio']:.2f}x the bare loop's speed (goal >= 0.9)")
