@@ -7,7 +7,8 @@ The trainer's seconds per step come from its own metrics.jsonl (median, warm-up 
 loop is forward + MSE + backward + clip + AdamW step on a fixed batch of the same shape. Ratio = bare step /
 trainer step (goal >= 0.9). Peak memory is measured in a fresh process per setting (CUDA: max allocated;
 CPU: peak RSS, which the process's baseline dominates), and the activations autograd keeps for one training
-forward are counted exactly with saved-tensor hooks (what gradient checkpointing reduces). Without --data the demo manifest is curated into a temporary folder first.
+forward are counted exactly with saved-tensor hooks (what gradient checkpointing reduces). Without --data
+the demo manifest is curated into a temporary folder first.
 """
 
 from __future__ import annotations
