@@ -163,6 +163,8 @@ def validate(
 def train(
     ctx: typer.Context,
     stage: Annotated[str, typer.Option(help="base | interp | sr1 | sr2.")],
+    profile: Annotated[str | None, typer.Option(help="tiny | paper (overrides params.yaml and show1 --profile).")]
+    = None,
     data: Annotated[Path | None, typer.Option(help="Curated folder (show1 curate). Default: paths.curated.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder. Default: paths.runs/STAGE.")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.max_steps).")] = None,
@@ -185,6 +187,10 @@ def train(
     from show1.training.trainer import TRAINABLE_STAGES
     from show1.training.trainer import train as run_training
 
+    if profile is not None:
+        if profile not in PROFILES:
+            fail(f"--profile {profile!r} is not one of {', '.join(PROFILES)}", code=2)
+        ctx.obj.profile = profile
     params = ctx.obj.params()
     if stage not in TRAINABLE_STAGES:
         fail(f"--stage {stage!r}: trainable stages are {', '.join(TRAINABLE_STAGES)}", code=2)

@@ -90,8 +90,8 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(setup,
     train("base", folder / "curated", run, params, max_steps=2, checkpoint_every=2)
     # What a kill during the next checkpoint write leaves: a half-written staging folder.
     partial = run / "checkpoints" / ".step-000004.tmp-abc"
-    partial.mkdir()
-    (partial / "unet.safetensors").write_bytes(b"\x00" * 100)
+    (partial / "unet").mkdir(parents=True)
+    (partial / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 100)
     assert latest_checkpoint(run).name == "step-000002"
     resumed = train("base", folder / "curated", run, params, max_steps=3, checkpoint_every=2, resume="latest")
     assert resumed.steps == 3 and len(resumed.losses) == 1
@@ -170,3 +170,13 @@ def test_trained_sr2_folder_loads_into_its_pipeline(setup, tmp_path):
     result = train("sr2", folder / "curated", tmp_path / "run", params, max_steps=1)
     pipe = Show1SR2Pipeline.from_pretrained(result.final)
     assert pipe.vae is not None and pipe.unet.config.in_channels == 4
+
+
+def test_a_checkpoint_loads_straight_into_the_stage_pipeline(setup, tmp_path):
+    from show1.pipelines.sr1 import Show1SR1Pipeline
+
+    folder, params = setup
+    train("sr1", folder / "curated", tmp_path / "run", params, max_steps=1)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    pipe = Show1SR1Pipeline.from_pretrained(checkpoint)
+    assert pipe.unet.config.class_embed_type == "timestep"

@@ -8,7 +8,8 @@ checkpoints (every N steps, last K kept) and exact resume: model, optimizer, LR 
 and data position are restored, so on the CPU a resumed run's losses equal an uninterrupted run's bit for bit.
 
 RUN_DIR/metrics.jsonl      one row per optimizer step: step, loss, lr, samples_per_s
-RUN_DIR/checkpoints/step-N/ unet.safetensors, ema.safetensors, training_state.pt (optimizer, LR, RNG), state.json
+RUN_DIR/checkpoints/step-N/ a stage folder (model_index.json, unet/, scheduler/ …) + ema.safetensors,
+                           training_state.pt (optimizer, LR, RNG), state.json
 RUN_DIR/final/             a stage folder (EMA weights) that the stage's pipeline loads
 """
 
@@ -285,8 +286,8 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                 _log_sample(stage, run_dir, step, accelerator.unwrap_model(unet), ema, model.vae, clips,
                             embed, cfg.sample_steps, tracker)
             if step % checkpoint_every == 0 or step == max_steps:
-                _checkpoint(run_dir, step, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, generator,
-                            order, cfg.keep_last)
+                _checkpoint(stage, run_dir, step, accelerator.unwrap_model(unet), model.vae, ema, optimizer,
+                            lr_schedule, generator, order, cfg.keep_last)
     final = _export(stage, run_dir, accelerator.unwrap_model(unet), ema, model.vae)
     if tracker:
         tracker.finish(final)
@@ -296,16 +297,18 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
 
-def _checkpoint(run_dir: Path, step: int, unet: torch.nn.Module, ema: EMAModel, optimizer: Any, lr_schedule: Any,
-                generator: torch.Generator, order: DataOrder, keep_last: int) -> Path:
-    """Write checkpoints/step-N atomically (a temp folder renamed into place), then prune to the last K."""
+def _checkpoint(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, vae: Any, ema: EMAModel,
+                optimizer: Any, lr_schedule: Any, generator: torch.Generator, order: DataOrder, keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically (a temp folder renamed into place), then prune to the last K.
+
+    A checkpoint is a stage folder (the training weights, loadable by the stage's pipeline) plus the EMA
+    weights and the training state."""
     folder = run_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()},
-                  str(staging / "unet.safetensors"))
+        _stage_pipeline(stage, unet, vae).save_pretrained(staging, safe_serialization=True)
         save_file({f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
                   str(staging / "ema.safetensors"))
         # Only tensors, numbers and dicts: loadable with torch.load(weights_only=True).
@@ -327,7 +330,7 @@ def _checkpoint(run_dir: Path, step: int, unet: torch.nn.Module, ema: EMAModel, 
 
 def _restore(checkpoint: Path, unet: torch.nn.Module, ema: EMAModel, optimizer: Any, lr_schedule: Any,
              generator: torch.Generator, order: DataOrder) -> int:
-    unet.load_state_dict(load_file(str(checkpoint / "unet.safetensors")))
+    unet.load_state_dict(load_file(str(checkpoint / "unet" / "diffusion_pytorch_model.safetensors")))
     shadow = load_file(str(checkpoint / "ema.safetensors"))
     for i, param in enumerate(ema.shadow_params):
         param.data.copy_(shadow[f"{i:05d}"])
@@ -364,16 +367,20 @@ def _log_sample(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, ema
     return path
 
 
-def _export(stage: str, run_dir: Path, unet: torch.nn.Module, ema: EMAModel, vae: Any = None) -> Path:
-    """The EMA weights as a stage folder (issue-3 layout) that the stage's pipeline loads."""
-    ema_unet = _ema_copy(unet, ema)
+def _stage_pipeline(stage: str, unet: torch.nn.Module, vae: Any = None) -> Any:
+    """The stage's pipeline around `unet`, with the published samplers (and sr2's VAE)."""
     if stage == "sr2":
-        parts: dict[str, Any] = {"unet": ema_unet, "vae": vae, "scheduler": DDIMScheduler(**ZEROSCOPE_SCHEDULER_CONFIG)}
+        parts: dict[str, Any] = {"unet": unet, "vae": vae, "scheduler": DDIMScheduler(**ZEROSCOPE_SCHEDULER_CONFIG)}
     else:
-        parts = {"unet": ema_unet, "scheduler": _scheduler(pixel_scheduler_config())}
+        parts = {"unet": unet, "scheduler": _scheduler(pixel_scheduler_config())}
     if stage == "sr1":
         parts["image_noising_scheduler"] = _scheduler(image_noising_scheduler_config())
-    pipe = STAGE_PIPELINES[stage](**parts)
+    return STAGE_PIPELINES[stage](**parts)
+
+
+def _export(stage: str, run_dir: Path, unet: torch.nn.Module, ema: EMAModel, vae: Any = None) -> Path:
+    """The EMA weights as a stage folder (issue-3 layout) that the stage's pipeline loads."""
+    pipe = _stage_pipeline(stage, _ema_copy(unet, ema), vae)
     target = run_dir / "final"
     staging = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=run_dir))
     try:
