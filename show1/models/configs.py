@@ -78,6 +78,18 @@ def pixel_scheduler_config() -> dict[str, Any]:
     }
 
 
+def scheduler_from_config(config: dict[str, Any]) -> Any:
+    """A diffusers scheduler from a config dict that names its class (`_class_name`)."""
+    import diffusers
+
+    config = dict(config)
+    name = config.pop("_class_name")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"unknown scheduler class {name!r}")
+    return cls.from_config(config)
+
+
 def image_noising_scheduler_config() -> dict[str, Any]:
     """sr1's noise augmentation of the upsampled condition (IF-II's DDPM image-noising scheduler)."""
     return {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000,

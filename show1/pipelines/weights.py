@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
-import diffusers
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 
@@ -16,6 +16,7 @@ from show1.models.configs import (
     image_noising_scheduler_config,
     pixel_scheduler_config,
     pixel_unet_config,
+    scheduler_from_config,
 )
 from show1.models.text import load_text_encoder, tiny_text_encoder_dir
 from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
@@ -28,12 +29,19 @@ from show1.pipelines.sr2 import (
 )
 
 
-def _scheduler(config: dict) -> object:
-    config = dict(config)
-    return getattr(diffusers, config.pop("_class_name")).from_config(config)
+def assemble_stage(stage: str, unet: Any, vae: Any = None, tokenizer: Any = None, text_encoder: Any = None) -> Any:
+    """The stage's pipeline around `unet` with the published samplers (and sr2's VAE): one place for the
+    random-weight builder, the trainer's checkpoints and exports, and its sample videos."""
+    if stage == "sr2":
+        parts: dict[str, Any] = {"unet": unet, "vae": vae, "scheduler": DDIMScheduler(**ZEROSCOPE_SCHEDULER_CONFIG)}
+    else:
+        parts = {"unet": unet, "scheduler": scheduler_from_config(pixel_scheduler_config())}
+    if stage == "sr1":
+        parts["image_noising_scheduler"] = scheduler_from_config(image_noising_scheduler_config())
+    return STAGE_PIPELINES[stage](**parts, tokenizer=tokenizer, text_encoder=text_encoder)
 
 
-def build_stage(stage: str, profile: str, text_dim: int, text: tuple | None = None):
+def build_stage(stage: str, profile: str, text_dim: int, text: tuple | None = None) -> Any:
     """A randomly initialised stage pipeline of `profile` size; `text` = (tokenizer, encoder) or None."""
     tokenizer, encoder = text or (None, None)
     if stage == "sr2":
@@ -41,14 +49,10 @@ def build_stage(stage: str, profile: str, text_dim: int, text: tuple | None = No
             parts = tiny_sr2_components(text_dim=text_dim)
         else:
             parts = {"vae": AutoencoderKL(**paper_sr2_vae_config()),
-                     "unet": UNet3DConditionModel(**paper_sr2_unet_config()),
-                     "scheduler": DDIMScheduler.from_config(ZEROSCOPE_SCHEDULER_CONFIG)}
-        return STAGE_PIPELINES[stage](**parts, tokenizer=tokenizer, text_encoder=encoder)
-    parts = {"unet": ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, profile, text_dim)),
-             "scheduler": _scheduler(pixel_scheduler_config())}
-    if stage == "sr1":
-        parts["image_noising_scheduler"] = _scheduler(image_noising_scheduler_config())
-    return STAGE_PIPELINES[stage](**parts, tokenizer=tokenizer, text_encoder=encoder)
+                     "unet": UNet3DConditionModel(**paper_sr2_unet_config())}
+        return assemble_stage(stage, parts["unet"], parts["vae"], tokenizer, encoder)
+    unet = ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, profile, text_dim))
+    return assemble_stage(stage, unet, None, tokenizer, encoder)
 
 
 def init_weights(out: Path | str, profile: str = "tiny", stages: list[str] | tuple[str, ...] = STAGES,

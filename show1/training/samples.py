@@ -6,20 +6,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
 
-from show1.models.configs import image_noising_scheduler_config, pixel_scheduler_config
 from show1.pipelines.base import PromptEmbeddings
-from show1.pipelines.cascade import STAGE_PIPELINES
-from show1.pipelines.sr2 import ZEROSCOPE_SCHEDULER_CONFIG
+from show1.pipelines.weights import assemble_stage
 from show1.training.specs import KEYFRAME_STRIDE, SR1_WINDOW, SR_FACTOR
-
-
-def _scheduler(config: dict[str, Any]) -> Any:
-    import diffusers
-
-    config = dict(config)
-    return getattr(diffusers, config.pop("_class_name")).from_config(config)
 
 
 @torch.no_grad()
@@ -31,12 +21,7 @@ def sample_video(stage: str, unet: torch.nn.Module, clip: torch.Tensor, embeddin
     sampling never changes what training draws next."""
     video = clip.permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
     _, _, f, h, w = video.shape
-    parts: dict[str, Any] = {"unet": unet, "scheduler": _scheduler(pixel_scheduler_config())}
-    if stage == "sr1":
-        parts["image_noising_scheduler"] = _scheduler(image_noising_scheduler_config())
-    if stage == "sr2":
-        parts = {"unet": unet, "vae": vae, "scheduler": DDIMScheduler(**ZEROSCOPE_SCHEDULER_CONFIG)}
-    pipe = STAGE_PIPELINES[stage](**parts)
+    pipe = assemble_stage(stage, unet, vae)
     pipe.set_progress_bar_config(disable=True)
     with torch.random.fork_rng(devices=[]):
         generator = torch.Generator().manual_seed(seed)

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet3DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -38,17 +37,22 @@ from show1 import atomic
 from show1.config import Params, Train
 from show1.data.dataset import CuratedClips
 from show1.data.video import write_video
-from show1.models.configs import image_noising_scheduler_config, pixel_scheduler_config, pixel_unet_config
+from show1.models.configs import (
+    image_noising_scheduler_config,
+    pixel_scheduler_config,
+    pixel_unet_config,
+    scheduler_from_config,
+)
 from show1.models.text import encode_prompt, load_text_encoder, tiny_text_encoder_dir
 from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
 from show1.pipelines.base import PromptEmbeddings
-from show1.pipelines.cascade import STAGE_PIPELINES
 from show1.pipelines.sr2 import (
     ZEROSCOPE_SCHEDULER_CONFIG,
     paper_sr2_unet_config,
     paper_sr2_vae_config,
     tiny_sr2_components,
 )
+from show1.pipelines.weights import assemble_stage
 from show1.training.losses import diffusion_loss
 from show1.training.samples import sample_video
 from show1.training.specs import SPECS, training_size
@@ -71,11 +75,6 @@ class TrainResult:
         losses = [row["loss"] for row in atomic.read_jsonl(self.run_dir / METRICS)]
         return {"steps": self.steps, "final_loss": losses[-1] if losses else None,
                 "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
-
-
-def _scheduler(config: dict[str, Any]) -> Any:
-    config = dict(config)
-    return getattr(diffusers, config.pop("_class_name")).from_config(config)
 
 
 class DataOrder:
@@ -139,7 +138,7 @@ def load_model(stage: str, params: Params, text_dim: int, init_from: Path | None
         unet = ShowOneUNet3DConditionModel.from_2d(_folder_part(init_2d, "unet"))
     else:
         unet = ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, params.profile, text_dim))
-    return StageModel(unet, _scheduler(pixel_scheduler_config() | {"_class_name": "DDPMScheduler"}))
+    return StageModel(unet, scheduler_from_config(pixel_scheduler_config() | {"_class_name": "DDPMScheduler"}))
 
 
 @contextlib.contextmanager
@@ -214,7 +213,8 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     noise_schedule = model.noise_schedule
     # sr1 noises its condition with IF-II's image-noising schedule; sr2 encodes with its frozen VAE.
-    auxiliary = model.vae.to(accelerator.device) if stage == "sr2" else _scheduler(image_noising_scheduler_config())
+    auxiliary = (model.vae.to(accelerator.device) if stage == "sr2"
+                 else scheduler_from_config(image_noising_scheduler_config()))
     generator = torch.Generator().manual_seed(cfg.seed)
     order = DataOrder(len(clips), cfg.seed)
     step = 0
@@ -308,7 +308,7 @@ def _checkpoint(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, vae
     target = folder / f"step-{step:06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
     try:
-        _stage_pipeline(stage, unet, vae).save_pretrained(staging, safe_serialization=True)
+        assemble_stage(stage, unet, vae).save_pretrained(staging, safe_serialization=True)
         save_file({f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
                   str(staging / "ema.safetensors"))
         # Only tensors, numbers and dicts: loadable with torch.load(weights_only=True).
@@ -367,20 +367,9 @@ def _log_sample(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, ema
     return path
 
 
-def _stage_pipeline(stage: str, unet: torch.nn.Module, vae: Any = None) -> Any:
-    """The stage's pipeline around `unet`, with the published samplers (and sr2's VAE)."""
-    if stage == "sr2":
-        parts: dict[str, Any] = {"unet": unet, "vae": vae, "scheduler": DDIMScheduler(**ZEROSCOPE_SCHEDULER_CONFIG)}
-    else:
-        parts = {"unet": unet, "scheduler": _scheduler(pixel_scheduler_config())}
-    if stage == "sr1":
-        parts["image_noising_scheduler"] = _scheduler(image_noising_scheduler_config())
-    return STAGE_PIPELINES[stage](**parts)
-
-
 def _export(stage: str, run_dir: Path, unet: torch.nn.Module, ema: EMAModel, vae: Any = None) -> Path:
     """The EMA weights as a stage folder (issue-3 layout) that the stage's pipeline loads."""
-    pipe = _stage_pipeline(stage, _ema_copy(unet, ema), vae)
+    pipe = assemble_stage(stage, _ema_copy(unet, ema), vae)
     target = run_dir / "final"
     staging = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=run_dir))
     try:
