@@ -132,13 +132,6 @@ def probe(path: Path) -> VideoInfo:
         return source.info
 
 
-def decode_on_grid(path: Path, fps: float, start: float = 0.0, end: float | None = None,
-                   max_frames: int | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
-    """`VideoFile.frames_on_grid` on a file opened (and closed) here."""
-    with VideoFile(path) as source:
-        yield from source.frames_on_grid(fps, start, end, max_frames)
-
-
 def cover_crop_box(src_w: int, src_h: int, size: Size) -> tuple[int, int, int, int]:
     """Scaled size (w, h) that covers `size` keeping the aspect, and the (left, top) of the centre crop."""
     scale = max(size.width / src_w, size.height / src_h)
