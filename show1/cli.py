@@ -240,9 +240,14 @@ def init_weights(
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="What the video shows.")],
-    weights_dir: Annotated[Path, typer.Option(
-        help="Folder holding show-1-base, show-1-interpolation, show-1-sr1, show-1-sr2 (published or init-weights).")],
+    weights_dir: Annotated[Path | None, typer.Option(
+        help="Folder holding show-1-base, show-1-interpolation, show-1-sr1, show-1-sr2 (published or init-weights).")]
+    = None,
+    from_registry: Annotated[str | None, typer.Option(
+        help="Assemble the cascade from the MLflow Model Registry: an alias (champion | challenger), versions in "
+             "stage order (3,2,5,1) or per stage (base=3,sr1=champion).")] = None,
     out_path: Annotated[Path, typer.Option("--out", help="Video to write (.mp4 or .gif).")] = Path("video.mp4"),
     stages: Annotated[str, typer.Option(help="Comma-separated prefix of base,interp,sr1,sr2.")] = "base,interp,sr1,sr2",
     seed: Annotated[int, typer.Option(help="Same seed, same frames.")] = 345,
@@ -253,25 +258,49 @@ def generate(
     offload: Annotated[bool, typer.Option(help="Model CPU offload (cuda): one stage's model on the GPU at a time.")]
     = False,
     fps: Annotated[float, typer.Option(help="Frame rate of the written video.")] = 8.0,
+    track: Annotated[bool, typer.Option(
+        help="Record a generation run in MLflow (the versions used, the video's hash) for show1 lineage.")] = True,
 ) -> None:
-    """Generate a video with the cascade. The full cascade writes 29 frames."""
+    """Generate a video with the cascade, from local stage folders or from the model registry.
+
+    The full cascade writes 29 frames. Each generation is an MLflow run, so `show1 lineage VIDEO` finds the
+    model versions and training runs behind the file.
+    """
     import torch
 
     from show1.data.video import write_video
+    from show1.models.configs import STAGE_FOLDERS
     from show1.pipelines.base import MissingComponentError
     from show1.pipelines.cascade import Show1Pipeline, check_stages
 
     if not prompt.strip():
         fail("the prompt is empty: describe the video to generate", code=2)
+    if (weights_dir is None) == (from_registry is None):
+        fail("give exactly one of --weights-dir DIR and --from-registry REF", code=2)
     if dtype not in DTYPES:
         fail(f"--dtype {dtype!r} is not one of {', '.join(sorted(set(DTYPES.values())))}", code=2)
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         fail(f"--device {device!r} is not available here (cpu | cuda with a GPU)", code=2)
     if out_path.suffix.lower() not in (".mp4", ".gif"):
         fail(f"--out {out_path}: write .mp4 or .gif", code=2)
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    params = ctx.obj.params()
     try:
         chosen = check_stages([s.strip() for s in stages.split(",") if s.strip()])
-        pipe = Show1Pipeline.from_pretrained(weights_dir, chosen, torch_dtype=getattr(torch, DTYPES[dtype]))
+        if from_registry is not None:
+            from show1.registry.resolve import RegistryLookupError, parse_refs, resolve, stage_folder
+
+            try:
+                versions = resolve(params, parse_refs(from_registry, chosen))
+            except RegistryLookupError as exc:
+                fail(str(exc))
+            folders = {stage: stage_folder(v, params.paths.cache) for stage, v in versions.items()}
+            sources = {stage: v.label for stage, v in versions.items()}
+            pipe = Show1Pipeline.from_folders(folders, torch_dtype=torch_dtype)
+        else:
+            assert weights_dir is not None
+            pipe = Show1Pipeline.from_pretrained(weights_dir, chosen, torch_dtype=torch_dtype)
+            sources = {stage: str((weights_dir / STAGE_FOLDERS[stage]).resolve()) for stage in chosen}
     except (ValueError, FileNotFoundError, MissingComponentError) as exc:
         fail(str(exc), code=2)
     if offload:
@@ -279,10 +308,156 @@ def generate(
     else:
         pipe.to(device)
     generator = torch.Generator("cpu").manual_seed(seed)
-    result = pipe(prompt, generator=generator, num_inference_steps=steps)
+    try:
+        result = pipe(prompt, generator=generator, num_inference_steps=steps)
+    except ValueError as exc:  # settings the stages cannot run with (e.g. too few sr2 steps for its strength)
+        fail(str(exc), code=2)
     write_video(result.frames[0].permute(1, 0, 2, 3), out_path, fps=fps)  # (3, F, H, W) -> (F, 3, H, W)
     _, _, frames, height, width = result.frames.shape
     out.print(f"wrote {out_path} ({frames} frames, {width}x{height}, stages {','.join(chosen)})", highlight=False)
+    if track:
+        from show1.registry.generation import track_generation
+
+        settings = {"seed": seed, "steps": steps or "published", "dtype": DTYPES[dtype], "device": device,
+                    "fps": fps, "from_registry": from_registry or ""}
+        run_id = track_generation(params, out_path, prompt, sources, from_registry is not None, settings)
+        out.print(f"generation run: {run_id} (show1 lineage {out_path})", highlight=False)
+
+
+@app.command()
+def register(
+    ctx: typer.Context,
+    stage: Annotated[str, typer.Option(help="base | interp | sr1 | sr2.")],
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Stage folder to register: a training run's final/ or checkpoints/step-N, or a published show-1-* "
+             "folder. Default: paths.runs/STAGE/final.")] = None,
+    text_encoder: Annotated[Path | None, typer.Option(
+        help="Text encoder to bundle when the folder has none. Default: the one its training run used.")] = None,
+    run_id: Annotated[str | None, typer.Option(
+        help="The training run behind the checkpoint. Default: the run recorded in its run folder.")] = None,
+    alias: Annotated[str, typer.Option(help="Alias to point at the version.")] = "challenger",
+    metrics: Annotated[Path | None, typer.Option(
+        help="Also write the registered version here (JSON, a DVC metrics file).")] = None,
+) -> None:
+    """Register a trained stage in the MLflow Model Registry as `show1-STAGE` and point `challenger` at it.
+
+    The version is a pyfunc model (the stage pipeline, with signature and input example) tagged with its
+    lineage: training run, git commit, data version, params hash, content hash. Registering the same
+    checkpoint again returns the existing version.
+    """
+    from show1.registry.register import RegistrationError, register_stage
+    from show1.store import ui_command
+
+    params = ctx.obj.params()
+    _quiet_libraries()
+    if alias == "champion":
+        fail("--alias champion: a version becomes champion only through show1 promote (the evaluation gate)", code=2)
+    try:
+        with err.status("registering") as status:
+            version = register_stage(params, stage, checkpoint, text_encoder, run_id, alias,
+                                     on_status=lambda msg: status.update(msg))
+    except RegistrationError as exc:
+        fail(str(exc), code=2)
+    if metrics:
+        from show1 import atomic
+
+        atomic.write_json(metrics, {"model": version.name, "version": int(version.version),
+                                    "content_hash": version.content_hash, "alias": alias})
+    verb = "registered" if version.created else "already registered as"
+    out.print(f"{stage}: {verb} {version.uri} (alias {alias}, content {version.content_hash[:12]})\n"
+              f"browse: {ui_command(params.tracking)}", highlight=False)
+
+
+@app.command()
+def promote(
+    ctx: typer.Context,
+    stage: Annotated[str, typer.Option(help="base | interp | sr1 | sr2.")],
+    dry_run: Annotated[bool, typer.Option(help="Show the decision; change and record nothing.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit 1 when the challenger does not pass the gate.")] = False,
+    metrics: Annotated[Path | None, typer.Option(help="Also write the decision here (JSON).")] = None,
+) -> None:
+    """Move the alias `champion` to the challenger if its evaluation passes the gate in params.yaml.
+
+    Each rule of `registry.gate` compares an evaluation metric (`eval.<metric>` on the version, written by
+    show1 evaluate) with the champion's. The decision and its reason are recorded as `promotion.*` tags.
+    """
+    from show1.registry.promote import promote_stage
+    from show1.registry.resolve import RegistryLookupError
+
+    params = ctx.obj.params()
+    _check_stage(stage)
+    try:
+        decision = promote_stage(params, stage, dry_run=dry_run)
+    except RegistryLookupError as exc:
+        fail(str(exc))
+    if metrics:
+        from show1 import atomic
+
+        atomic.write_json(metrics, decision.to_dict())
+    verdict = "[green]promoted[/]" if decision.promoted else "[yellow]not promoted[/]"
+    was = f" (champion was {decision.champion})" if decision.champion else " (no champion yet)"
+    out.print(f"{decision.name}: version {decision.challenger} {verdict}{was}{' [dry run]' if dry_run else ''}")
+    for reason in decision.reasons:
+        out.print(f"  - {reason}", highlight=False)
+    if strict and not decision.promoted:
+        raise typer.Exit(1)
+
+
+@app.command()
+def lineage(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(
+        help="A generated video file, an MLflow run id, or a model version (show1-base/3, show1-base@champion).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the chain as JSON.")] = False,
+) -> None:
+    """Print the chain behind a video, a run or a model version.
+
+    video → generation run → stage model versions → training runs → data version, commit, params.
+    """
+    import json
+
+    from rich.tree import Tree
+
+    from show1.registry.lineage import LineageError, Node
+    from show1.registry.lineage import lineage as build
+    from show1.registry.resolve import RegistryLookupError
+
+    params = ctx.obj.params()
+    try:
+        root = build(params, target)
+    except (LineageError, RegistryLookupError) as exc:
+        fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps(root.to_dict()))
+        return
+
+    def grow(tree: Tree, node: Node) -> None:
+        branch = tree.add(f"[bold]{node.kind}[/] {node.label}")
+        for key, value in node.facts.items():
+            branch.add(f"[dim]{key}:[/] {value}")
+        for child in node.children:
+            grow(branch, child)
+
+    top = Tree(f"[bold]lineage of[/] {target}")
+    grow(top, root)
+    out.print(top)
+
+
+def _quiet_libraries() -> None:
+    """MLflow's INFO lines and transformers' weight-loading bars are noise next to show1's own status."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()
+
+
+def _check_stage(stage: str) -> None:
+    from show1.models.configs import STAGES
+
+    if stage not in STAGES:
+        fail(f"--stage {stage!r} is not one of {', '.join(STAGES)}", code=2)
 
 
 if __name__ == "__main__":

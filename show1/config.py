@@ -27,6 +27,7 @@ OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # show1 prints its own progress
 }
 
 
@@ -209,6 +210,24 @@ class Tracking(_Model):
     experiment: str = "show1"
 
 
+class GateRule(_Model):
+    """One comparison of `show1 promote`: the challenger's evaluation metric against the champion's."""
+
+    metric: str = Field(min_length=1)
+    higher_is_better: bool
+    # How much better the challenger must be (in the metric's units); negative allows a small regression.
+    min_improvement: float = 0.0
+    # An absolute bound the challenger must meet on its own (also when there is no champion yet).
+    threshold: float | None = None
+
+
+class Registry(_Model):
+    """The MLflow Model Registry: models `<model_prefix>-<stage>`, aliases challenger/champion."""
+
+    model_prefix: str = Field("show1", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    gate: list[GateRule] = Field(default_factory=lambda: [GateRule(metric="fid_vid", higher_is_better=False)])
+
+
 def tracking_uri(tracking: Tracking) -> str:
     """The MLflow tracking URI: the environment's MLFLOW_TRACKING_URI, else params (read here, nowhere else)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or tracking.uri
@@ -237,6 +256,7 @@ class Params(_Model):
     contracts: Contracts = Contracts()
     train: Train = Train()
     tracking: Tracking = Tracking()
+    registry: Registry = Registry()
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

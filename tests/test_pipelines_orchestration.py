@@ -69,21 +69,24 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     run(["git", "commit", "-qam", "small"], repo, env)
 
     first = run(["dvc", "repro"], repo, env, timeout=600)
-    for stage in ("curate", "validate", "train@base", "train@interp", "train@sr1"):
+    for stage in ("curate", "validate", "train@base", "train@interp", "train@sr1", "register@base", "register@sr2"):
         assert f"Running stage '{stage}'" in first.stdout, stage
     metrics = json.loads((repo / "metrics/curate.json").read_text())
     assert metrics["kept_sources"] == 3 and metrics["clips"] == 31
     assert json.loads((repo / "metrics/validate.json").read_text())["success"] == 1
     assert json.loads((repo / "metrics/train-sr1.json").read_text())["steps"] == 3
     assert (repo / "runs/base/final/unet/config.json").is_file()
+    registered = json.loads((repo / "metrics/register-sr1.json").read_text())
+    assert registered["model"] == "show1-sr1" and registered["version"] == 1 and registered["alias"] == "challenger"
 
     second = run(["dvc", "repro"], repo, env)
     assert "Running stage" not in second.stdout, second.stdout
 
     params["train"]["learning_rate"] = 0.0002  # a training parameter: training re-runs, curation does not
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = run(["dvc", "repro"], repo, env, timeout=600)
+    third = run(["dvc", "repro", "register@base"], repo, env, timeout=600)  # and what it depends on
     assert "Running stage 'train@base'" in third.stdout and "Running stage 'curate'" not in third.stdout
+    assert json.loads((repo / "metrics/register-base.json").read_text())["version"] == 2  # new weights
 
     params["profiles"]["tiny"]["curate"]["clip"]["stride"] = 4  # a curation parameter: everything re-runs
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -56,17 +56,24 @@ class Show1Pipeline:
         weights_dir = Path(weights_dir)
         if not weights_dir.is_dir():
             raise FileNotFoundError(f"{weights_dir}: weights folder not found")
-        loaded: dict[str, Show1StagePipeline] = {}
+        folders = {}
         for stage in check_stages(stages):
-            folder = weights_dir / STAGE_FOLDERS[stage]
-            if not folder.is_dir():
+            folders[stage] = weights_dir / STAGE_FOLDERS[stage]
+            if not folders[stage].is_dir():
                 raise MissingComponentError(f"{weights_dir}: missing stage folder '{STAGE_FOLDERS[stage]}' ({stage})")
+        return cls.from_folders(folders, torch_dtype)
+
+    @classmethod
+    def from_folders(cls, folders: dict[str, Path], torch_dtype: torch.dtype | None = None) -> Show1Pipeline:
+        """Load one stage folder per stage (e.g. downloaded from the model registry)."""
+        loaded: dict[str, Show1StagePipeline] = {}
+        for stage in check_stages(list(folders)):
             # interp and sr1 share the base's T5 embeddings: no need to load their copies of it.
             own_text = stage in ("base", "sr2")
-            loaded[stage] = STAGE_PIPELINES[stage].from_pretrained(folder, torch_dtype=torch_dtype,
+            loaded[stage] = STAGE_PIPELINES[stage].from_pretrained(folders[stage], torch_dtype=torch_dtype,
                                                                    load_text_encoder_=own_text)
         if loaded["base"].text_encoder is None:
-            raise MissingComponentError(f"{weights_dir / STAGE_FOLDERS['base']}: missing component 'text_encoder/'")
+            raise MissingComponentError(f"{folders['base']}: missing component 'text_encoder/'")
         return cls(loaded)
 
     def to(self, device: torch.device | str) -> Show1Pipeline:
@@ -88,34 +95,43 @@ class Show1Pipeline:
                  guidance_scale: dict[str, float] | None = None) -> CascadeOutput:
         """Generate a video for `prompt`. `num_inference_steps` is one number for every stage or a
         per-stage dict; stages not named use the published defaults (75/75/125/50)."""
-        steps = {s: DEFAULTS[s]["num_inference_steps"] for s in STAGES}
+        steps: dict[str, int | None] = dict.fromkeys(STAGES)
         if isinstance(num_inference_steps, int):
             steps = dict.fromkeys(STAGES, num_inference_steps)
         elif num_inference_steps:
             steps |= num_inference_steps
-        guidance = {s: DEFAULTS[s]["guidance_scale"] for s in STAGES} | (guidance_scale or {})
+        guidance = guidance_scale or {}
         base = self.stages["base"]
         embeddings = base.encode_prompts(prompt, "", guidance=True)
         outputs: dict[str, torch.Tensor] = {}
-        video = base(prompt_embeds=embeddings, num_inference_steps=steps["base"],
-                     guidance_scale=guidance["base"], generator=generator).frames
-        outputs["base"] = video
-        if "interp" in self.stages:
-            video = self.stages["interp"](video, prompt_embeds=embeddings, num_inference_steps=steps["interp"],
-                                          guidance_scale=guidance["interp"], generator=generator).frames
-            outputs["interp"] = video
-        if "sr1" in self.stages:
-            video = self.stages["sr1"](video, prompt_embeds=embeddings, num_inference_steps=steps["sr1"],
-                                       guidance_scale=guidance["sr1"], noise_level=DEFAULTS["sr1"]["noise_level"],
-                                       generator=generator).frames
-            outputs["sr1"] = video
-        if "sr2" in self.stages:
-            sr2 = self.stages["sr2"]
-            sr2_embeddings: PromptEmbeddings | None = None
-            if sr2.text_encoder is None:  # tiny weights: the base encoder serves sr2 too
-                sr2_embeddings = base.encode_prompts(prompt, SR2_NEGATIVE_PROMPT, guidance=True)
-            video = sr2(video, prompt=prompt, prompt_embeds=sr2_embeddings, num_inference_steps=steps["sr2"],
-                        guidance_scale=guidance["sr2"], strength=DEFAULTS["sr2"]["strength"],
-                        generator=generator).frames
-            outputs["sr2"] = video
+        video: torch.Tensor | None = None
+        for stage in self.stage_names:
+            pipe = self.stages[stage]
+            stage_embeddings: PromptEmbeddings | None = embeddings
+            if stage == "sr2":  # its own negative prompt; tiny weights without an encoder borrow the base's
+                stage_embeddings = None if pipe.text_encoder is not None else \
+                    base.encode_prompts(prompt, SR2_NEGATIVE_PROMPT, guidance=True)
+            video = run_stage(stage, pipe, prompt, video, stage_embeddings, steps[stage], guidance.get(stage),
+                              generator)
+            outputs[stage] = video
+        assert video is not None
         return CascadeOutput(frames=video, stages=outputs)
+
+
+def run_stage(stage: str, pipe: Show1StagePipeline, prompt: str | list[str], video: torch.Tensor | None,
+              embeddings: PromptEmbeddings | None = None, num_inference_steps: int | None = None,
+              guidance_scale: float | None = None, generator: torch.Generator | None = None,
+              **options: Any) -> torch.Tensor:
+    """One stage of the cascade with the published settings (DEFAULTS) unless given: `video` is the previous
+    stage's output (None for base); `embeddings` replace encoding `prompt` with the stage's own encoder;
+    `options` are the stage's extras (sr1 `noise_level`, sr2 `strength`)."""
+    settings = DEFAULTS[stage] | {k: v for k, v in options.items() if v is not None}
+    if num_inference_steps is not None:
+        settings["num_inference_steps"] = num_inference_steps
+    if guidance_scale is not None:
+        settings["guidance_scale"] = guidance_scale
+    if stage == "base":
+        return pipe(prompt=prompt, prompt_embeds=embeddings, generator=generator, **settings).frames
+    if video is None:
+        raise ValueError(f"the {stage} stage needs the previous stage's video")
+    return pipe(video, prompt=prompt, prompt_embeds=embeddings, generator=generator, **settings).frames

@@ -190,7 +190,8 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     if not first:
         raise ValueError(f"{index} has no clips")
     clips = CuratedClips(data_dir, size=training_size(stage, first[0]["resolutions"]), split="train")
-    tokenizer, text_encoder = load_text_encoder(text_encoder_dir or tiny_text_encoder_dir())
+    text_encoder_dir = Path(text_encoder_dir or tiny_text_encoder_dir())
+    tokenizer, text_encoder = load_text_encoder(text_encoder_dir)
     text_encoder.requires_grad_(False).eval().to(accelerator.device)
     embedding_cache: dict[str, torch.Tensor] = {}
 
@@ -231,7 +232,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     elif (run_dir / METRICS).is_file() or latest_checkpoint(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume latest, or choose a new --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = TrainingRun(params, run_dir, stage, data_dir) if track else None
+    tracker = TrainingRun(params, run_dir, stage, data_dir, text_encoder_dir) if track else None
     (run_dir / "config.json").write_text(json.dumps({"stage": stage, "params": params.model_dump(mode="json"),
                                                       "data": str(data_dir)}, indent=2, default=str))
 

@@ -1,0 +1,91 @@
+"""Where a result came from: the code commit, the params that shaped it, the data it saw, the bytes it is.
+
+These are the lineage facts show1 records on training runs and registered model versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+import yaml
+
+from show1.config import Params
+
+CHUNK = 1 << 20
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """The current commit (with `-dirty` when tracked files changed), or `unknown` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def params_hash(params: Params) -> str:
+    """sha256 of the resolved params that shape a model (profile, curate, contracts, train), not of paths."""
+    shaping = params.model_dump(mode="json", include={"profile", "curate", "contracts", "train"})
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def data_version(curated_dir: Path) -> str:
+    """A content hash of the curated data: sha256 of its index (which lists every clip's content hash)."""
+    index = Path(curated_dir) / "index.jsonl"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found: not a curated folder (run `show1 curate`)")
+    return hashlib.sha256(index.read_bytes()).hexdigest()
+
+
+def dvc_data_hash(curated_dir: Path) -> str | None:
+    """DVC's hash of the curated folder (`md5` of its out in dvc.lock) when dvc.lock describes the folder as it
+    is on disk (same file count and size); None outside DVC or when the lock is stale."""
+    folder = Path(curated_dir).resolve()
+    for root in (folder, *folder.parents):
+        lock = root / "dvc.lock"
+        if lock.is_file():
+            break
+    else:
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        relative = folder.relative_to(root).as_posix()
+    except (yaml.YAMLError, ValueError, AttributeError):
+        return None
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    for stage in stages.values():
+        for out in stage.get("outs", []) if isinstance(stage, dict) else []:
+            if out.get("path") == relative and out.get("nfiles") == len(files) \
+                    and out.get("size") == sum(p.stat().st_size for p in files):
+                return str(out.get("md5") or out.get("hash") or "") or None
+    return None
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_digest(files: Iterable[tuple[str, Path]]) -> str:
+    """sha256 over (name, content hash) pairs in name order: equal for equal file sets wherever they live."""
+    digest = hashlib.sha256()
+    for name, path in sorted(files):
+        digest.update(f"{name}\0{file_digest(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def folder_files(folder: Path, prefix: str = "") -> list[tuple[str, Path]]:
+    """Every file under `folder` as (prefix + relative posix name, path), for `tree_digest`."""
+    folder = Path(folder)
+    return [(prefix + p.relative_to(folder).as_posix(), p) for p in folder.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts]

@@ -1,0 +1,280 @@
+"""`show1 register`: a stage folder → an MLflow pyfunc model → a version of `<prefix>-<stage>` with the alias
+`challenger` and lineage tags.
+
+A registered model is self-contained: its `artifacts/stage/` is a stage folder in the published layout,
+with the text encoder it was trained with (the published interp and sr1 folders carry their own copy of T5
+too). Registration is idempotent by content hash (the stage's weights, configs and text encoder): the same
+checkpoint registered twice, even by two processes at once, is one version.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from show1.config import Params, Registry
+from show1.models.text import load_text_encoder
+from show1.pipelines.cascade import STAGE_PIPELINES
+from show1.provenance import folder_files, tree_digest
+from show1.registry import pyfunc_entry, stage_model
+from show1.store import connect, experiment_id
+from show1.training.tracking import training_run_id
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+ALIASES = (CHALLENGER, CHAMPION)
+MODEL_TYPE = "show1-stage"
+TEXT_PARTS = ("tokenizer", "text_encoder")
+
+# What a person browsing the registry reads about each model.
+STAGE_DESCRIPTIONS = {
+    "base": "Show-1 keyframe stage: text → 8 keyframes at 64×40 (pixel-space 3D UNet, IF-style ε and learned "
+            "variance, T5/MiniLM text conditioning).",
+    "interp": "Show-1 temporal interpolation stage: 8 keyframes → 29 frames at 64×40 (pixel-space 3D UNet "
+              "conditioned on the segment's end frames and a mask).",
+    "sr1": "Show-1 pixel super-resolution stage: 29 frames 64×40 → 256×160 (pixel-space 3D UNet, noised ×4 "
+           "upsample as condition, windows of 8 frames).",
+    "sr2": "Show-1 expert-translation stage: 29 frames 256×160 → 576×320 (latent 3D UNet + VAE, SDEdit at "
+           "strength 0.8, trained on timesteps 0–900).",
+}
+ALIAS_HELP = ("Aliases: `challenger` is the latest registered version; `champion` is the version that passed "
+              "the promotion gate (`show1 promote`). Load one with "
+              "mlflow.pyfunc.load_model('models:/{name}@champion').")
+# Pipeline class names a stage folder may declare: ours and the published Show-1 ones.
+STAGE_CLASSES = {
+    "base": {"Show1BasePipeline", "TextToVideoIFPipeline"},
+    "interp": {"Show1InterpolationPipeline", "TextToVideoIFInterpPipeline"},
+    "sr1": {"Show1SR1Pipeline", "TextToVideoIFSuperResolutionPipeline_Stage2",
+            "TextToVideoIFSuperResolutionPipeline_Cond"},
+    "sr2": {"Show1SR2Pipeline", "VideoToVideoSDPipeline"},
+}
+# Lineage tags copied from the training run onto the version.
+TRAINING_TAGS = ("git_commit", "data_version", "data_dvc_md5", "params_hash")
+
+
+class RegistrationError(ValueError):
+    """A checkpoint cannot be registered as it is; the message names what and why."""
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    content_hash: str
+    created: bool  # False: the same content was registered before, this is that version
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def model_name(registry: Registry, stage: str) -> str:
+    return f"{registry.model_prefix}-{stage}"
+
+
+def stage_components(folder: Path, stage: str) -> list[str]:
+    """The component folders of a stage folder (from its model_index.json); errors name what is missing."""
+    index_file = folder / "model_index.json"
+    if not folder.is_dir():
+        raise RegistrationError(f"{folder}: checkpoint folder not found (train the {stage} stage first: "
+                                f"show1 train --stage {stage})")
+    if not index_file.is_file():
+        raise RegistrationError(f"{folder}: no model_index.json, so not a stage folder")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise RegistrationError(f"{index_file}: not valid JSON ({exc})") from exc
+    declared = index.get("_class_name")
+    if declared not in STAGE_CLASSES[stage]:
+        raise RegistrationError(f"{folder}: a {declared} folder, not a {stage} stage "
+                                f"(expected one of {', '.join(sorted(STAGE_CLASSES[stage]))})")
+    components = [name for name, entry in index.items()
+                  if not name.startswith("_") and isinstance(entry, list) and entry and entry[0] is not None]
+    required = set(STAGE_PIPELINES[stage].loaders)
+    missing = sorted(name for name in required | set(components) if not (folder / name).is_dir())
+    if missing:
+        raise RegistrationError(f"{folder}: missing component folder(s) {', '.join(missing)}")
+    return sorted(set(components) | required)
+
+
+def text_encoder_source(folder: Path, explicit: Path | None, training: Any) -> Path | None:
+    """The text encoder to bundle: None when the folder has its own; else `--text-encoder`, else the one the
+    training run used (its `text_encoder` param)."""
+    if (folder / "text_encoder").is_dir() and explicit is None:
+        return None
+    if explicit is not None:
+        if not Path(explicit).is_dir():
+            raise RegistrationError(f"--text-encoder {explicit}: folder not found")
+        return Path(explicit)
+    recorded = training.data.params.get("text_encoder") if training is not None else None
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    hint = f" (its training run used {recorded}, which is gone)" if recorded else ""
+    raise RegistrationError(f"{folder} has no text_encoder/{hint}: pass --text-encoder DIR, the encoder the "
+                            "stage was trained with")
+
+
+def content_hash(folder: Path, components: list[str], text_source: Path | None) -> str:
+    """sha256 over the files the registered model is made of: model_index.json, the component folders and
+    the bundled text encoder's files."""
+    files = [("model_index.json", folder / "model_index.json")]
+    for name in components:
+        if text_source is not None and name in TEXT_PARTS:
+            continue
+        files += folder_files(folder / name, f"{name}/")
+    if text_source is not None:
+        files += folder_files(text_source, "text_encoder_source/")
+    return tree_digest(files)
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Copy a folder, hard-linking files where the filesystem allows (the artifact store copies them anyway)."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_or_copy)
+
+
+def assemble_model_folder(folder: Path, components: list[str], text_source: Path | None, target: Path) -> None:
+    """Write the stage folder that becomes the model's artifacts: only the pipeline's components (a training
+    checkpoint's optimizer state and EMA file stay behind), plus the bundled text encoder."""
+    target.mkdir(parents=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    for name in components:
+        if text_source is None or name not in TEXT_PARTS:
+            _link_tree(folder / name, target / name)
+    if text_source is not None:
+        if all((text_source / part).is_dir() for part in TEXT_PARTS):  # already in the stage layout
+            for part in TEXT_PARTS:
+                _link_tree(text_source / part, target / part)
+        else:  # a flat encoder folder (e.g. the packaged MiniLM): write it in the stage layout
+            tokenizer, encoder = load_text_encoder(text_source)
+            tokenizer.save_pretrained(target / "tokenizer")
+            encoder.save_pretrained(target / "text_encoder", safe_serialization=True)
+        tokenizer_config = json.loads((target / "tokenizer" / "tokenizer_config.json").read_text())
+        encoder_config = json.loads((target / "text_encoder" / "config.json").read_text())
+        index["tokenizer"] = ["transformers", tokenizer_config.get("tokenizer_class", "AutoTokenizer")]
+        index["text_encoder"] = ["transformers", (encoder_config.get("architectures") or ["AutoModel"])[0]]
+    (target / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for package in ("show1", "torch", "diffusers", "transformers", "safetensors", "numpy", "pandas"):
+        try:
+            pins.append(f"{package}=={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def _versions_with_hash(client: Any, name: str, digest: str) -> list[Any]:
+    found = client.search_model_versions(f"name = '{name}' and tags.content_hash = '{digest}'")
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def ensure_registered_model(client: Any, name: str, stage: str) -> None:
+    """Create `name` with a description a person can read in the registry UI (no-op when it exists)."""
+    from mlflow.exceptions import MlflowException
+
+    description = f"{STAGE_DESCRIPTIONS[stage]}\n\n{ALIAS_HELP.format(name=name)}"
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, tags={"show1.stage": stage}, description=description)
+        except MlflowException:  # another process created it meanwhile
+            client.get_registered_model(name)
+
+
+def _version_description(stage: str, folder: Path, digest: str, tags: dict[str, str], training: Any) -> str:
+    lines = [f"{stage} stage registered from {folder}.", f"Content hash: {digest}."]
+    if training is not None:
+        loss = training.data.metrics.get("loss")
+        steps = training.data.params.get("train.max_steps")
+        lines.append(f"Training run {training.info.run_id} ({training.info.status}"
+                     + (f", final loss {loss:.4f}" if loss is not None else "") + ")"
+                     + (f", up to {steps} steps" if steps else "") + ".")
+    for key, label in (("data_version", "Data version"), ("data_dvc_md5", "DVC data hash"),
+                       ("git_commit", "Code commit"), ("params_hash", "Params hash")):
+        if key in tags:
+            lines.append(f"{label}: {tags[key]}.")
+    return "\n".join(lines)
+
+
+def register_stage(params: Params, stage: str, checkpoint: Path | None = None, text_encoder: Path | None = None,
+                   run_id: str | None = None, alias: str = CHALLENGER,
+                   on_status: Callable[[str], None] | None = None) -> RegisteredVersion:
+    """Register `checkpoint` (default: paths.runs/STAGE/final) as a version of `<prefix>-<stage>`; point
+    `alias` at it. Returns the existing version when the same content was registered before."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    say = on_status or (lambda _: None)
+    if stage not in STAGE_PIPELINES:
+        raise RegistrationError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_PIPELINES)})")
+    folder = Path(checkpoint or params.paths.runs / stage / "final")
+    components = stage_components(folder, stage)
+    client = connect(params.tracking)
+    run_id = run_id or next((rid for parent in (folder.parent, folder.parent.parent)
+                             if (rid := training_run_id(parent))), None)
+    training = None
+    if run_id:
+        try:
+            training = client.get_run(run_id)
+        except MlflowException as exc:
+            raise RegistrationError(f"training run {run_id} (of {folder}) is not in the store "
+                                    f"{mlflow.get_tracking_uri()}") from exc
+    text_source = text_encoder_source(folder, text_encoder, training)
+    say("hashing the checkpoint")
+    digest = content_hash(folder, components, text_source)
+    name = model_name(params.registry, stage)
+    ensure_registered_model(client, name, stage)
+    existing = _versions_with_hash(client, name, digest)
+    if existing:
+        client.set_registered_model_alias(name, alias, existing[0].version)
+        return RegisteredVersion(name, str(existing[0].version), digest, created=False)
+
+    tags = {"stage": stage, "content_hash": digest, "source_folder": str(folder.resolve()), "profile": params.profile}
+    if training is not None:
+        tags["training_run_id"] = training.info.run_id
+        tags |= {key: training.data.tags[key] for key in TRAINING_TAGS if key in training.data.tags}
+    if text_source is not None:
+        tags["text_encoder_source"] = str(text_source.resolve())
+    with tempfile.TemporaryDirectory(prefix="show1-register-") as tmp:
+        say("assembling the model folder")
+        assemble_model_folder(folder, components, text_source, Path(tmp) / "stage")
+        mlflow.pyfunc.save_model(
+            path=Path(tmp) / "model", python_model=pyfunc_entry.__file__,
+            artifacts={stage_model.STAGE_ARTIFACT: str(Path(tmp) / "stage")}, model_config={"stage": stage},
+            signature=stage_model.signature(stage), input_example=stage_model.input_example(stage),
+            pip_requirements=_requirements(), metadata={"show1": {"stage": stage, "content_hash": digest}})
+        logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, tags=tags, model_type=MODEL_TYPE,
+                                                experiment_id=experiment_id(client, params.tracking))
+        try:
+            say("uploading the model to the artifact store")
+            client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
+        except BaseException:
+            mlflow.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        mlflow.finalize_logged_model(logged.model_id, "READY")
+    version = client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags,
+                                          description=_version_description(stage, folder, digest, tags, training),
+                                          model_id=logged.model_id)
+    # Two registrations of one content may race past the check above: the lowest version wins, others go.
+    winner = _versions_with_hash(client, name, digest)[0]
+    if str(winner.version) != str(version.version):
+        client.delete_model_version(name, version.version)
+        client.delete_logged_model(logged.model_id)
+    client.set_registered_model_alias(name, alias, winner.version)
+    return RegisteredVersion(name, str(winner.version), digest, created=str(winner.version) == str(version.version))

@@ -1,0 +1,130 @@
+"""`--from-registry REF`: which version of each stage model, and its stage folder on local disk.
+
+REF is an alias for every stage (`champion`, `challenger`), versions in stage order (`3,2,5,1`), or per stage
+(`base=3,sr1=champion`); forms mix (`champion,sr1=4`: sr1 version 4, the rest the champion).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from show1.config import Params
+from show1.models.configs import STAGES
+from show1.registry.register import model_name
+from show1.registry.stage_model import STAGE_ARTIFACT
+from show1.store import connect
+
+REF = re.compile(r"^(?:\d+|[A-Za-z][A-Za-z0-9_-]*)$")
+COMPLETE = ".complete"
+
+
+class RegistryLookupError(LookupError):
+    """A reference names no registered version; the message says what exists."""
+
+
+@dataclass(frozen=True)
+class StageVersion:
+    stage: str
+    name: str
+    version: str
+    content_hash: str
+    version_info: Any
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+def parse_refs(spec: str, stages: tuple[str, ...] = STAGES) -> dict[str, str]:
+    """`champion` | `3,2,5,1` | `base=3,sr1=champion` (mixable) → {stage: version number or alias}."""
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if not items:
+        raise ValueError("--from-registry is empty: give an alias (champion) or versions (base=3,sr1=2)")
+    named: dict[str, str] = {}
+    bare: list[str] = []
+    for item in items:
+        stage, sep, ref = item.partition("=")
+        if sep:
+            if stage.strip() not in stages:
+                raise ValueError(f"--from-registry {spec!r}: {stage.strip()!r} is not one of {', '.join(stages)}")
+            named[stage.strip()] = ref.strip()
+        else:
+            bare.append(item)
+    if len(bare) == 1:
+        refs = dict.fromkeys(stages, bare[0])
+    elif len(bare) == len(stages):
+        refs = dict(zip(stages, bare, strict=True))
+    elif not bare:
+        refs = {}
+    else:
+        raise ValueError(f"--from-registry {spec!r}: {len(bare)} plain references for {len(stages)} stages "
+                         f"({', '.join(stages)}): give one alias, one per stage, or stage=ref pairs")
+    refs |= named
+    missing = [s for s in stages if s not in refs]
+    if missing:
+        raise ValueError(f"--from-registry {spec!r} names no version for {', '.join(missing)}")
+    bad = [f"{s}={r}" for s, r in refs.items() if not REF.match(r)]
+    if bad:
+        raise ValueError(f"--from-registry: {', '.join(bad)}: a reference is a version number or an alias")
+    return {s: refs[s] for s in stages}
+
+
+def model_version(client: Any, name: str, ref: str) -> Any:
+    """The version `ref` (number or alias) of `name`, or an error that lists what the model has."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, ref) if ref.isdigit() else \
+            client.get_model_version_by_alias(name, ref)
+    except MlflowException as exc:
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException:
+            raise RegistryLookupError(f"no registered model {name!r}: register one with "
+                                      f"show1 register --stage {name.rsplit('-', 1)[-1]}") from exc
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        aliases = ", ".join(f"{a}→{v}" for a, v in sorted(model.aliases.items())) or "none"
+        raise RegistryLookupError(f"{name} has no {'version' if ref.isdigit() else 'alias'} {ref!r} "
+                                  f"(versions: {', '.join(map(str, versions)) or 'none'}; aliases: {aliases})") \
+            from exc
+
+
+def resolve(params: Params, refs: dict[str, str]) -> dict[str, StageVersion]:
+    client = connect(params.tracking)
+    resolved = {}
+    for stage, ref in refs.items():
+        name = model_name(params.registry, stage)
+        info = model_version(client, name, ref)
+        resolved[stage] = StageVersion(stage, name, str(info.version), info.tags.get("content_hash", ""), info)
+    return resolved
+
+
+def stage_folder(version: StageVersion, cache: Path) -> Path:
+    """The version's stage folder, downloaded once into `cache/registry/<content hash>` (atomically)."""
+    import mlflow.artifacts
+
+    key = version.content_hash or f"{version.name}-{version.version}"
+    target = cache / "registry" / key
+    folder = target / "artifacts" / STAGE_ARTIFACT
+    if (target / COMPLETE).is_file():
+        return folder
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
+                                            dst_path=str(staging))
+        downloaded = staging / "artifacts" / STAGE_ARTIFACT
+        if not (downloaded / "model_index.json").is_file():
+            raise RegistryLookupError(f"{version.label}: no stage folder in its artifacts (not a show1 model)")
+        (staging / COMPLETE).write_text(version.label)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
