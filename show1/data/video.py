@@ -219,27 +219,32 @@ def to_uint8_frames(frames: Any) -> np.ndarray:
     return ((array.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
+
+
 def write_video(frames: Any, path: Path | str, fps: float = 8.0) -> Path:
-    """Write frames as .mp4 (H.264, yuv420p) or .gif, atomically (temp file, then rename)."""
+    """Write frames as .mp4 (H.264, yuv420p), .webm (VP9, plays in every browser) or .gif, atomically."""
     from show1 import atomic
 
     path = Path(path)
     images = to_uint8_frames(frames)
     suffix = path.suffix.lower()
-    if suffix not in (".mp4", ".gif"):
-        raise ValueError(f"{path}: write .mp4 or .gif")
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"{path}: write {', '.join(VIDEO_SUFFIXES)}")
     with atomic.atomic_path(path) as tmp:
         if suffix == ".gif":
             frames_pil = [Image.fromarray(image) for image in images]
             frames_pil[0].save(tmp, format="GIF", save_all=True, append_images=frames_pil[1:],
                                duration=round(1000 / fps), loop=0)
         else:
+            codec, options = ("libx264", {"crf": "18"}) if suffix == ".mp4" else \
+                ("libvpx-vp9", {"crf": "30", "b:v": "0", "deadline": "realtime", "cpu-used": "8"})
             height, width = images.shape[1:3]
-            with av.open(str(tmp), mode="w", format="mp4") as container:
-                stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+            with av.open(str(tmp), mode="w", format=suffix[1:]) as container:
+                stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
                 stream.width, stream.height = width + width % 2, height + height % 2
                 stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": "18"}
+                stream.options = options
                 for image in images:
                     if image.shape[:2] != (stream.height, stream.width):  # yuv420p needs even sizes
                         image = np.pad(image, ((0, stream.height - height), (0, stream.width - width), (0, 0)),

@@ -128,3 +128,32 @@ def stage_folder(version: StageVersion, cache: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+@dataclass
+class LoadedCascade:
+    pipeline: Any  # Show1Pipeline
+    sources: dict[str, str]  # stage -> `name/version` (registry) or the stage folder
+    versions: dict[str, StageVersion]  # empty for local folders
+
+    @property
+    def from_registry(self) -> bool:
+        return bool(self.versions)
+
+
+def load_cascade(params: Params, stages: tuple[str, ...], from_registry: str | None = None,
+                 weights_dir: Path | None = None, torch_dtype: Any = None) -> LoadedCascade:
+    """The cascade from registry references (`champion`, `3,2,5,1`, …) or from a folder of stage folders."""
+    from show1.models.configs import STAGE_FOLDERS
+    from show1.pipelines.cascade import Show1Pipeline
+
+    if (weights_dir is None) == (from_registry is None):
+        raise ValueError("give exactly one of --weights-dir DIR and --from-registry REF")
+    if from_registry is not None:
+        versions = resolve(params, parse_refs(from_registry, stages))
+        folders = {stage: stage_folder(v, params.paths.cache) for stage, v in versions.items()}
+        return LoadedCascade(Show1Pipeline.from_folders(folders, torch_dtype=torch_dtype),
+                             {stage: v.label for stage, v in versions.items()}, versions)
+    assert weights_dir is not None
+    pipeline = Show1Pipeline.from_pretrained(weights_dir, stages, torch_dtype=torch_dtype)
+    return LoadedCascade(pipeline, {s: str((Path(weights_dir) / STAGE_FOLDERS[s]).resolve()) for s in stages}, {})

@@ -1,0 +1,222 @@
+"""`show1 evaluate`: generate a video per prompt with the cascade (from the registry or local folders), score the
+videos against a curated split, and publish it all: `OUT/metrics.json`, `OUT/per_prompt.json`, the HTML report
+with its videos and plots, an MLflow evaluation run, and `eval.<metric>` tags on the model versions used
+(what `show1 promote` reads).
+
+Three steps, so a flow can map the generation over prompts: `prepare` → `generate_one` per prompt → `finish`.
+The output folder is replaced whole at the end (built beside it, then renamed), never left half-written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from show1 import atomic
+from show1.config import Params
+from show1.data.video import to_uint8_frames, write_video
+from show1.evaluation.prompts import PromptSet, load_prompt_set
+from show1.evaluation.reference import reference_videos
+from show1.evaluation.report import HistoryPoint, plot_history, render
+from show1.evaluation.scoring import Scores, score
+from show1.pipelines.cascade import check_stages
+from show1.provenance import data_version, git_commit
+from show1.registry.generation import KIND_TAG
+from show1.registry.promote import record_evaluation
+from show1.registry.resolve import LoadedCascade, load_cascade
+from show1.store import connect, experiment_id
+
+DEFAULT_ALIAS = "challenger"  # evaluation comes before promotion: the challenger is what needs scoring
+REPORT = "report.html"
+PLOT = "plots/metrics_by_version.png"
+
+
+@dataclass
+class GeneratedVideo:
+    index: int
+    prompt: str
+    frames: np.ndarray  # uint8 (F, H, W, 3)
+    files: list[str]  # relative to the output folder: webm (plays everywhere) then mp4
+    seconds: float
+
+
+@dataclass
+class EvaluationPlan:
+    params: Params
+    prompts: PromptSet
+    cascade: LoadedCascade
+    staging: Path
+    out: Path
+    reference_split: str
+
+
+@dataclass
+class EvaluationResult:
+    out: Path
+    metrics: dict[str, float]
+    per_prompt: list[dict[str, Any]]
+    skipped: dict[str, str]
+    run_id: str | None
+    sources: dict[str, str]
+
+    @property
+    def report(self) -> Path:
+        return self.out / REPORT
+
+
+def prepare(params: Params, prompts: str | Path | None = None, from_registry: str | None = None,
+            weights_dir: Path | None = None, reference_split: str | None = None, limit: int | None = None,
+            out: Path | None = None) -> EvaluationPlan:
+    """Load the prompt set and the cascade (default: the registry's challenger of every stage in
+    evaluate.stages); make the staging folder."""
+    cfg = params.evaluate
+    prompt_set = load_prompt_set(prompts or cfg.prompts, limit)
+    if from_registry is None and weights_dir is None:
+        from_registry = DEFAULT_ALIAS
+    cascade = load_cascade(params, check_stages(cfg.stages), from_registry, weights_dir)
+    cascade.pipeline.set_progress_bar_config(disable=True)
+    cascade.pipeline.to(cfg.device)
+    out = Path(out or cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    (staging / "videos").mkdir()
+    return EvaluationPlan(params, prompt_set, cascade, staging, out, reference_split or cfg.reference_split)
+
+
+def generate_one(plan: EvaluationPlan, index: int) -> GeneratedVideo:
+    """The video of prompt `index`, seeded by evaluate.seed + index (same settings, same video)."""
+    import torch
+
+    cfg = plan.params.evaluate
+    prompt = plan.prompts.prompts[index]
+    started = time.perf_counter()
+    generator = torch.Generator("cpu").manual_seed(cfg.seed + index)
+    frames = plan.cascade.pipeline(prompt, generator=generator, num_inference_steps=cfg.steps).frames
+    video = to_uint8_frames(frames[0].permute(1, 0, 2, 3))
+    names = [f"videos/{index:03d}.webm", f"videos/{index:03d}.mp4"]
+    for name in names:
+        write_video(video, plan.staging / name, fps=cfg.fps)
+    return GeneratedVideo(index, prompt, video, names, time.perf_counter() - started)
+
+
+def finish(plan: EvaluationPlan, videos: list[GeneratedVideo], track: bool = True,
+           on_status: Callable[[str], None] | None = None) -> EvaluationResult:
+    """Score, plot, report, log to MLflow, tag the model versions, and publish the output folder."""
+    params, cfg = plan.params, plan.params.evaluate
+    videos = sorted(videos, key=lambda v: v.index)
+    try:
+        reference, size = reference_videos(params.paths.curated, plan.reference_split, cfg.max_reference_clips)
+        key = {"data_version": data_version(params.paths.curated), "split": plan.reference_split,
+               "clips": len(reference), "size": size}
+        scores = score([v.frames for v in videos], [v.prompt for v in videos], reference, cfg, key,
+                       cache=params.paths.cache, on_status=on_status)
+        per_prompt = [{"index": v.index, "prompt": v.prompt, "video": v.files[-1], "seconds": round(v.seconds, 3),
+                       **row} for v, row in zip(videos, scores.per_prompt, strict=True)]
+        label = _label(plan.cascade)
+        client = connect(params.tracking) if track else None
+        history = (_history(client, params) if client else []) + [HistoryPoint(label, scores.metrics, current=True)]
+        plot = plot_history(history, plan.staging / PLOT)
+        facts = {"prompt set": f"{plan.prompts.name} ({len(videos)} prompts, {plan.prompts.source})",
+                 "models": ", ".join(f"{s}: {src}" for s, src in plan.cascade.sources.items()),
+                 "reference": f"{params.paths.curated}, split {plan.reference_split}: {len(reference)} clips, {size}",
+                 "settings": f"steps {cfg.steps or 'published'}, seed {cfg.seed}, {cfg.frames_per_video} frames/video",
+                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        rows = [{"prompt": v.prompt, "videos": v.files, "metrics": row} for v, row in zip(videos, scores.per_prompt,
+                                                                                          strict=True)]
+        atomic.write_text(plan.staging / REPORT, render(f"show1 evaluation — {label}", facts, scores.metrics,
+                                                         scores.skipped, rows, PLOT if plot else None))
+        summary = {"prompts": len(videos), "prompt_set": plan.prompts.name, **scores.metrics,
+                   "skipped": scores.skipped, "models": plan.cascade.sources}
+        atomic.write_json(plan.staging / "metrics.json", summary)
+        atomic.write_json(plan.staging / "per_prompt.json", per_prompt)
+        run_id = _log(client, params, plan, scores, label, len(videos)) if client else None
+        if run_id:
+            for version in plan.cascade.versions.values():
+                record_evaluation(client, version.name, version.version, scores.metrics, run_id)
+        _publish(plan.staging, plan.out)
+    finally:
+        shutil.rmtree(plan.staging, ignore_errors=True)
+    return EvaluationResult(plan.out, scores.metrics, per_prompt, scores.skipped, run_id, plan.cascade.sources)
+
+
+def evaluate(params: Params, prompts: str | Path | None = None, from_registry: str | None = None,
+             weights_dir: Path | None = None, reference_split: str | None = None, limit: int | None = None,
+             out: Path | None = None, track: bool = True,
+             on_status: Callable[[str], None] | None = None) -> EvaluationResult:
+    """prepare → generate every prompt → finish."""
+    say = on_status or (lambda _: None)
+    plan = prepare(params, prompts, from_registry, weights_dir, reference_split, limit, out)
+    try:
+        videos = []
+        for index, prompt in enumerate(plan.prompts.prompts):
+            say(f"generating {index + 1}/{len(plan.prompts.prompts)}: {prompt[:60]}")
+            videos.append(generate_one(plan, index))
+    except BaseException:
+        discard(plan)
+        raise
+    return finish(plan, videos, track=track, on_status=say)
+
+
+def discard(plan: EvaluationPlan) -> None:
+    """Drop an unfinished evaluation's staging folder (the published output folder is untouched)."""
+    shutil.rmtree(plan.staging, ignore_errors=True)
+
+
+def _label(cascade: LoadedCascade) -> str:
+    if cascade.versions:
+        return " ".join(f"{s}:v{v.version}" for s, v in cascade.versions.items())
+    return "local weights"
+
+
+def _history(client: Any, params: Params, limit: int = 30) -> list[HistoryPoint]:
+    """Earlier evaluations in the experiment, oldest first."""
+    runs = client.search_runs([experiment_id(client, params.tracking)],
+                              filter_string=f"tags.`{KIND_TAG}` = 'evaluation'",
+                              order_by=["attributes.start_time DESC"], max_results=limit)
+    return [HistoryPoint(run.data.tags.get("label", run.info.run_id[:8]), dict(run.data.metrics))
+            for run in reversed(runs)]
+
+
+def _log(client: Any, params: Params, plan: EvaluationPlan, scores: Scores, label: str, count: int) -> str:
+    from mlflow.entities import Metric, Param
+
+    cfg = params.evaluate
+    tags = {KIND_TAG: "evaluation", "mlflow.runName": "evaluate", "label": label, "prompt_set": plan.prompts.name,
+            "git_commit": git_commit(), "reference_split": plan.reference_split,
+            "stages": ",".join(plan.cascade.sources)}
+    prefix = "model." if plan.cascade.from_registry else "weights."
+    tags |= {f"{prefix}{stage}": source for stage, source in plan.cascade.sources.items()}
+    run = client.create_run(experiment_id(client, params.tracking), run_name="evaluate", tags=tags)
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        settings = {"prompts": count, "steps": cfg.steps or "published",
+                    "seed": cfg.seed, "frames_per_video": cfg.frames_per_video,
+                    "max_reference_clips": cfg.max_reference_clips}
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in scores.metrics.items()],
+                         params=[Param(k, str(v)) for k, v in settings.items()])
+        client.log_artifacts(run_id, str(plan.staging), "evaluation")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Replace `out` with the finished staging folder (the old one is removed only once the new one is whole)."""
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
