@@ -35,7 +35,7 @@ browser:
 	browser test will be skipped"; fi
 
 demo: $(STAMP)
-	$(PY) -m flows.curate
+	$(VENV)/bin/show1 --profile tiny run
 
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .

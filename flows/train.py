@@ -6,6 +6,7 @@ In-process by default; with `accelerate_config` (a file from `accelerate config`
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,22 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from show1.config import DEFAULT_PARAMS, accelerate_config_file, apply_offline_env, load_params
-from show1.training.trainer import TRAINABLE_STAGES, TrainResult, train
+from show1.training.trainer import TRAINABLE_STAGES, TrainResult, finished_run, train
 
 
 @task(name="train-stage", cache_policy=NO_CACHE)
 def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profile: str | None,
-                max_steps: int | None, resume: str | None, accelerate_config: str | None) -> dict[str, Any]:
+                max_steps: int | None, resume: str | None, accelerate_config: str | None,
+                reuse: bool = False) -> dict[str, Any]:
+    params = load_params(params_path, profile)
+    if reuse and resume is None:
+        done = finished_run(stage, data, run_dir, params, max_steps)
+        if done is not None:  # same params, data and steps: the finished run is the result (as DVC would skip it)
+            print(f"{stage}: unchanged inputs, reusing the finished run {run_dir}")
+            return {"stage": stage, "final": str(done.final), "reused": True, **done.summary()}
+        if run_dir.exists():
+            print(f"{stage}: inputs changed since {run_dir} was trained: training it again")
+            shutil.rmtree(run_dir)
     if accelerate_config:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
                    "-m", "show1.cli", "--params", str(params_path), *(["--profile", profile] if profile else []),
@@ -30,17 +41,29 @@ def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profil
         subprocess.run(command, check=True)
         result = TrainResult(run_dir=run_dir, steps=-1, final=run_dir / "final", losses=[])
     else:
-        result = train(stage, data, run_dir, load_params(params_path, profile), max_steps=max_steps, resume=resume)
+        result = train(stage, data, run_dir, params, max_steps=max_steps, resume=resume, on_step=_progress(stage))
     summary = result.summary()
     print(f"{stage}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, stage folder {result.final}")
-    return {"stage": stage, "final": str(result.final), **summary}
+    return {"stage": stage, "final": str(result.final), "reused": False, **summary}
+
+
+def _progress(stage: str, every: int = 10) -> Any:
+    def report(row: dict[str, Any]) -> None:
+        if row["step"] == 1 or row["step"] % every == 0:
+            print(f"{stage}: step {row['step']} loss {row['loss']:.4f} ({row['samples_per_s']:.2f} samples/s)")
+
+    return report
 
 
 @flow(name="show1-train", log_prints=True)
 def train_flow(stages: list[str] | None = None, data: str | None = None, runs: str | None = None,
                params_path: str = str(DEFAULT_PARAMS), profile: str | None = None, max_steps: int | None = None,
-               resume: str | None = None, accelerate_config: str | None = None) -> list[dict[str, Any]]:
+               resume: str | None = None, accelerate_config: str | None = None,
+               reuse: bool = False) -> list[dict[str, Any]]:
     """Train `stages` (default: every trainable stage) on the curated data, one after another.
+
+    With `reuse`, a stage whose finished run has the same params, data and steps is not trained again, and a
+    run folder trained from other inputs is replaced (what the whole-cascade flow does, like `dvc repro`).
 
     `accelerate_config` (or the SHOW1_ACCELERATE_CONFIG job variable of the deployment) runs the training
     under `accelerate launch` with that config."""
@@ -54,7 +77,7 @@ def train_flow(stages: list[str] | None = None, data: str | None = None, runs: s
     data_dir = Path(data) if data else params.paths.curated
     runs_dir = Path(runs) if runs else params.paths.runs
     return [train_stage(stage, data_dir, runs_dir / stage, Path(params_path), profile, max_steps, resume,
-                        accelerate_config) for stage in stages]
+                        accelerate_config, reuse) for stage in stages]
 
 
 if __name__ == "__main__":

@@ -480,6 +480,28 @@ def evaluate(
         out.print(f"evaluation run: {result.run_id}", highlight=False)
 
 
+@app.command("run")
+def run_cascade(
+    ctx: typer.Context,
+    manifest: Annotated[Path | None, typer.Option(help="Manifest to curate. Default: paths.manifest.")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompt set to evaluate. Default: evaluate.prompts.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N prompts.")] = None,
+    promote: Annotated[bool, typer.Option(help="Run the promotion gate at the end.")] = True,
+) -> None:
+    """Run the whole lifecycle as one Prefect flow: curate → validate → train every stage → register →
+    generate and evaluate → promote. Re-runs redo only what changed.
+
+    `make demo` runs this on the tiny profile. Start `prefect server start` first to watch it in the Prefect UI.
+    """
+    from flows.cascade import cascade_flow, summary_lines
+
+    ctx.obj.params()  # a broken params file is a usage error before anything starts
+    _quiet_libraries()
+    result = cascade_flow(str(ctx.obj.params_path), ctx.obj.profile, str(manifest) if manifest else None, prompts,
+                          limit, promote)
+    out.print("\n" + "\n".join(summary_lines(result)), highlight=False)
+
+
 def _quiet_libraries() -> None:
     """MLflow's INFO lines and transformers' weight-loading bars are noise next to show1's own status."""
     import logging

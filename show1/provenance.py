@@ -30,9 +30,13 @@ def git_commit(cwd: Path | None = None) -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
-def params_hash(params: Params) -> str:
-    """sha256 of the resolved params that shape a model (profile, curate, contracts, train), not of paths."""
-    shaping = params.model_dump(mode="json", include={"profile", "curate", "contracts", "train"})
+def params_hash(params: Params, stage: str | None = None) -> str:
+    """sha256 of the resolved params that shape a model (profile, curate, contracts, and the training settings:
+    `stage`'s own, overrides merged, when given), not of paths."""
+    shaping = params.model_dump(mode="json", include={"profile", "curate", "contracts", "train", "train_per_stage"})
+    if stage is not None:
+        shaping.pop("train_per_stage")
+        shaping["train"] = params.train_for(stage).model_dump(mode="json")
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 

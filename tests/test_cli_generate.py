@@ -44,7 +44,7 @@ def test_generate_writes_29_frames_and_same_seed_gives_same_video(weights, tmp_p
     (["   "], "prompt is empty"),
     (["a cat", "--stages", "interp,base"], "out of order"),
     (["a cat", "--dtype", "float8"], "--dtype"),
-    (["a cat", "--out", "x.avi"], ".mp4 or .gif"),
+    (["a cat", "--out", "x.avi"], ".mp4 or .webm or .gif"),
 ])
 def test_generate_bad_input_is_one_clear_line(weights, args, message):
     prompt, *rest = args

@@ -29,7 +29,7 @@ from show1.evaluation.report import HistoryPoint, plot_history, render
 from show1.evaluation.scoring import Scores, score
 from show1.pipelines.cascade import check_stages
 from show1.provenance import data_version, git_commit
-from show1.registry.generation import KIND_TAG
+from show1.registry.generation import KIND_TAG, track_generation
 from show1.registry.promote import record_evaluation
 from show1.registry.resolve import LoadedCascade, load_cascade
 from show1.store import connect, experiment_id
@@ -78,7 +78,7 @@ def prepare(params: Params, prompts: str | Path | None = None, from_registry: st
     """Load the prompt set and the cascade (default: the registry's challenger of every stage in
     evaluate.stages); make the staging folder."""
     cfg = params.evaluate
-    prompt_set = load_prompt_set(prompts or cfg.prompts, limit)
+    prompt_set = load_prompt_set(prompts or cfg.prompts, limit or cfg.limit)
     if from_registry is None and weights_dir is None:
         from_registry = DEFAULT_ALIAS
     cascade = load_cascade(params, check_stages(cfg.stages), from_registry, weights_dir)
@@ -141,6 +141,12 @@ def finish(plan: EvaluationPlan, videos: list[GeneratedVideo], track: bool = Tru
         if run_id:
             for version in plan.cascade.versions.values():
                 record_evaluation(client, version.name, version.version, scores.metrics, run_id)
+            for video in videos:  # each video traceable with `show1 lineage` (its artifact is in the parent run)
+                mp4 = video.files[-1]
+                settings = {"seed": cfg.seed + video.index, "steps": cfg.steps or "published"}
+                track_generation(params, plan.staging / mp4, video.prompt, plan.cascade.sources,
+                                 plan.cascade.from_registry, settings, recorded_path=plan.out / mp4,
+                                 parent_run_id=run_id, log_video=False)
         _publish(plan.staging, plan.out)
     finally:
         shutil.rmtree(plan.staging, ignore_errors=True)

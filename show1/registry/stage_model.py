@@ -11,6 +11,7 @@ the published settings.
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,10 @@ def to_pipeline_video(frames: np.ndarray) -> Any:
 
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
     return video.unsqueeze(0)
+
+
+# MLflow asks for type hints on predict to infer a signature; show1 gives an explicit one instead.
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
 
 
 class Show1StageModel(mlflow.pyfunc.PythonModel):

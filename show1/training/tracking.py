@@ -44,11 +44,11 @@ class TrainingRun:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / RUN_ID_FILE).write_text(self.run.info.run_id)
             flat: dict[str, Any] = {}
-            _flatten("train", params.train.model_dump(mode="json"), flat)
+            _flatten("train", params.train_for(stage).model_dump(mode="json"), flat)
             mlflow.log_params(flat | {"stage": stage, "profile": params.profile, "data": str(data_dir),
                                       "text_encoder": str(Path(text_encoder).resolve())})
             tags = {"show1.kind": "training", "stage": stage, "git_commit": git_commit(),
-                    "data_version": data_version(data_dir), "params_hash": params_hash(params),
+                    "data_version": data_version(data_dir), "params_hash": params_hash(params, stage),
                     "run_dir": str(Path(run_dir).resolve())}
             dvc_hash = dvc_data_hash(data_dir)
             if dvc_hash:

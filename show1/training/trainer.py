@@ -53,6 +53,7 @@ from show1.pipelines.sr2 import (
     tiny_sr2_components,
 )
 from show1.pipelines.weights import assemble_stage
+from show1.provenance import data_version, params_hash
 from show1.training.losses import diffusion_loss
 from show1.training.samples import sample_video
 from show1.training.specs import SPECS, training_size
@@ -174,7 +175,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
         raise ValueError(f"stage '{stage}' cannot be trained here yet (trainable: {', '.join(TRAINABLE_STAGES)})")
     if resume not in (None, "latest"):
         raise ValueError(f"--resume takes 'latest', got {resume!r}")
-    cfg: Train = params.train
+    cfg: Train = params.train_for(stage)
     max_steps = max_steps or cfg.max_steps
     checkpoint_every = checkpoint_every or cfg.checkpoint_every
     run_dir, data_dir = Path(run_dir), Path(data_dir)
@@ -233,8 +234,9 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume latest, or choose a new --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = TrainingRun(params, run_dir, stage, data_dir, text_encoder_dir) if track else None
-    (run_dir / "config.json").write_text(json.dumps({"stage": stage, "params": params.model_dump(mode="json"),
-                                                      "data": str(data_dir)}, indent=2, default=str))
+    (run_dir / "config.json").write_text(json.dumps({
+        "stage": stage, "params": params.model_dump(mode="json"), "data": str(data_dir),
+        "fingerprint": fingerprint(stage, params, data_dir, max_steps, text_encoder_dir)}, indent=2, default=str))
 
     # --- the loop --------------------------------------------------------------------------------------------------
     losses: list[float] = []
@@ -293,6 +295,33 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     if tracker:
         tracker.finish(final)
     return TrainResult(run_dir=run_dir, steps=step, final=final, losses=losses)
+
+
+# --- reuse -------------------------------------------------------------------------------------------------------
+
+
+def fingerprint(stage: str, params: Params, data_dir: Path, max_steps: int, text_encoder_dir: Path) -> dict[str, Any]:
+    """What a finished run was trained from: the same fingerprint, the same run (on the same machine)."""
+    return {"stage": stage, "params_hash": params_hash(params, stage), "data_version": data_version(data_dir),
+            "max_steps": max_steps, "text_encoder": str(Path(text_encoder_dir).resolve())}
+
+
+def finished_run(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
+                 max_steps: int | None = None, text_encoder_dir: Path | None = None) -> TrainResult | None:
+    """The run in `run_dir` when it finished training `stage` from exactly these inputs, else None (what an
+    orchestrator uses to skip a training whose inputs did not change)."""
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    config, final = run_dir / "config.json", run_dir / "final"
+    if not (config.is_file() and (final / "model_index.json").is_file() and (run_dir / METRICS).is_file()):
+        return None
+    steps = max_steps or params.train_for(stage).max_steps
+    wanted = fingerprint(stage, params, data_dir, steps, Path(text_encoder_dir or tiny_text_encoder_dir()))
+    if json.loads(config.read_text()).get("fingerprint") != wanted:
+        return None
+    rows = atomic.read_jsonl(run_dir / METRICS)
+    if not rows or rows[-1]["step"] != steps:
+        return None
+    return TrainResult(run_dir=run_dir, steps=steps, final=final, losses=[])
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""The whole cascade as one Prefect flow: curate → validate → train the four stages → register → generate and
+evaluate → promote, each step a subflow of the flows beside this file.
+
+`show1 run` and `make demo` run it (tiny profile: the demo clips, minutes on a CPU). With no Prefect server it
+runs on the ephemeral API; with `prefect server start` every subflow and task shows in the UI. Re-running it
+re-does only what changed: curation skips unchanged chunks, training reuses a finished run with the same
+params and data, registration returns the existing version of the same content, evaluation is deterministic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.curate import curate_flow
+from flows.generate_evaluate import generate_evaluate_flow
+from flows.register import promote_flow, register_flow
+from flows.train import train_flow
+from show1.config import DEFAULT_PARAMS, apply_offline_env, load_params
+from show1.models.configs import STAGES
+from show1.store import ui_command
+
+
+@flow(name="show1-cascade", log_prints=True)
+def cascade_flow(params_path: str = str(DEFAULT_PARAMS), profile: str | None = None, manifest: str | None = None,
+                 prompts: str | None = None, limit: int | None = None, promote: bool = True) -> dict[str, Any]:
+    """Run the lifecycle end to end with the settings of params.yaml (and `profile`)."""
+    apply_offline_env()
+    params = load_params(params_path, profile)
+    curated = curate_flow(manifest, str(params.paths.curated), params_path, profile)
+    trained = train_flow(list(STAGES), str(params.paths.curated), str(params.paths.runs), params_path, profile,
+                         reuse=True)
+    registered = register_flow(list(STAGES), params_path, profile)
+    evaluation = generate_evaluate_flow(prompts, "challenger", params_path, profile, limit)
+    promotion = promote_flow(list(STAGES), params_path, profile) if promote else []
+    out = Path(evaluation["report"]).parent
+    return {"curation": curated["summary"], "training": trained, "registered": registered, "evaluation": evaluation,
+            "promotion": promotion, "video": str(out / "videos" / "000.mp4"), "report": evaluation["report"],
+            "mlflow_ui": ui_command(params.tracking), "prefect_ui": "prefect server start  (then re-run to watch it)"}
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """What a person wants after a run: where the video and the report are, and how to browse the rest."""
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in result["evaluation"]["metrics"].items())
+    promoted = [p["model"] for p in result["promotion"] if p["promoted"]]
+    registered = ", ".join(f"{r['model']}/{r['version']}" for r in result["registered"])
+    return [
+        f"video:          {result['video']}",
+        f"report:         {result['report']}",
+        f"metrics:        {metrics}",
+        f"registered:     {registered} (challenger)",
+        f"promoted:       {', '.join(promoted) or 'none (see show1 promote --dry-run)'}",
+        f"lineage:        show1 lineage {result['video']}",
+        f"MLflow UI:      {result['mlflow_ui']}",
+        f"Prefect UI:     {result['prefect_ui']}",
+    ]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flows.cascade", description=cascade_flow.__doc__)
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
+    parser.add_argument("--profile", choices=["tiny", "paper"])
+    parser.add_argument("--manifest")
+    parser.add_argument("--prompts")
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--no-promote", action="store_true")
+    args = parser.parse_args()
+    outcome = cascade_flow(args.params, args.profile, args.manifest, args.prompts, args.limit, not args.no_promote)
+    print("\n" + "\n".join(summary_lines(outcome)))
