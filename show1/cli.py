@@ -358,10 +358,12 @@ def register(
 @app.command()
 def promote(
     ctx: typer.Context,
-    stage: Annotated[str, typer.Option(help="base | interp | sr1 | sr2.")],
+    stage: Annotated[str, typer.Option(
+        help="base | interp | sr1 | sr2, or several comma-separated (base,interp,sr1,sr2).")],
     dry_run: Annotated[bool, typer.Option(help="Show the decision; change and record nothing.")] = False,
-    strict: Annotated[bool, typer.Option(help="Exit 1 when the challenger does not pass the gate.")] = False,
-    metrics: Annotated[Path | None, typer.Option(help="Also write the decision here (JSON).")] = None,
+    strict: Annotated[bool, typer.Option(help="Exit 1 when a challenger does not pass the gate.")] = False,
+    metrics: Annotated[Path | None, typer.Option(
+        help="Also write the decision here (JSON; one object per stage when several are given).")] = None,
 ) -> None:
     """Move the alias `champion` to the challenger if its evaluation passes the gate in params.yaml.
 
@@ -372,21 +374,27 @@ def promote(
     from show1.registry.resolve import RegistryLookupError
 
     params = ctx.obj.params()
-    _check_stage(stage)
-    try:
-        decision = promote_stage(params, stage, dry_run=dry_run)
-    except RegistryLookupError as exc:
-        fail(str(exc))
+    stages = [s.strip() for s in stage.split(",") if s.strip()]
+    for name in stages or [stage]:
+        _check_stage(name)
+    decisions = []
+    for name in stages:
+        try:
+            decision = promote_stage(params, name, dry_run=dry_run)
+        except RegistryLookupError as exc:
+            fail(str(exc))
+        decisions.append(decision)
+        verdict = "[green]promoted[/]" if decision.promoted else "[yellow]not promoted[/]"
+        was = f" (champion was {decision.champion})" if decision.champion else " (no champion yet)"
+        out.print(f"{decision.name}: version {decision.challenger} {verdict}{was}{' [dry run]' if dry_run else ''}")
+        for reason in decision.reasons:
+            out.print(f"  - {reason}", highlight=False)
     if metrics:
         from show1 import atomic
 
-        atomic.write_json(metrics, decision.to_dict())
-    verdict = "[green]promoted[/]" if decision.promoted else "[yellow]not promoted[/]"
-    was = f" (champion was {decision.champion})" if decision.champion else " (no champion yet)"
-    out.print(f"{decision.name}: version {decision.challenger} {verdict}{was}{' [dry run]' if dry_run else ''}")
-    for reason in decision.reasons:
-        out.print(f"  - {reason}", highlight=False)
-    if strict and not decision.promoted:
+        atomic.write_json(metrics, decisions[0].to_dict() if len(decisions) == 1 else
+                          {d.stage: d.to_dict() for d in decisions})
+    if strict and not all(d.promoted for d in decisions):
         raise typer.Exit(1)
 
 

@@ -16,7 +16,7 @@ SMALL = {  # the demo clips at quarter size, a few steps per stage, one prompt e
     "paths": {"manifest": str(ROOT / "data/manifests/demo.csv")},
     "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
     "train": {"max_steps": 2, "checkpoint_every": 2, "sample_every": 0},
-    "evaluate": {"stages": ["base", "interp"], "steps": 2, "frames_per_video": 4, "max_reference_clips": 4},
+    "evaluate": {"stages": ["base", "interp"], "steps": 1, "frames_per_video": 2, "max_reference_clips": 2},
 }
 
 
