@@ -28,6 +28,7 @@ def show1_run(project: Path, store: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_the_whole_cascade_runs_as_one_flow_and_reruns_only_what_changed(tmp_path, mlflow_store):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(SMALL))
     first = show1_run(tmp_path, mlflow_store)

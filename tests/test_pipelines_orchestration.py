@@ -58,6 +58,7 @@ def test_prefect_flow_curates_and_validates(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the whole DAG several times, each stage a CLI process: minutes, more under xdist
 def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     import time
 
