@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -83,6 +84,53 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
     return rows
+
+
+def staging_folder(target: Path | str) -> Path:
+    """A fresh, empty folder beside `target` (same filesystem, so it can be renamed onto it)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent))
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put the finished `staging` folder in place of `target`. The old folder is moved aside first and removed
+    only once the new one is in place, so a kill at any point leaves the old folder or the new one (plus, at
+    worst, a hidden leftover that `remove_stale_folders` clears)."""
+    target = Path(target)
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}old-", dir=target.parent))
+        aside.rmdir()
+        target.rename(aside)
+        staging.rename(target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        staging.rename(target)
+    _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def folder_in_place(target: Path | str) -> Iterator[Path]:
+    """Yield an empty staging folder; when the block ends without an error it replaces `target` whole.
+    On an error (or a kill) `target` is untouched."""
+    target = Path(target)
+    staging = staging_folder(target)
+    try:
+        yield staging
+        replace_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_folders(folder: Path) -> int:
+    """Delete staging folders a killed writer left in `folder` (see `folder_in_place`); returns how many."""
+    count = 0
+    if Path(folder).is_dir():
+        for leftover in Path(folder).glob(f".*{TMP_MARK}*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+                count += 1
+    return count
 
 
 def remove_stale_temporaries(folder: Path) -> int:

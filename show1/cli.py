@@ -238,6 +238,30 @@ def init_weights(
         out.print(f"{stage:>6}: {folder}", highlight=False)
 
 
+@app.command("convert-weights")
+def convert_weights(
+    source: Annotated[Path, typer.Argument(help="A folder of weights with pickled files (e.g. a published "
+                                                "Show-1 stage folder with .bin weights).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the converted copy (a new folder).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out when it exists.")] = False,
+) -> None:
+    """Copy a weights folder with every pickled weight file (.bin, .pt, .ckpt, …) rewritten as safetensors.
+
+    show1 loads safetensors only, because unpickling a file can run code. The conversion reads each pickle once
+    with torch.load(weights_only=True), which accepts tensors and plain containers and refuses anything else;
+    the copy is sealed with checksums.json. Files that already have safetensors beside them are left out.
+    """
+    from show1.weight_files import convert_folder
+
+    try:
+        counts = convert_folder(source, out_dir, overwrite=overwrite,
+                                on_file=lambda name: err.print(f"converting {name}", highlight=False))
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc), code=2)
+    out.print(f"converted {counts['converted']} pickled file(s), copied {counts['copied']}, left out "
+              f"{counts['skipped']} already in safetensors\nsafe copy: {out_dir}", highlight=False)
+
+
 @app.command()
 def generate(
     ctx: typer.Context,

@@ -108,6 +108,9 @@ class Filters(_Model):
     max_fps: float = Field(240.0, gt=0)
     min_width: int = Field(64, gt=0)
     min_height: int = Field(40, gt=0)
+    # A decompression-bomb guard: larger (displayed) sizes are rejected from the header, before decoding.
+    max_width: int = Field(4096, gt=0)
+    max_height: int = Field(4096, gt=0)
     min_aspect: float = Field(0.5, gt=0)
     max_aspect: float = Field(3.0, gt=0)
     max_source_bytes: int = Field(4 * 1024**3, gt=0)
@@ -123,7 +126,7 @@ class Filters(_Model):
     @model_validator(mode="after")
     def _ranges(self) -> Filters:
         for lo, hi in (("min_duration_s", "max_duration_s"), ("min_fps", "max_fps"),
-                       ("min_aspect", "max_aspect")):
+                       ("min_width", "max_width"), ("min_height", "max_height"), ("min_aspect", "max_aspect")):
             if getattr(self, lo) > getattr(self, hi):
                 raise ValueError(f"{lo} ({getattr(self, lo)}) is larger than {hi} ({getattr(self, hi)})")
         return self
@@ -273,6 +276,11 @@ def tracking_uri(tracking: Tracking) -> str:
 def accelerate_config_file() -> str | None:
     """The accelerate config a deployment's job variables name (SHOW1_ACCELERATE_CONFIG), if any."""
     return os.environ.get("SHOW1_ACCELERATE_CONFIG") or None
+
+
+def fault_injection() -> str | None:
+    """SHOW1_FAULT=POINT[@N]: the crash tests' request to be killed at a named point (see show1.faults)."""
+    return os.environ.get("SHOW1_FAULT") or None
 
 
 class Paths(_Model):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ def moving_frames(frames: int, fps: float, size: tuple[int, int], seed: int) -> 
     The grating's direction, frequency and colours come from the seed, so two seeds differ in their
     low spatial frequencies (what a perceptual hash sees), and the drift keeps every frame moving.
     """
+    return moving_frames_at([index / fps for index in range(frames)], size, seed)
+
+
+def moving_frames_at(times: Iterable[float], size: tuple[int, int], seed: int) -> Iterable[np.ndarray]:
+    """`moving_frames` at explicit times in seconds (for variable frame rates)."""
     width, height = _even(size)
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -47,8 +53,7 @@ def moving_frames(frames: int, fps: float, size: tuple[int, int], seed: int) -> 
     cx0, cy0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
     vx, vy = rng.uniform(20, 40, size=2) * rng.choice([-1, 1], size=2)  # pixels per second
     colour = rng.integers(0, 256, size=3)
-    for index in range(frames):
-        t = index / fps
+    for t in times:
         wave = np.sin(kx * x + ky * y - speed * t)[..., None] + 0.6 * np.sin((kx2 * x + ky2 * y)[..., None] + phases)
         image = np.clip(128 + 70 * wave, 0, 255).astype(np.uint8)
         # The square bounces inside the frame.
@@ -59,22 +64,30 @@ def moving_frames(frames: int, fps: float, size: tuple[int, int], seed: int) -> 
 
 
 def _encode(path: Path, images: Iterable[np.ndarray], fps: float, size: tuple[int, int],
-            codec: str = "libx264", crf: int = 23, faststart: bool = False) -> Path:
+            codec: str = "libx264", crf: int = 23, faststart: bool = False, container_format: str | None = None,
+            rotation: int = 0) -> Path:
+    """Encode RGB images; `container_format` overrides the one the file name implies, `rotation` writes a
+    display matrix (degrees counter-clockwise, as PyAV's `VideoFrame.rotation` reads it back)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     width, height = _even(size)
     rate = Fraction(fps).limit_denominator(1001)
     # faststart puts the index (moov) first, so a truncated copy still opens and decodes up to the cut.
     options = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), mode="w", options=options) as container:
+    with av.open(str(path), mode="w", format=container_format, options=options) as container:
         if codec == "libx264":
             stream = container.add_stream("libx264", rate=rate,
                                           options={"crf": str(crf), "preset": "veryfast", "tune": "zerolatency"})
+        elif codec == "libvpx-vp9":
+            stream = container.add_stream(codec, rate=rate, options={
+                "crf": str(crf), "b:v": "0", "deadline": "realtime", "cpu-used": "8"})
         else:
             stream = container.add_stream(codec, rate=rate)
             # No CRF in mpeg4: a higher `crf` means a lower bit rate, as with x264.
             stream.bit_rate = max(20_000, 400_000 >> max(0, crf // 6))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
         for image in images:
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             if (frame.width, frame.height) != (width, height):
@@ -110,6 +123,91 @@ def write_static_video(path: Path | str, frames: int = 48, fps: float = 24,
 def write_one_frame_video(path: Path | str, fps: float = 24, size: tuple[int, int] = (96, 64),
                           seed: int = 0) -> Path:
     return write_video(path, frames=1, fps=fps, size=size, seed=seed)
+
+
+def write_webm_video(path: Path | str, frames: int = 48, fps: float = 24, size: tuple[int, int] = (96, 64),
+                     seed: int = 0) -> Path:
+    """A VP9 WebM of moving frames, whatever the file is named (e.g. a WebM saved as .mp4)."""
+    return _encode(Path(path), moving_frames(frames, fps, size, seed), fps, size, codec="libvpx-vp9", crf=30,
+                   container_format="webm")
+
+
+def quadrant_frames(frames: int, fps: float, size: tuple[int, int], seed: int = 0) -> Iterable[np.ndarray]:
+    """A bright (230) top-left quadrant over a dark drifting grating (20-80) elsewhere.
+
+    The grating keeps every frame moving; the quadrant shows which way a frame is turned.
+    """
+    width, height = _even(size)
+    for image in moving_frames(frames, fps, size, seed):
+        dark = (20 + image.astype(np.float32) * (60 / 255)).astype(np.uint8)
+        dark[:height // 2, :width // 2] = 230
+        yield dark
+
+
+def write_rotated_video(path: Path | str, degrees: int, frames: int = 48, fps: float = 24,
+                        size: tuple[int, int] = (96, 64), seed: int = 0) -> Path:
+    """`quadrant_frames` stored as coded, with a display rotation of `degrees` counter-clockwise.
+
+    What a phone writes for a portrait video: landscape frames plus a display matrix. A player shows
+    np.rot90(frame, degrees // 90); ffmpeg's `-display_rotation DEGREES` writes the same matrix.
+    """
+    return _encode(Path(path), quadrant_frames(frames, fps, size, seed), fps, size, rotation=degrees)
+
+
+def vfr_level(index: int) -> int:
+    """The gray level of the top band of frame `index` of `write_vfr_video` (distinct per frame)."""
+    return 16 + (9 * index) % 224
+
+
+def write_vfr_video(path: Path | str, timestamps: Sequence[float], size: tuple[int, int] = (96, 64),
+                    seed: int = 0) -> Path:
+    """An h264 mp4 whose frames are presented at `timestamps` (seconds, increasing, irregular).
+
+    Frame i is `moving_frames` at its own time with a top band (a quarter of the height) at gray level
+    `vfr_level(i)`, so every frame can be told apart. Times are stored in milliseconds (time base 1/1000).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = _even(size)
+    times = list(timestamps)
+    millis = [round(t * 1000) for t in times]
+    if not millis or millis[0] < 0 or any(b <= a for a, b in pairwise(millis)):
+        raise ValueError(f"{path}: timestamps must increase by at least 1 ms from >= 0, got {times}")
+    time_base = Fraction(1, 1000)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", options={"crf": "20", "preset": "veryfast", "tune": "zerolatency"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = time_base
+        for index, image in enumerate(moving_frames_at(times, size, seed)):
+            image[:height // 4] = vfr_level(index)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = millis[index], time_base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def write_enormous_video(path: Path | str, size: tuple[int, int] = (8192, 4352), frames: int = 2,
+                         faststart: bool = False) -> Path:
+    """A real h264 mp4 of flat gray frames at an enormous size (a decompression bomb's header).
+
+    x264 ultrafast codes flat frames in about a second and ~100 KB; only the header is meant to be read.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = _even(size)
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", options=options) as container:
+        stream = container.add_stream("libx264", rate=24, options={"preset": "ultrafast", "tune": "zerolatency"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        frame = av.VideoFrame(width, height, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes([128]) * plane.buffer_size)
+        for index in range(frames):
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
 
 
 def write_audio_only(path: Path | str, seconds: float = 1.0, rate: int = 22050) -> Path:

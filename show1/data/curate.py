@@ -26,6 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 
 from show1 import atomic
@@ -175,9 +176,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_header(info: video.VideoInfo, cfg: Curate, start: float, end: float | None) -> float:
-    """Apply the header-level filters; return the usable duration in seconds."""
+def _fits(width: int, height: int, cfg: Curate) -> bool:
+    return width <= cfg.filters.max_width and height <= cfg.filters.max_height
+
+
+def _check_coded_size(info: video.VideoInfo, cfg: Curate, path: Path) -> None:
+    """The decompression-bomb guard, before any frame is decoded: the header's coded size must fit
+    max_width x max_height in some orientation (the display rotation is known only after the first decode;
+    `_check_header` then checks the displayed size exactly)."""
     f = cfg.filters
+    if not (_fits(info.width, info.height, cfg) or _fits(info.height, info.width, cfg)):
+        raise Rejected("resolution_too_large", f"{path}: {info.width}x{info.height} frames are larger than "
+                                               f"max_width x max_height {f.max_width}x{f.max_height}")
+
+
+def _check_header(info: video.VideoInfo, cfg: Curate, start: float, end: float | None,
+                  path: Path | None = None) -> float:
+    """Apply the header-level filters to the displayed size; return the usable duration in seconds."""
+    f = cfg.filters
+    if not _fits(info.width, info.height, cfg):
+        turned = f" (as displayed, rotated {info.rotation} degrees)" if info.rotation else ""
+        raise Rejected("resolution_too_large", f"{path or 'the video'}: {info.width}x{info.height}{turned} is "
+                                               f"larger than max_width x max_height {f.max_width}x{f.max_height}")
     if not f.min_fps <= info.fps <= f.max_fps:
         raise Rejected("bad_fps", f"{info.fps:.2f} fps is outside [{f.min_fps}, {f.max_fps}]")
     if info.width < f.min_width or info.height < f.min_height:
@@ -218,13 +238,18 @@ def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path,
     if size > cfg.filters.max_source_bytes:
         raise Rejected("too_large", f"{size} bytes > curate.filters.max_source_bytes {cfg.filters.max_source_bytes}")
     with video.VideoFile(path) as source:
-        info = source.info
+        _check_coded_size(source.info, cfg, path)  # before the first decode
+        info = source.read_rotation()
         start = row.start or 0.0
-        _check_header(info, cfg, start, row.end)
+        _check_header(info, cfg, start, row.end, path)
         clip = cfg.clip
         limit = clip.frames + (clip.max_per_source - 1) * clip.stride if clip.max_per_source else None
         frames = (frame for _, frame in source.frames_on_grid(clip.fps, start=start, end=row.end, max_frames=limit))
-        converted = video.convert_all(frames, video.FrameConverter(info.width, info.height, clip.sizes))
+        converter = video.FrameConverter(info.width, info.height, clip.sizes, rotation=info.rotation)
+        try:
+            converted = video.convert_all(frames, converter)
+        except av.FFmpegError as exc:  # swscale cannot convert what the decoder produced
+            raise Rejected("undecodable", f"{path}: a decoded frame cannot be converted to RGB: {exc}") from None
     sampled = len(converted)
     if sampled < clip.frames:
         raise Rejected("too_short", f"{sampled} frames at {clip.fps:g} fps; a clip needs {clip.frames}")
@@ -287,6 +312,7 @@ def _source_record(kept: KeptSource, source_key: str, cfg: Curate) -> dict[str, 
         "row": row.row, "source_id": kept.source_id, "source_key": source_key, "caption": kept.caption,
         "source": row.video, "source_hash": kept.source_hash, "split": row.split,
         "span": list(kept.span), "source_width": kept.info.width, "source_height": kept.info.height,
+        "rotation": kept.info.rotation,
         "source_fps": round(kept.info.fps, 4), "codec": kept.info.codec, "motion": round(kept.motion, 4),
         "frame_hashes": [f"{int(h):016x}" for h in kept.hashes], "clips": clips,
     }

@@ -23,6 +23,7 @@ REASONS = {
     "no_video_stream": "the file has no video stream",
     "bad_fps": "the frame rate is outside curate.filters",
     "too_small": "the resolution is below curate.filters",
+    "resolution_too_large": "the resolution is above curate.filters.max_width/max_height",
     "bad_aspect": "the aspect ratio is outside curate.filters",
     "too_short": "not enough frames for one clip (or shorter than min_duration_s)",
     "too_long": "longer than curate.filters.max_duration_s",

@@ -6,7 +6,7 @@ import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -24,20 +24,37 @@ THUMB = 32  # side of the gray thumbnails used for perceptual hashes and motion
 
 @dataclass(frozen=True)
 class VideoInfo:
+    """What the container says about a video. `width`/`height` are the size as displayed: a phone's portrait
+    video is stored as landscape frames plus a display rotation, and `rotation` (0, 90, 180 or 270: degrees
+    counter-clockwise, as PyAV's `VideoFrame.rotation`) says how to turn the decoded frames upright."""
+
     width: int
     height: int
     fps: float
     duration_s: float
     codec: str
+    rotation: int = 0
 
     @property
     def aspect(self) -> float:
         return self.width / self.height
 
+    @property
+    def coded_size(self) -> tuple[int, int]:
+        """(width, height) of the decoded frames, before the display rotation."""
+        return (self.height, self.width) if self.rotation % 180 else (self.width, self.height)
+
+
+def quarter_turns(degrees: float) -> int:
+    """A display rotation in degrees (counter-clockwise, any sign) rounded to the nearest quarter turn: 0-3."""
+    return math.floor(degrees / 90 + 0.5) % 4
+
 
 class VideoFile:
     """An open video: `info` from the container header, then `frames_on_grid` to decode it.
 
+    Opening decodes nothing; `info` has the coded size and rotation 0 until `read_rotation` decodes the first
+    frame (the display matrix is only exposed on decoded frames) and turns `info` into the displayed size.
     Use as a context manager; opening raises `Rejected` (empty_file, undecodable, no_video_stream).
     """
 
@@ -49,9 +66,13 @@ class VideoFile:
             self._container = av.open(str(self.path), mode="r")
         except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
             raise Rejected("undecodable", f"{self.path}: {exc}") from None
+        self._rotation_read = False
+        self._peeked: av.VideoFrame | None = None
+        self._decoder: Iterator[av.VideoFrame] | None = None
         try:
             self._stream = self._video_stream()
             self.info = self._read_info()
+            self._stream.thread_type = "AUTO"  # only settable before the decoder opens
         except BaseException:
             self._container.close()
             raise
@@ -80,30 +101,70 @@ class VideoFile:
             duration = stream.frames / fps
         else:
             duration = math.nan
-        if not stream.width or not stream.height:
-            raise Rejected("undecodable", f"{self.path}: the video stream has no frame size")
+        if not stream.width or not stream.height or stream.width < 0 or stream.height < 0:
+            raise Rejected("undecodable", f"{self.path}: the video stream has no valid frame size "
+                                          f"({stream.width}x{stream.height})")
         return VideoInfo(width=stream.width, height=stream.height, fps=fps, duration_s=duration,
                          codec=stream.codec_context.name)
+
+    def read_rotation(self) -> VideoInfo:
+        """Decode the first frame for its display matrix; set and return `info` with the displayed size.
+
+        Call it only after the header passed its size limits: this is the first decode. The frame is kept
+        for `frames_on_grid`, so nothing is decoded twice. Raises `Rejected` (undecodable) when no frame
+        decodes."""
+        if self._rotation_read:
+            return self.info
+        self._rotation_read = True
+        self._decoder = self._container.decode(self._stream)
+        try:
+            self._peeked = next(self._decoder)
+        except StopIteration:
+            raise Rejected("undecodable", f"{self.path}: no frame could be decoded") from None
+        except av.FFmpegError as exc:
+            raise Rejected("undecodable", f"{self.path}: the first frame does not decode: {exc}") from None
+        turns = quarter_turns(self._peeked.rotation)
+        if turns:
+            width, height = (self.info.height, self.info.width) if turns % 2 else (self.info.width, self.info.height)
+            self.info = replace(self.info, width=width, height=height, rotation=90 * turns)
+        return self.info
+
+    def _frames(self, seek: bool) -> Iterator[av.VideoFrame]:
+        """Decoded frames in presentation order, starting with the one `read_rotation` decoded unless
+        `seek` moved the demuxer since."""
+        peeked, decoder, self._peeked, self._decoder = self._peeked, self._decoder, None, None
+        if peeked is not None and decoder is not None and not seek:
+            yield peeked
+            yield from decoder
+        else:
+            yield from self._container.decode(self._stream)
 
     def frames_on_grid(self, fps: float, start: float = 0.0, end: float | None = None,
                        max_frames: int | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
         """Yield `(grid_time, frame)` for grid times start, start + 1/fps, …: each the decoded frame
         nearest that time (frames repeat when the source is slower than `fps`). Works on variable frame
-        rates because it uses presentation times, not frame counts. A damaged tail ends the video."""
+        rates because it uses presentation times, not frame counts; a frame whose time does not move
+        forward is dropped. A damaged tail ends the video. The frames are as decoded: turn them upright
+        with `info.rotation` (FrameConverter does)."""
         stream, container, path = self._stream, self._container, self.path
         step = 1.0 / fps
-        stream.thread_type = "AUTO"
-        if start > 0 and stream.time_base is not None:
-            container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+        seek = start > 0 and stream.time_base is not None
+        if seek:
+            try:
+                container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+            except av.FFmpegError as exc:
+                raise Rejected("undecodable", f"{path}: cannot seek to {start}s: {exc}") from None
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         emitted = 0
         previous: tuple[float, av.VideoFrame] | None = None
         try:
-            for index, frame in enumerate(container.decode(stream)):
+            for index, frame in enumerate(self._frames(seek)):
                 t = frame.time if frame.time is not None else index / rate
                 if end is not None and t >= end:
                     break
                 if previous is not None:
+                    if t <= previous[0]:
+                        continue
                     midpoint = (previous[0] + t) / 2
                     while (grid := start + emitted * step) < midpoint:
                         yield grid, previous[1]
@@ -126,10 +187,11 @@ class VideoFile:
                 return
 
 
-def probe(path: Path) -> VideoInfo:
-    """Read the container header: size, frame rate, duration, codec."""
+def probe(path: Path, rotation: bool = True) -> VideoInfo:
+    """Read the container header: size, frame rate, duration, codec; with `rotation`, also decode the
+    first frame for its display rotation, so the size is the displayed one."""
     with VideoFile(path) as source:
-        return source.info
+        return source.read_rotation() if rotation else source.info
 
 
 def cover_crop_box(src_w: int, src_h: int, size: Size) -> tuple[int, int, int, int]:
@@ -141,24 +203,35 @@ def cover_crop_box(src_w: int, src_h: int, size: Size) -> tuple[int, int, int, i
 
 
 class FrameConverter:
-    """Turns decoded frames into centre-cropped RGB images at every size, plus a gray thumbnail.
+    """Turns decoded frames into upright, centre-cropped RGB images at every size, plus a gray thumbnail.
 
-    One swscale pass brings the full frame down to the cover size of the largest target; smaller sizes
-    and the thumbnail are resampled from that small image. The reformatter is kept across frames: building
-    a new scaler for every frame (what `VideoFrame.reformat` does) costs more than the scaling itself.
+    `src_w` x `src_h` is the displayed size and `rotation` the display rotation (see `VideoInfo`): frames
+    are scaled in their coded orientation, then turned upright with `np.rot90` (counter-clockwise, as
+    ffplay and browsers show them), then cropped. One swscale pass brings the full frame down to the cover
+    size of the largest target; smaller sizes and the thumbnail are resampled from that small image. The
+    reformatter is kept across frames: building a new scaler for every frame (what `VideoFrame.reformat`
+    does) costs more than the scaling itself.
     """
 
-    def __init__(self, src_w: int, src_h: int, sizes: list[Size]):
+    def __init__(self, src_w: int, src_h: int, sizes: list[Size], rotation: int = 0):
         self.sizes = list(sizes)
         largest = max(self.sizes, key=lambda s: s.width * s.height)
         self.base_w, self.base_h, _, _ = cover_crop_box(src_w, src_h, largest)
         self.upscale = self.base_w > src_w
         self.boxes = {s.key: cover_crop_box(src_w, src_h, s) for s in self.sizes}
+        self.turns = quarter_turns(rotation)
+        # What swscale writes: the base size in the frames' coded orientation.
+        self.coded_w, self.coded_h = (self.base_h, self.base_w) if self.turns % 2 else (self.base_w, self.base_h)
         self._reformatter = VideoReformatter()
 
-    def __call__(self, frame: av.VideoFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        base = self._reformatter.reformat(frame, width=self.base_w, height=self.base_h, format="rgb24",
+    def upright(self, frame: av.VideoFrame) -> np.ndarray:
+        """The frame as RGB at the base size, turned as displayed."""
+        base = self._reformatter.reformat(frame, width=self.coded_w, height=self.coded_h, format="rgb24",
                                           interpolation="BICUBIC" if self.upscale else "AREA").to_ndarray()
+        return np.ascontiguousarray(np.rot90(base, self.turns)) if self.turns else base
+
+    def __call__(self, frame: av.VideoFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        base = self.upright(frame)
         image = Image.fromarray(base)
         out = {}
         for size in self.sizes:

@@ -10,7 +10,6 @@ The output folder is replaced whole at the end (built beside it, then renamed), 
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,7 +85,7 @@ def prepare(params: Params, prompts: str | Path | None = None, from_registry: st
     cascade.pipeline.to(cfg.device)
     out = Path(out or cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = atomic.staging_folder(out)
     (staging / "videos").mkdir()
     return EvaluationPlan(params, prompt_set, cascade, staging, out, reference_split or cfg.reference_split)
 
@@ -147,7 +146,7 @@ def finish(plan: EvaluationPlan, videos: list[GeneratedVideo], track: bool = Tru
                 track_generation(params, plan.staging / mp4, video.prompt, plan.cascade.sources,
                                  plan.cascade.from_registry, settings, recorded_path=plan.out / mp4,
                                  parent_run_id=run_id, log_video=False)
-        _publish(plan.staging, plan.out)
+        atomic.replace_folder(plan.staging, plan.out)
     finally:
         shutil.rmtree(plan.staging, ignore_errors=True)
     return EvaluationResult(plan.out, scores.metrics, per_prompt, scores.skipped, run_id, plan.cascade.sources)
@@ -217,12 +216,3 @@ def _log(client: Any, params: Params, plan: EvaluationPlan, scores: Scores, labe
     return run_id
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Replace `out` with the finished staging folder (the old one is removed only once the new one is whole)."""
-    old = out.with_name(f".{out.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

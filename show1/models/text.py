@@ -32,10 +32,13 @@ def load_text_encoder(folder: Path | str, torch_dtype: torch.dtype | None = None
     enc_dir = folder / "text_encoder" if (folder / "text_encoder").is_dir() else folder
     if not (enc_dir / "config.json").is_file():
         raise FileNotFoundError(f"{enc_dir}: no config.json, so not a text encoder folder")
+    from show1.weight_files import refuse_pickles
+
+    refuse_pickles(enc_dir)
     config = AutoConfig.from_pretrained(enc_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     dtype_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    return tokenizer, encoder_class(config.model_type).from_pretrained(enc_dir, **dtype_kwargs)
+    return tokenizer, encoder_class(config.model_type).from_pretrained(enc_dir, use_safetensors=True, **dtype_kwargs)
 
 
 def encoder_class(model_type: str) -> type[PreTrainedModel]:

@@ -304,7 +304,7 @@ class ShowOneUNet3DConditionModel(ModelMixin, ConfigMixin):
         applied to every frame.
         """
         if not isinstance(unet_2d, UNet2DConditionModel):
-            unet_2d = UNet2DConditionModel.from_pretrained(str(unet_2d))
+            unet_2d = UNet2DConditionModel.from_pretrained(str(unet_2d), use_safetensors=True)
         model = cls.from_config(cls.config_from_2d(unet_2d.config))
         missing, unexpected = model.load_state_dict(unet_2d.state_dict(), strict=False)
         if unexpected:

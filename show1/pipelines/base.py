@@ -23,6 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from show1.models.text import MAX_LENGTH, encode_prompt, load_text_encoder
 from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
+from show1.weight_files import check_folder
 
 
 class MissingComponentError(FileNotFoundError):
@@ -60,7 +61,7 @@ def load_scheduler(folder: Path, dtype: torch.dtype | None) -> Any:
 
 
 def _load_unet(folder: Path, dtype: torch.dtype | None) -> ShowOneUNet3DConditionModel:
-    return ShowOneUNet3DConditionModel.from_pretrained(folder, torch_dtype=dtype)
+    return ShowOneUNet3DConditionModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
 
 
 class Show1StagePipeline(DiffusionPipeline):
@@ -83,12 +84,11 @@ class Show1StagePipeline(DiffusionPipeline):
         folder = Path(folder)
         if not (folder / "model_index.json").is_file():
             raise MissingComponentError(f"{folder}: no model_index.json, so not a pipeline folder")
-        components: dict[str, Any] = {}
-        for name, loader in cls.loaders.items():
-            sub = folder / name
-            if not sub.is_dir():
+        for name in cls.loaders:
+            if not (folder / name).is_dir():
                 raise MissingComponentError(f"{folder}: missing component '{name}/' needed by {cls.__name__}")
-            components[name] = loader(sub, torch_dtype)
+        check_folder(folder)  # safetensors only; a sealed folder must match its checksums
+        components: dict[str, Any] = {name: loader(folder / name, torch_dtype) for name, loader in cls.loaders.items()}
         components["tokenizer"], components["text_encoder"] = None, None
         if load_text_encoder_ and (folder / "text_encoder").is_dir():
             components["tokenizer"], components["text_encoder"] = load_text_encoder(folder, torch_dtype)

@@ -107,11 +107,11 @@ def resize_like_pil(video: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def _load_vae(folder: Path, dtype: torch.dtype | None) -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
 
 
 def _load_unet(folder: Path, dtype: torch.dtype | None) -> UNet3DConditionModel:
-    return UNet3DConditionModel.from_pretrained(folder, torch_dtype=dtype)
+    return UNet3DConditionModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
 
 
 class Show1SR2Pipeline(Show1StagePipeline):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 
+from show1 import atomic, integrity
 from show1.models.configs import (
     STAGE_FOLDERS,
     STAGES,
@@ -81,13 +80,8 @@ def init_weights(out: Path | str, profile: str = "tiny", stages: list[str] | tup
         for stage in stages:
             pipe = build_stage(stage, profile, text_dim, text if stage == "base" else None)
             target = out / STAGE_FOLDERS[stage]
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=out))
-            try:
+            with atomic.folder_in_place(target) as staging:  # the stage folder appears whole or not at all
                 pipe.save_pretrained(staging, safe_serialization=True)
-                if target.exists():
-                    shutil.rmtree(target)
-                staging.rename(target)  # the stage folder appears whole or not at all
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                integrity.seal(staging)
             written[stage] = target
     return written

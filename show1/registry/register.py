@@ -13,23 +13,30 @@ import importlib.metadata
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from show1 import integrity
 from show1.config import Params, Registry
+from show1.faults import fault_point
+from show1.integrity import IntegrityError
 from show1.models.text import load_text_encoder
 from show1.pipelines.cascade import STAGE_PIPELINES
 from show1.provenance import folder_files, tree_digest
 from show1.registry import pyfunc_entry, stage_model
 from show1.store import connect, experiment_id
 from show1.training.tracking import training_run_id
+from show1.weight_files import UnsafeWeightsError, check_folder
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 ALIASES = (CHALLENGER, CHAMPION)
 MODEL_TYPE = "show1-stage"
+# On the logged model only: which process is uploading it (so a rerun can tell a killed registration from a live one).
+HOST_TAG, PID_TAG = "show1.registration_host", "show1.registration_pid"
 TEXT_PARTS = ("tokenizer", "text_encoder")
 
 # What a person browsing the registry reads about each model.
@@ -166,6 +173,7 @@ def assemble_model_folder(folder: Path, components: list[str], text_source: Path
         index["tokenizer"] = ["transformers", tokenizer_config.get("tokenizer_class", "AutoTokenizer")]
         index["text_encoder"] = ["transformers", (encoder_config.get("architectures") or ["AutoModel"])[0]]
     (target / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    integrity.seal(target)  # whoever downloads the version can check it arrived whole
 
 
 def _requirements() -> list[str]:
@@ -181,6 +189,33 @@ def _requirements() -> list[str]:
 def _versions_with_hash(client: Any, name: str, digest: str) -> list[Any]:
     found = client.search_model_versions(f"name = '{name}' and tags.content_hash = '{digest}'")
     return sorted(found, key=lambda v: int(v.version))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but someone else's
+        return True
+    return True
+
+
+def remove_orphans(client: Any, experiment: str, digest: str, versions: list[Any]) -> list[str]:
+    """Delete logged models a killed registration of this content left behind: not behind any model version,
+    and either FAILED or created by a process of this host that no longer runs. A registration in progress
+    elsewhere (its process alive, or another host) is left alone. Returns the deleted model ids."""
+    used = {getattr(v, "model_id", None) for v in versions}
+    removed = []
+    for logged in client.search_logged_models([experiment], filter_string=f"tags.content_hash = '{digest}'"):
+        if logged.model_id in used:
+            continue
+        tags, status = logged.tags or {}, str(getattr(logged.status, "name", logged.status))
+        ours = tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit()
+        if status.endswith("FAILED") or (ours and not _process_alive(int(tags[PID_TAG]))):
+            client.delete_logged_model(logged.model_id)
+            removed.append(logged.model_id)
+    return removed
 
 
 def ensure_registered_model(client: Any, name: str, stage: str) -> None:
@@ -225,6 +260,10 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
         raise RegistrationError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_PIPELINES)})")
     folder = Path(checkpoint or params.paths.runs / stage / "final")
     components = stage_components(folder, stage)
+    try:
+        check_folder(folder)  # never register a damaged checkpoint (or one that show1 would refuse to load)
+    except (IntegrityError, UnsafeWeightsError) as exc:
+        raise RegistrationError(str(exc)) from None
     client = connect(params.tracking)
     run_id = run_id or next((rid for parent in (folder.parent, folder.parent.parent)
                              if (rid := training_run_id(parent))), None)
@@ -241,6 +280,9 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
     name = model_name(params.registry, stage)
     ensure_registered_model(client, name, stage)
     existing = _versions_with_hash(client, name, digest)
+    experiment = experiment_id(client, params.tracking)
+    if removed := remove_orphans(client, experiment, digest, existing):
+        say(f"removed {len(removed)} logged model(s) left by an interrupted registration")
     if existing:
         client.set_registered_model_alias(name, alias, existing[0].version)
         return RegisteredVersion(name, str(existing[0].version), digest, created=False)
@@ -259,8 +301,10 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
             artifacts={stage_model.STAGE_ARTIFACT: str(Path(tmp) / "stage")}, model_config={"stage": stage},
             signature=stage_model.signature(stage), input_example=stage_model.input_example(stage),
             pip_requirements=_requirements(), metadata={"show1": {"stage": stage, "content_hash": digest}})
-        logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, tags=tags, model_type=MODEL_TYPE,
-                                                experiment_id=experiment_id(client, params.tracking))
+        owner = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+        logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, tags=tags | owner,
+                                                model_type=MODEL_TYPE, experiment_id=experiment)
+        fault_point("register.after_logged_model")
         try:
             say("uploading the model to the artifact store")
             client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
@@ -268,9 +312,11 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
             mlflow.finalize_logged_model(logged.model_id, "FAILED")
             raise
         mlflow.finalize_logged_model(logged.model_id, "READY")
+        fault_point("register.after_upload")
     version = client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags,
                                           description=_version_description(stage, folder, digest, tags, training),
                                           model_id=logged.model_id)
+    fault_point("register.after_version")
     # Two registrations of one content may race past the check above: the lowest version wins, others go.
     winner = _versions_with_hash(client, name, digest)[0]
     if str(winner.version) != str(version.version):

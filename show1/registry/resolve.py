@@ -7,17 +7,18 @@ REF is an alias for every stage (`champion`, `challenger`), versions in stage or
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from show1 import atomic
 from show1.config import Params
+from show1.integrity import IntegrityError
 from show1.models.configs import STAGES
 from show1.registry.register import model_name
 from show1.registry.stage_model import STAGE_ARTIFACT
 from show1.store import connect
+from show1.weight_files import UnsafeWeightsError, check_folder
 
 REF = re.compile(r"^(?:\d+|[A-Za-z][A-Za-z0-9_-]*)$")
 COMPLETE = ".complete"
@@ -113,20 +114,17 @@ def stage_folder(version: StageVersion, cache: Path) -> Path:
     folder = target / "artifacts" / STAGE_ARTIFACT
     if (target / COMPLETE).is_file():
         return folder
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
-    try:
+    with atomic.folder_in_place(target) as staging:
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
                                             dst_path=str(staging))
         downloaded = staging / "artifacts" / STAGE_ARTIFACT
         if not (downloaded / "model_index.json").is_file():
             raise RegistryLookupError(f"{version.label}: no stage folder in its artifacts (not a show1 model)")
+        try:
+            check_folder(downloaded)  # what arrived is what was registered
+        except (IntegrityError, UnsafeWeightsError) as exc:
+            raise RegistryLookupError(f"{version.label}: {exc}") from None
         (staging / COMPLETE).write_text(version.label)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -9,7 +9,8 @@ and data position are restored, so on the CPU a resumed run's losses equal an un
 
 RUN_DIR/metrics.jsonl      one row per optimizer step: step, loss, lr, samples_per_s
 RUN_DIR/checkpoints/step-N/ a stage folder (model_index.json, unet/, scheduler/ …) + ema.safetensors,
-                           training_state.pt (optimizer, LR, RNG), state.json
+                           training_state.safetensors/.json (optimizer, LR, RNG), state.json,
+                           checksums.json (sha256 of every file: a changed file refuses to load)
 RUN_DIR/final/             a stage folder (EMA weights) that the stage's pipeline loads
 """
 
@@ -19,7 +20,6 @@ import contextlib
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,10 +33,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from show1 import atomic
+from show1 import atomic, integrity, tensor_tree
 from show1.config import Params, Train
 from show1.data.dataset import CuratedClips
 from show1.data.video import write_video
+from show1.faults import fault_point
+from show1.integrity import IntegrityError
 from show1.models.configs import (
     image_noising_scheduler_config,
     pixel_scheduler_config,
@@ -58,9 +60,11 @@ from show1.training.losses import diffusion_loss
 from show1.training.samples import sample_video
 from show1.training.specs import SPECS, training_size
 from show1.training.tracking import TrainingRun
+from show1.weight_files import check_folder
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+TRAINING_STATE = "training_state"  # .safetensors + .json (see show1.tensor_tree)
 TRAINABLE_STAGES = tuple(SPECS)
 
 
@@ -124,8 +128,9 @@ def load_model(stage: str, params: Params, text_dim: int, init_from: Path | None
         if init_2d is not None:
             raise ValueError("--init-2d inflates pixel UNets; sr2 starts from a latent video model (--init-from)")
         if init_from is not None:
-            unet = UNet3DConditionModel.from_pretrained(_folder_part(init_from, "unet"))
-            vae = AutoencoderKL.from_pretrained(init_from / "vae")
+            check_folder(init_from)
+            unet = UNet3DConditionModel.from_pretrained(_folder_part(init_from, "unet"), use_safetensors=True)
+            vae = AutoencoderKL.from_pretrained(init_from / "vae", use_safetensors=True)
         else:
             parts = tiny_sr2_components(text_dim) if params.profile == "tiny" else {
                 "unet": UNet3DConditionModel(**paper_sr2_unet_config()), "vae": AutoencoderKL(**paper_sr2_vae_config())}
@@ -134,8 +139,10 @@ def load_model(stage: str, params: Params, text_dim: int, init_from: Path | None
                                               if k != "set_alpha_to_one"})
         return StageModel(unet, schedule, vae.requires_grad_(False).eval(), eps_channels=4)
     if init_from is not None:
-        unet = ShowOneUNet3DConditionModel.from_pretrained(_folder_part(init_from, "unet"))
+        check_folder(init_from)
+        unet = ShowOneUNet3DConditionModel.from_pretrained(_folder_part(init_from, "unet"), use_safetensors=True)
     elif init_2d is not None:
+        check_folder(init_2d)
         unet = ShowOneUNet3DConditionModel.from_2d(_folder_part(init_2d, "unet"))
     else:
         unet = ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, params.profile, text_dim))
@@ -233,8 +240,10 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     elif (run_dir / METRICS).is_file() or latest_checkpoint(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume latest, or choose a new --out")
     run_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (run_dir, run_dir / CHECKPOINTS):  # what a killed checkpoint or export write left behind
+        atomic.remove_stale_folders(folder)
     tracker = TrainingRun(params, run_dir, stage, data_dir, text_encoder_dir) if track else None
-    (run_dir / "config.json").write_text(json.dumps({
+    atomic.write_text(run_dir / "config.json", json.dumps({
         "stage": stage, "params": params.model_dump(mode="json"), "data": str(data_dir),
         "fingerprint": fingerprint(stage, params, data_dir, max_steps, text_encoder_dir)}, indent=2, default=str))
 
@@ -336,23 +345,19 @@ def _checkpoint(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, vae
     folder = run_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
-    try:
+    with atomic.folder_in_place(target) as staging:
         assemble_stage(stage, unet, vae).save_pretrained(staging, safe_serialization=True)
         save_file({f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
                   str(staging / "ema.safetensors"))
-        # Only tensors, numbers and dicts: loadable with torch.load(weights_only=True).
-        torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "generator": generator.get_state()},
-                   staging / "training_state.pt")
+        tensor_tree.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                          "torch_rng": torch.get_rng_state(), "generator": generator.get_state()},
+                         staging, TRAINING_STATE)
         (staging / "state.json").write_text(json.dumps({
             "step": step, "data_epoch": order.epoch, "data_offset": order.offset,
             "ema_optimization_step": ema.optimization_step, "ema_decay": ema.decay}))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        fault_point("train.checkpoint.before_seal")
+        integrity.seal(staging)
+        fault_point("train.checkpoint.before_publish")
     for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep_last]:
         shutil.rmtree(old)
     return target
@@ -360,11 +365,20 @@ def _checkpoint(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, vae
 
 def _restore(checkpoint: Path, unet: torch.nn.Module, ema: EMAModel, optimizer: Any, lr_schedule: Any,
              generator: torch.Generator, order: DataOrder) -> int:
+    try:
+        check_folder(checkpoint, sealed=True)
+    except IntegrityError as exc:
+        steps = sorted(p.name for p in checkpoint.parent.glob("step-*") if p != checkpoint)
+        hint = f" Delete it to resume from {steps[-1]}." if steps else ""
+        raise IntegrityError(f"cannot resume from checkpoint {checkpoint.name}: {exc}.{hint}") from None
     unet.load_state_dict(load_file(str(checkpoint / "unet" / "diffusion_pytorch_model.safetensors")))
     shadow = load_file(str(checkpoint / "ema.safetensors"))
     for i, param in enumerate(ema.shadow_params):
         param.data.copy_(shadow[f"{i:05d}"])
-    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    if tensor_tree.exists(checkpoint, TRAINING_STATE):
+        state = tensor_tree.load(checkpoint, TRAINING_STATE)
+    else:  # written by show1 before 0.2: tensors and plain containers only, so weights_only loads it
+        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     lr_schedule.load_state_dict(state["lr_schedule"])
     torch.set_rng_state(state["torch_rng"])
@@ -401,12 +415,7 @@ def _export(stage: str, run_dir: Path, unet: torch.nn.Module, ema: EMAModel, vae
     """The EMA weights as a stage folder (issue-3 layout) that the stage's pipeline loads."""
     pipe = assemble_stage(stage, _ema_copy(unet, ema), vae)
     target = run_dir / "final"
-    staging = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=run_dir))
-    try:
+    with atomic.folder_in_place(target) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        integrity.seal(staging)
     return target
