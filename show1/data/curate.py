@@ -34,6 +34,7 @@ from show1.config import Curate, Params
 from show1.data import captions, manifest, quality, shards, sources, video
 from show1.data.errors import Rejected
 from show1.data.manifest import ManifestRow
+from show1.faults import fault_point
 
 INDEX = "index.jsonl"
 QUARANTINE = "quarantine.jsonl"
@@ -161,10 +162,15 @@ class KeptSource:
     motion: float
 
 
+def _safe_id(text: str) -> str:
+    """Letters, digits, `_`, `-` and `.` only, never starting with a dot (no `..`, no hidden-file names)."""
+    return re.sub(r"^\.+", lambda m: "_" * len(m.group()), _ID_CHARS.sub("_", text))
+
+
 def source_id_for(row: ManifestRow) -> str:
     if row.id:
-        return _ID_CHARS.sub("_", row.id)
-    stem = _ID_CHARS.sub("_", Path(str(row.video).split("?")[0]).stem) or "video"
+        return _safe_id(row.id)
+    stem = _safe_id(Path(str(row.video).split("?")[0]).stem) or "video"
     return f"{stem}-r{row.row}"
 
 
@@ -360,6 +366,7 @@ def run_chunk(plan: CurationPlan, index: int, on_row: Callable[[], None] | None 
     shard = plan.shard_name(index) if tensors else None
     if shard:
         shards.write_shard(plan.out / shard, tensors)
+        fault_point("curate.chunk.after_shard")
     # The part file commits the chunk: written only after its shard is in place.
     atomic.write_json(plan.part_path(index), {
         "chunk": index, "fingerprint": plan.fingerprint(index), "shard": shard,
@@ -509,6 +516,7 @@ def curate(manifest_path: Path | str, out: Path | str, params: Params, workers: 
                 reports = list(pool.map(lambda i: run_chunk(plan, i, on_row, force), indices))
         else:
             reports = [run_chunk(plan, i, on_row, force) for i in indices]
+        fault_point("curate.before_finalize")
         summary = finalize(plan, chunks_skipped=sum(r.skipped for r in reports))
     if summary.clips == 0:
         raise NothingKept(f"nothing valid remains: all {summary.rows} manifest rows of {plan.manifest} were "

@@ -201,11 +201,19 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def linked_model_id(version: Any) -> str | None:
+    """The logged model behind a version: `model_id` where the store keeps it, else its `models:/<id>` source."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = str(getattr(version, "source", "") or "")
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
 def remove_orphans(client: Any, experiment: str, digest: str, versions: list[Any]) -> list[str]:
     """Delete logged models a killed registration of this content left behind: not behind any model version,
     and either FAILED or created by a process of this host that no longer runs. A registration in progress
     elsewhere (its process alive, or another host) is left alone. Returns the deleted model ids."""
-    used = {getattr(v, "model_id", None) for v in versions}
+    used = {linked_model_id(v) for v in versions}
     removed = []
     for logged in client.search_logged_models([experiment], filter_string=f"tags.content_hash = '{digest}'"):
         if logged.model_id in used:

@@ -232,11 +232,14 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
         previous = json.loads((run_dir / "config.json").read_text()).get("stage")
         if previous != stage:
             raise ValueError(f"{run_dir} is a run of stage '{previous}', not '{stage}'")
-    if resume == "latest" and (checkpoint := latest_checkpoint(run_dir)) is not None:
-        step = _restore(checkpoint, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, generator, order)
-        rows = [r for r in atomic.read_jsonl(run_dir / METRICS) if r["step"] <= step] \
-            if (run_dir / METRICS).is_file() else []
-        atomic.write_jsonl(run_dir / METRICS, rows)  # drop rows a killed run wrote after its last checkpoint
+    if resume == "latest":
+        # From the newest checkpoint, or from step 0 when the run was killed before its first one.
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            step = _restore(checkpoint, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, generator, order)
+        if (run_dir / METRICS).is_file():  # drop rows a killed run wrote after its last checkpoint
+            kept = [r for r in atomic.read_jsonl(run_dir / METRICS) if r["step"] <= step]
+            atomic.write_jsonl(run_dir / METRICS, kept)
     elif (run_dir / METRICS).is_file() or latest_checkpoint(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume latest, or choose a new --out")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -201,7 +201,6 @@ def test_cli_curates_the_hostile_corpus_without_crashing(corpus: Corpus) -> None
     assert summary["rows"] == len(ROWS)
     assert summary["kept_sources"] == len(GOOD)
     assert summary["rejected_rows"] == len(BAD)
-    assert corpus.timings["generate_s"] < 10, corpus.timings
 
 
 def test_corpus_covers_the_hostile_cases() -> None:
@@ -277,7 +276,6 @@ def test_content_not_the_file_name_decides_the_format(corpus: Corpus) -> None:
     assert codecs == {"mp4_as_avi": "h264", "mp4_no_extension": "h264", "webm_as_mp4": "vp9"}
     with av.open(str(corpus.root / "videos" / "webm.mp4")) as container:
         assert "webm" in container.format.name
-    assert corpus.timings["curate_cli_s"] > 0
 
 
 def _displayed_frames(path: Path) -> np.ndarray:
@@ -372,3 +370,35 @@ def test_resolution_limits_are_validated(make_params: Callable[..., Params], bad
 
     with pytest.raises(ConfigError, match=r"max_width|max_height"):
         make_params({"curate": {"filters": bad}})
+
+
+# ------------------------------------------------------------------------------------ unusable manifests
+
+BROKEN_MANIFESTS = {
+    "missing_caption_column.csv": (b"video,id\nvideos/a.mp4,1\n", "no 'caption' column"),
+    "missing_video_column.jsonl": (b'{"caption": "x", "id": 1}\n', "no 'video' column"),
+    "header_only.csv": (b"video,caption\n", "no data rows"),
+    "empty.csv": (b"", "empty"),
+    "binary.csv": (bytes(range(256)) * 8, "column"),
+    "arrays.jsonl": (b"[1, 2]\n[3]\n", "no 'video' column"),
+    "manifest.parquet": (b"PAR1", "unknown manifest format"),
+    "repeated_header.csv": (b"video,caption,video\nx.mp4,y,z\n", "repeated column names"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_MANIFESTS))
+def test_an_unusable_manifest_is_one_clear_error_and_writes_nothing(name: str, tmp_path: Path,
+                                                                     make_params: Callable[..., Params]) -> None:
+    from typer.testing import CliRunner
+
+    from show1.cli import app
+
+    make_params()
+    content, message = BROKEN_MANIFESTS[name]
+    (tmp_path / name).write_bytes(content)
+    result = CliRunner().invoke(app, ["--params", str(tmp_path / "params.yaml"), "curate", str(tmp_path / name),
+                                      "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and str(tmp_path / name) in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "index.jsonl").exists()

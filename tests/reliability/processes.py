@@ -1,0 +1,51 @@
+"""Running `show1` in real subprocesses, and killing them: at a named fault point or at a random moment."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ROUNDS = int(os.environ.get("SHOW1_SOAK_ROUNDS", "2"))
+SEED = int(os.environ.get("SHOW1_SOAK_SEED", "8"))
+
+
+def show1(params: Path, *args: str, fault: str | None = None, env: dict[str, str] | None = None,
+          timeout: float = 300) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    environment.pop("SHOW1_FAULT", None)
+    if fault:
+        environment["SHOW1_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "show1.cli", "--params", str(params), *args], cwd=REPO,
+                          capture_output=True, text=True, env=environment, timeout=timeout)
+
+
+def killed_at_random(argv: list[str], rng: random.Random, ready: str, window_s: float,
+                     env: dict[str, str] | None = None) -> int | None:
+    """Start `argv`; once it prints `ready` on stderr or stdout, SIGKILL it after a random pause in [0, window_s).
+    Returns the exit code (None when it was killed; an int when it finished first)."""
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    environment.pop("SHOW1_FAULT", None)
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=environment)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if ready in line:
+                break
+        time.sleep(rng.uniform(0, window_s))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return None
+        return process.returncode
+    finally:
+        process.kill()
+        process.wait()
+
+

@@ -1,0 +1,154 @@
+"""Faults in curation and registration: real `show1` processes killed with SIGKILL at named points (SHOW1_FAULT,
+see show1/faults.py) and at random moments, then run again. Curation ends with the same bytes as an uninterrupted
+run (no duplicate, no half shard); registration leaves exactly one whole version and no orphan logged model.
+
+`SHOW1_SOAK_ROUNDS=N` (default 2) sets how many random kills each soak test makes: the on-demand soak is
+`SHOW1_SOAK_ROUNDS=25 pytest tests/reliability -m soak`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sys
+from pathlib import Path
+
+import media
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from processes import ROUNDS, SEED, killed_at_random, show1
+from safetensors.torch import load_file
+
+from show1.config import load_params
+from show1.data.curate import curate
+from show1.pipelines.keyframes import Show1BasePipeline
+from show1.pipelines.weights import init_weights
+from show1.registry.register import linked_model_id
+from show1.registry.resolve import parse_refs, resolve, stage_folder
+from show1.weight_files import check_folder
+
+# ------------------------------------------------------------------------------------------------ curation
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, write_params) -> dict[str, Path]:
+    """Twelve good videos and two bad rows, one row per chunk, curated once without interruption."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rows = [{"video": media.write_video(folder / f"v{seed}.mp4", seed=seed).name, "caption": f"clip number {seed}"}
+            for seed in range(12)]
+    rows.insert(4, {"video": "missing.mp4", "caption": "gone"})
+    rows.insert(9, {"video": media.write_zero_byte(folder / "zero.mp4").name, "caption": "empty"})
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_params(folder / "params", {"curate": {"rows_per_shard": 1}})
+    params_file = folder / "params" / "params.yaml"
+    curate(manifest, folder / "reference", load_params(params_file))
+    return {"manifest": manifest, "params": params_file, "reference": folder / "reference"}
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    """What other tools read, with its bytes (summary.json differs only in chunks_skipped)."""
+    files = [out / "index.jsonl", out / "quarantine.jsonl", *sorted((out / "shards").iterdir()),
+             *sorted((out / "parts").iterdir())]
+    return {f.relative_to(out).as_posix(): f.read_bytes() for f in files}
+
+
+def assert_consistent(out: Path) -> None:
+    """What a killed curation may leave: committed chunks (a part file naming a whole shard) and nothing else
+    that a reader would take for data."""
+    for part in (out / "parts").glob("part-*.json"):
+        record = json.loads(part.read_text())
+        if record["shard"]:
+            tensors = load_file(str(out / record["shard"]))  # raises on a half-written shard
+            assert {s["source_key"] for s in record["sources"]} == {name.split("/")[0] for name in tensors}
+
+
+def assert_complete(out: Path, reference: Path) -> None:
+    assert outputs(out) == outputs(reference)
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert len({r["clip_id"] for r in index}) == len(index), "a clip appears twice"
+    referenced = {json.loads(p.read_text())["shard"] for p in (out / "parts").glob("part-*.json")}
+    assert {f"shards/{p.name}" for p in (out / "shards").iterdir()} == referenced - {None}
+    assert [p.name for p in out.rglob("*") if ".tmp-" in p.name] == []
+
+
+@pytest.mark.parametrize("fault", ["curate.chunk.after_shard@3", "curate.before_finalize"])
+def test_curation_killed_at_a_commit_point_reruns_to_the_uninterrupted_bytes(corpus, tmp_path, fault):
+    out = tmp_path / "out"
+    killed = show1(corpus["params"], "curate", str(corpus["manifest"]), "--out", str(out), "--quiet", fault=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "index.jsonl").exists()
+    parts = sorted(p.name for p in (out / "parts").glob("part-*.json"))
+    if fault.startswith("curate.chunk.after_shard"):
+        # The third shard was written, its part file (the commit) was not: a half-committed chunk.
+        assert (out / "shards" / "shard-00002.safetensors").is_file() and "part-00002.json" not in parts
+    assert_consistent(out)
+    rerun = show1(corpus["params"], "curate", str(corpus["manifest"]), "--out", str(out), "--quiet")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_complete(out, corpus["reference"])
+
+
+@pytest.mark.soak
+def test_curation_killed_at_random_moments_completes_with_nothing_lost_or_doubled(corpus, tmp_path):
+    rng = random.Random(SEED)
+    out = tmp_path / "out"
+    script = ("import sys, time\nfrom show1.config import load_params\nfrom show1.data.curate import curate\n"
+              "params = load_params(sys.argv[3])\nprint('ready', flush=True)\n"
+              "curate(sys.argv[1], sys.argv[2], params, on_row=lambda: time.sleep(0.03))\n")
+    argv = [sys.executable, "-c", script, str(corpus["manifest"]), str(out), str(corpus["params"])]
+    kills = 0
+    for _ in range(ROUNDS):
+        if killed_at_random(argv, rng, "ready", window_s=0.8) is None:
+            kills += 1
+            assert_consistent(out)
+    assert kills, "every run finished before its kill"
+    rerun = show1(corpus["params"], "curate", str(corpus["manifest"]), "--out", str(out), "--quiet")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_complete(out, corpus["reference"])
+
+
+# -------------------------------------------------------------------------------------------- registration
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory) -> Path:
+    return init_weights(tmp_path_factory.mktemp("stage"), "tiny", stages=["base"], seed=5)["base"]
+
+
+def registry_state(store: str) -> dict:
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    versions = client.search_model_versions("name = 'show1-base'")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    logged = client.search_logged_models(experiments)
+    return {"versions": versions, "logged": logged, "client": client}
+
+
+@pytest.mark.parametrize("fault", ["register.after_logged_model", "register.after_upload", "register.after_version"])
+def test_registration_killed_at_any_step_leaves_one_whole_version_and_no_orphan(stage, tmp_path, fault,
+                                                                                 monkeypatch):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"paths": {"cache": str(tmp_path / "cache")}}))
+    env = {"MLFLOW_TRACKING_URI": store}
+    killed = show1(params_file, "register", "--stage", "base", "--checkpoint", str(stage), fault=fault, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    before = registry_state(store)
+    assert len(before["versions"]) == (1 if fault == "register.after_version" else 0)
+
+    again = show1(params_file, "register", "--stage", "base", "--checkpoint", str(stage), env=env)
+    assert again.returncode == 0, again.stderr
+    after = registry_state(store)
+    [version] = after["versions"]
+    assert {"content_hash", "stage", "source_folder", "profile"} <= set(version.tags)
+    assert after["client"].get_model_version_by_alias("show1-base", "challenger").version == version.version
+    assert [m.model_id for m in after["logged"]] == [linked_model_id(version)], (
+        f"an orphan logged model is left: {[(m.model_id, m.status, m.tags) for m in after['logged']]}, version "
+        f"{version.source}; first run: {killed.stderr[-2000:]}; second: {again.stderr[-2000:]}")
+    # The version is whole: it downloads, its seal matches, and it loads.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    params = load_params(params_file)
+    folder = stage_folder(resolve(params, parse_refs("base=challenger", ("base",)))["base"], params.paths.cache)
+    assert check_folder(folder, sealed=True)
+    Show1BasePipeline.from_pretrained(folder)
