@@ -58,10 +58,12 @@ def read_seal(folder: Path) -> dict[str, Any] | None:
     return seal_
 
 
-def verify(folder: Path | str, required: bool = False) -> str | None:
-    """Check every file of `folder` against its seal; return the content hash (None: no seal, not `required`).
+def verify(folder: Path | str, required: bool = False, parts: list[str] | None = None) -> str | None:
+    """Check the files of `folder` against its seal; return the content hash (None: no seal, not `required`).
 
-    Raises `IntegrityError` naming the first file that is missing, changed or not covered by the seal."""
+    With `parts` (component folder names), only those folders and the top-level files are checked: what a
+    pipeline that loads just those components reads (a stage that reuses another stage's text encoder need not
+    hash its own T5). Raises `IntegrityError` naming the first file that is missing, changed or not covered."""
     folder = Path(folder)
     recorded = read_seal(folder)
     if recorded is None:
@@ -71,14 +73,22 @@ def verify(folder: Path | str, required: bool = False) -> str | None:
         return None
     present = _files(folder)
     expected: dict[str, str] = recorded["files"]
-    for name, digest in sorted(expected.items()):
+    if parts is not None:
+        def wanted(name: str) -> bool:
+            return "/" not in name or name.split("/", 1)[0] in parts
+
+        present = {name: path for name, path in present.items() if wanted(name)}
+        checked = {name: digest for name, digest in expected.items() if wanted(name)}
+    else:
+        checked = expected
+    for name, digest in sorted(checked.items()):
         if name not in present:
             raise IntegrityError(f"{folder}: {name} is missing (recorded in {CHECKSUMS}); refusing to load")
         found = file_digest(present[name])
         if found != digest:
             raise IntegrityError(f"{folder}: {name} does not match its recorded content hash (sha256 {found[:16]}…, "
                                  f"recorded {digest[:16]}…): the file is damaged or was changed; refusing to load")
-    extra = sorted(set(present) - set(expected))
+    extra = sorted(set(present) - set(checked))
     if extra:
         raise IntegrityError(f"{folder}: {', '.join(extra[:5])} not covered by {CHECKSUMS} (added after the folder "
                              "was sealed); refusing to load")

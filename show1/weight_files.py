@@ -18,6 +18,12 @@ from pathlib import Path
 from show1 import atomic, integrity
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+# Pickles a Hugging Face Trainer leaves beside weights: never loaded by from_pretrained, never converted.
+TRAINER_STATE = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
+
+
+def is_weight_pickle(path: Path) -> bool:
+    return path.suffix.lower() in PICKLE_SUFFIXES and not TRAINER_STATE.match(path.name)
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5}-of-\d{5})$")
 
 
@@ -29,7 +35,7 @@ def pickled_weights(folder: Path) -> list[Path]:
     """Pickle weight files in `folder` (recursively) that have no safetensors beside them."""
     found = []
     for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES and not any(path.parent.glob("*.safetensors")):
+        if path.is_file() and is_weight_pickle(path) and not any(path.parent.glob("*.safetensors")):
             found.append(path)
     return found
 
@@ -46,11 +52,15 @@ def refuse_pickles(folder: Path | str) -> None:
             f"{folder.with_name(folder.name + '-safetensors')}")
 
 
-def check_folder(folder: Path | str, sealed: bool = False) -> str | None:
+def check_folder(folder: Path | str, sealed: bool = False, parts: list[str] | None = None) -> str | None:
     """Everything show1 checks before loading weights from `folder`: no pickles, and its seal (required when
-    `sealed`) matches. Returns the content hash when the folder is sealed."""
-    refuse_pickles(folder)
-    return integrity.verify(folder, required=sealed)
+    `sealed`) matches, for the whole folder or only the component folders in `parts` (plus its top-level files).
+    Returns the content hash when the folder is sealed."""
+    folder = Path(folder)
+    for part in parts if parts is not None else [""]:
+        if (folder / part).is_dir():
+            refuse_pickles(folder / part)
+    return integrity.verify(folder, required=sealed, parts=parts)
 
 
 # ----------------------------------------------------------------------------------------------- conversion
@@ -107,7 +117,8 @@ def convert_folder(source: Path | str, out: Path | str, overwrite: bool = False,
                    on_file: object = None) -> dict[str, int]:
     """Copy `source` to `out` with every pickled weight file converted to safetensors, then seal `out`.
 
-    Returns counts: converted, copied, skipped (pickles that already had safetensors beside them)."""
+    Returns counts: converted, copied, skipped (pickles that already had safetensors beside them, and a
+    Trainer's own state such as training_args.bin, which is not weights)."""
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: folder not found")
@@ -125,7 +136,7 @@ def convert_folder(source: Path | str, out: Path | str, overwrite: bool = False,
             target.parent.mkdir(parents=True, exist_ok=True)
             has_safetensors = any(path.parent.glob("*.safetensors"))
             if path.suffix.lower() in PICKLE_SUFFIXES:
-                if has_safetensors:
+                if has_safetensors or not is_weight_pickle(path):
                     counts["skipped"] += 1
                     continue
                 if callable(on_file):

@@ -11,6 +11,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_name, _threads)
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from show1.config import Params, load_params
+from show1.data.curate import curate
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD_SEEDS = range(6)
@@ -119,3 +121,28 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+TRAINING_SMALL = {  # the demo clips at a quarter of the tiny profile's sizes, so every stage trains in seconds
+    "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
+    "train": {"learning_rate": 0.001, "caption_dropout": 0.0, "batch_size": 2, "checkpoint_every": 100},
+}
+
+
+@pytest.fixture(scope="module")
+def training_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
+    """The demo clips curated at a quarter of the tiny sizes, plus `one-clip/`: a fixed batch of one training clip."""
+    folder = tmp_path_factory.mktemp("training")
+    (folder / "params.yaml").write_text(yaml.safe_dump(TRAINING_SMALL))
+    params = load_params(folder / "params.yaml")
+    curated = folder / "curated"
+    curate(REPO / "data/manifests/demo.csv", curated, params)
+    # A fixed batch: one training clip (the val clip stays, the trainer ignores it).
+    rows = [json.loads(line) for line in (curated / "index.jsonl").read_text().splitlines()]
+    keep = [r for r in rows if r["split"] == "train"][:1] + [r for r in rows if r["split"] == "val"]
+    (folder / "one-clip").mkdir()
+    for item in curated.iterdir():
+        if item.name != "index.jsonl":
+            (folder / "one-clip" / item.name).symlink_to(item)
+    (folder / "one-clip" / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    return folder, params

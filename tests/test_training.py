@@ -1,58 +1,19 @@
-"""The trainer on the real curated demo clips: overfitting, atomic checkpoints, and a trained stage folder that the
-pipeline loads. Kill -9 and exact resume: tests/reliability/test_faults_training.py."""
+"""The trainer on the real curated demo clips: atomic checkpoints, tracking, fine-tuning, and a trained stage folder
+that the pipeline loads. Overfitting: test_training_overfit.py; kill -9 and exact resume: tests/reliability/."""
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from show1.config import load_params
-from show1.data.curate import curate
 from show1.models.text import load_text_encoder, tiny_text_encoder_dir
 from show1.pipelines.keyframes import Show1BasePipeline
 from show1.training.trainer import latest_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {  # the demo clips at a quarter of the tiny profile's sizes, so every stage trains in seconds
-    "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
-    "train": {"learning_rate": 0.001, "caption_dropout": 0.0, "batch_size": 2, "checkpoint_every": 100},
-}
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("training")
-    (folder / "params.yaml").write_text(yaml.safe_dump(SMALL))
-    params = load_params(folder / "params.yaml")
-    curated = folder / "curated"
-    curate(ROOT / "data/manifests/demo.csv", curated, params)
-    # A fixed batch: one training clip (the val clip stays, the trainer ignores it).
-    rows = [json.loads(line) for line in (curated / "index.jsonl").read_text().splitlines()]
-    keep = [r for r in rows if r["split"] == "train"][:1] + [r for r in rows if r["split"] == "val"]
-    (folder / "one-clip").mkdir()
-    for item in curated.iterdir():
-        if item.name != "index.jsonl":
-            (folder / "one-clip" / item.name).symlink_to(item)
-    (folder / "one-clip" / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
-    return folder, params
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["base", "interp", "sr1", "sr2"])
-def test_each_stage_overfits_a_fixed_batch(setup, stage, tmp_path):
-    folder, params = setup
-    result = train(stage, folder / "one-clip", tmp_path / "run", params, max_steps=25)
-    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
-    assert last < 0.5 * first, result.losses
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 26)) and all("loss" in r and "lr" in r for r in rows)
-
-
-def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(setup, tmp_path):
-    folder, params = setup
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(training_setup, tmp_path):
+    folder, params = training_setup
     run = tmp_path / "run"
     train("base", folder / "curated", run, params, max_steps=2, checkpoint_every=2)
     # What a kill during the next checkpoint write leaves: a half-written staging folder.
@@ -64,8 +25,8 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(setup,
     assert resumed.steps == 3 and len(resumed.losses) == 1
 
 
-def test_a_finished_run_refuses_to_be_overwritten_or_resumed_as_another_stage(setup, tmp_path):
-    folder, params = setup
+def test_a_finished_run_refuses_to_be_overwritten_or_resumed_as_another_stage(training_setup, tmp_path):
+    folder, params = training_setup
     train("base", folder / "curated", tmp_path / "run", params, max_steps=1)
     with pytest.raises(FileExistsError, match="--resume latest"):
         train("base", folder / "curated", tmp_path / "run", params, max_steps=1)
@@ -73,8 +34,8 @@ def test_a_finished_run_refuses_to_be_overwritten_or_resumed_as_another_stage(se
         train("interp", folder / "curated", tmp_path / "run", params, max_steps=2, resume="latest")
 
 
-def test_trained_stage_folder_generates_through_the_pipeline(setup, tmp_path):
-    folder, params = setup
+def test_trained_stage_folder_generates_through_the_pipeline(training_setup, tmp_path):
+    folder, params = training_setup
     result = train("base", folder / "curated", tmp_path / "run", params, max_steps=2)
     tokenizer, encoder = load_text_encoder(tiny_text_encoder_dir())
     pipe = Show1BasePipeline.from_pretrained(result.final)
@@ -85,18 +46,18 @@ def test_trained_stage_folder_generates_through_the_pipeline(setup, tmp_path):
     assert frames.shape == (1, 3, 8, 20, 32) and torch.isfinite(frames).all()
 
 
-def test_fine_tuning_starts_from_a_stage_folder(setup, tmp_path):
-    folder, params = setup
+def test_fine_tuning_starts_from_a_stage_folder(training_setup, tmp_path):
+    folder, params = training_setup
     first = train("base", folder / "curated", tmp_path / "a", params, max_steps=1)
     tuned = train("base", folder / "curated", tmp_path / "b", params, max_steps=1, init_from=first.final)
     assert tuned.steps == 1
     shutil.rmtree(tmp_path / "a")
 
 
-def test_training_is_tracked_in_mlflow_and_a_resume_continues_the_run(setup, tmp_path, mlflow_store):
+def test_training_is_tracked_in_mlflow_and_a_resume_continues_the_run(training_setup, tmp_path, mlflow_store):
     from mlflow.tracking import MlflowClient
 
-    folder, params = setup
+    folder, params = training_setup
     train("base", folder / "curated", tmp_path / "run", params, max_steps=2, checkpoint_every=2)
     train("base", folder / "curated", tmp_path / "run", params, max_steps=3, resume="latest")
     client = MlflowClient(tracking_uri=mlflow_store)
@@ -130,19 +91,19 @@ def test_sr2_trains_only_on_timesteps_below_900_and_pixel_stages_on_all(setup):
     assert base.max() == 999
 
 
-def test_trained_sr2_folder_loads_into_its_pipeline(setup, tmp_path):
+def test_trained_sr2_folder_loads_into_its_pipeline(training_setup, tmp_path):
     from show1.pipelines.sr2 import Show1SR2Pipeline
 
-    folder, params = setup
+    folder, params = training_setup
     result = train("sr2", folder / "curated", tmp_path / "run", params, max_steps=1)
     pipe = Show1SR2Pipeline.from_pretrained(result.final)
     assert pipe.vae is not None and pipe.unet.config.in_channels == 4
 
 
-def test_a_checkpoint_loads_straight_into_the_stage_pipeline(setup, tmp_path):
+def test_a_checkpoint_loads_straight_into_the_stage_pipeline(training_setup, tmp_path):
     from show1.pipelines.sr1 import Show1SR1Pipeline
 
-    folder, params = setup
+    folder, params = training_setup
     train("sr1", folder / "curated", tmp_path / "run", params, max_steps=1)
     checkpoint = latest_checkpoint(tmp_path / "run")
     pipe = Show1SR1Pipeline.from_pretrained(checkpoint)

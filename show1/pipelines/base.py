@@ -87,7 +87,8 @@ class Show1StagePipeline(DiffusionPipeline):
         for name in cls.loaders:
             if not (folder / name).is_dir():
                 raise MissingComponentError(f"{folder}: missing component '{name}/' needed by {cls.__name__}")
-        check_folder(folder)  # safetensors only; a sealed folder must match its checksums
+        text = ["text_encoder", "tokenizer"] if load_text_encoder_ else []
+        check_folder(folder, parts=[*cls.loaders, *text])  # safetensors only; what is loaded must match its seal
         components: dict[str, Any] = {name: loader(folder / name, torch_dtype) for name, loader in cls.loaders.items()}
         components["tokenizer"], components["text_encoder"] = None, None
         if load_text_encoder_ and (folder / "text_encoder").is_dir():

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from show1.cli import app
 from show1.data.curate import curate
-from show1.integrity import CHECKSUMS
+from show1.integrity import CHECKSUMS, IntegrityError
 from show1.models.text import load_text_encoder, tiny_text_encoder_dir
 from show1.pipelines.keyframes import Show1BasePipeline
 from show1.pipelines.weights import init_weights
@@ -78,10 +78,13 @@ def test_a_hostile_pickle_never_runs_neither_on_load_nor_on_conversion(base_fold
 
 def test_convert_weights_gives_a_sealed_folder_that_generates_the_same_video(base_folder, tmp_path):
     folder = pickled_copy(base_folder, tmp_path / "published")
+    marker = tmp_path / "pwned"
+    torch.save({"args": Payload(marker)}, folder / "unet" / "training_args.bin")  # a Trainer's leftover: not weights
     result = runner.invoke(app, ["convert-weights", str(folder), "--out", str(tmp_path / "safe")])
     assert result.exit_code == 0, result.output
     safe = tmp_path / "safe"
     assert not list(safe.rglob("*.bin")) and (safe / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "left out 1" in " ".join(result.output.split()) and not marker.exists()
     assert (safe / CHECKSUMS).is_file()
 
     def video(path: Path) -> torch.Tensor:
@@ -188,6 +191,7 @@ def test_a_manifest_cannot_make_curation_read_or_write_outside_its_roots(tmp_pat
 # ---------------------------------------------------------------------------------------------- CLI fuzz
 
 
+FUZZ_EXAMPLES = int(os.environ.get("SHOW1_FUZZ_EXAMPLES", "25"))  # per command; more in the on-demand soak
 COMMANDS = {name: command for name, command in get_command(app).commands.items() if name != "run"}
 # `run` is the other commands in sequence (its options are theirs); fuzzing it would start whole pipelines.
 
@@ -230,7 +234,7 @@ def test_fuzzed_cli_arguments_give_clear_errors_not_tracebacks(name, sandbox, mo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{sandbox / 'mlflow.db'}")
     params = ["--params", str(sandbox / "params.yaml")]
 
-    @settings(max_examples=25, deadline=None, derandomize=True,
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=FUZZ_EXAMPLES <= 25,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(args=_argv(COMMANDS[name], sandbox))
     def check(args: list[str]) -> None:
@@ -243,3 +247,18 @@ def test_fuzzed_cli_arguments_give_clear_errors_not_tracebacks(name, sandbox, mo
             assert "error" in text.lower() or "usage" in text.lower(), f"show1 {name} {args!r}: {text!r}"
 
     check()
+
+
+def test_a_stage_checks_only_the_components_it_loads(base_folder, tmp_path):
+    """A tampered text encoder blocks the pipelines that load it, not one that reuses another stage's prompts."""
+    folder = tmp_path / "base"
+    shutil.copytree(base_folder, folder)
+    weights = next((folder / "text_encoder").glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    Show1BasePipeline.from_pretrained(folder, load_text_encoder_=False)
+    with pytest.raises(IntegrityError, match=r"text_encoder/.*does not match its recorded content hash"):
+        Show1BasePipeline.from_pretrained(folder)
+    (folder / "unet" / "notes.txt").write_text("added after sealing")
+    with pytest.raises(IntegrityError, match=r"unet/notes.txt not covered by checksums.json"):
+        Show1BasePipeline.from_pretrained(folder, load_text_encoder_=False)

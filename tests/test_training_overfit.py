@@ -1,0 +1,18 @@
+"""Every stage's trainer overfits a fixed batch (its own file, so xdist runs it beside the other training tests)."""
+
+import json
+
+import pytest
+
+from show1.training.trainer import train
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["base", "interp", "sr1", "sr2"])
+def test_each_stage_overfits_a_fixed_batch(training_setup, stage, tmp_path):
+    folder, params = training_setup
+    result = train(stage, folder / "one-clip", tmp_path / "run", params, max_steps=25)
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.5 * first, result.losses
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 26)) and all("loss" in r and "lr" in r for r in rows)
