@@ -178,6 +178,8 @@ def train(
     metrics: Annotated[Path | None, typer.Option(
         help="Also write a summary (steps, final and mean last-10 loss) here (a DVC metrics file).")] = None,
     quiet: Annotated[bool, typer.Option(help="No per-step lines.")] = False,
+    track: Annotated[bool, typer.Option(
+        help="Log the run to MLflow (params.tracking). --no-track: only the files in the run folder.")] = True,
 ) -> None:
     """Train one stage of the cascade on curated clips; writes metrics.jsonl, checkpoints/ and final/.
 
@@ -199,6 +201,7 @@ def train(
     try:
         result = run_training(stage, data, out_dir, params, max_steps=max_steps, checkpoint_every=checkpoint_every,
                               resume=resume, init_from=init_from, init_2d=init_2d, text_encoder_dir=text_encoder,
+                              track=track,
                               on_step=None if quiet else lambda row: out.print(
                                   f"step {row['step']:>6}  loss {row['loss']:.5f}  lr {row['lr']:.2e}  "
                                   f"{row['samples_per_s']:.2f} samples/s", highlight=False))

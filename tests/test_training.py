@@ -78,12 +78,12 @@ def test_training_is_tracked_in_mlflow_and_a_resume_continues_the_run(training_s
     assert probe(sample).width == 32 and probe(sample).height == 20
 
 
-def test_sr2_trains_only_on_timesteps_below_900_and_pixel_stages_on_all(setup):
+def test_sr2_trains_only_on_timesteps_below_900_and_pixel_stages_on_all(training_setup):
     from diffusers import DDPMScheduler
 
     from show1.training.trainer import training_timesteps
 
-    _, params = setup
+    _, params = training_setup
     schedule = DDPMScheduler(num_train_timesteps=1000)
     sr2 = training_timesteps("sr2", params.train, schedule, 20_000, torch.Generator().manual_seed(0))
     base = training_timesteps("base", params.train, schedule, 20_000, torch.Generator().manual_seed(0))

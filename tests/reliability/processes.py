@@ -25,9 +25,10 @@ def show1(params: Path, *args: str, fault: str | None = None, env: dict[str, str
                           capture_output=True, text=True, env=environment, timeout=timeout)
 
 
-def killed_at_random(argv: list[str], rng: random.Random, ready: str, window_s: float,
+def killed_at_random(argv: list[str], rng: random.Random, ready: str | None, window_s: float,
                      env: dict[str, str] | None = None) -> int | None:
-    """Start `argv`; once it prints `ready` on stderr or stdout, SIGKILL it after a random pause in [0, window_s).
+    """Start `argv`; once it prints `ready` on stderr or stdout (None: at once), SIGKILL it after a random pause in
+    [0, window_s).
     Returns the exit code (None when it was killed; an int when it finished first)."""
     environment = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     environment.pop("SHOW1_FAULT", None)
@@ -35,7 +36,7 @@ def killed_at_random(argv: list[str], rng: random.Random, ready: str, window_s: 
                                env=environment)
     try:
         assert process.stdout is not None
-        for line in process.stdout:
+        for line in process.stdout if ready is not None else ():
             if ready in line:
                 break
         time.sleep(rng.uniform(0, window_s))

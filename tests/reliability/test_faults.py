@@ -125,6 +125,22 @@ def registry_state(store: str) -> dict:
     return {"versions": versions, "logged": logged, "client": client}
 
 
+def assert_one_whole_version(store: str, params_file: Path, monkeypatch) -> None:
+    after = registry_state(store)
+    [version] = after["versions"]
+    assert {"content_hash", "stage", "source_folder", "profile"} <= set(version.tags)
+    assert after["client"].get_model_version_by_alias("show1-base", "challenger").version == version.version
+    assert [m.model_id for m in after["logged"]] == [linked_model_id(version)], (
+        f"an orphan logged model is left: {[(m.model_id, m.status) for m in after['logged']]}, "
+        f"version {version.source}")
+    # The version is whole: it downloads, its seal matches, and it loads.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    params = load_params(params_file)
+    folder = stage_folder(resolve(params, parse_refs("base=challenger", ("base",)))["base"], params.paths.cache)
+    assert check_folder(folder, sealed=True)
+    Show1BasePipeline.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("fault", ["register.after_logged_model", "register.after_upload", "register.after_version"])
 def test_registration_killed_at_any_step_leaves_one_whole_version_and_no_orphan(stage, tmp_path, fault,
                                                                                  monkeypatch):
@@ -139,16 +155,20 @@ def test_registration_killed_at_any_step_leaves_one_whole_version_and_no_orphan(
 
     again = show1(params_file, "register", "--stage", "base", "--checkpoint", str(stage), env=env)
     assert again.returncode == 0, again.stderr
-    after = registry_state(store)
-    [version] = after["versions"]
-    assert {"content_hash", "stage", "source_folder", "profile"} <= set(version.tags)
-    assert after["client"].get_model_version_by_alias("show1-base", "challenger").version == version.version
-    assert [m.model_id for m in after["logged"]] == [linked_model_id(version)], (
-        f"an orphan logged model is left: {[(m.model_id, m.status, m.tags) for m in after['logged']]}, version "
-        f"{version.source}; first run: {killed.stderr[-2000:]}; second: {again.stderr[-2000:]}")
-    # The version is whole: it downloads, its seal matches, and it loads.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    params = load_params(params_file)
-    folder = stage_folder(resolve(params, parse_refs("base=challenger", ("base",)))["base"], params.paths.cache)
-    assert check_folder(folder, sealed=True)
-    Show1BasePipeline.from_pretrained(folder)
+    assert_one_whole_version(store, params_file, monkeypatch)
+
+
+@pytest.mark.soak
+def test_registration_killed_at_random_moments_leaves_one_whole_version(stage, tmp_path, monkeypatch):
+    rng = random.Random(SEED)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"paths": {"cache": str(tmp_path / "cache")}}))
+    argv = [sys.executable, "-m", "show1.cli", "--params", str(params_file), "register", "--stage", "base",
+            "--checkpoint", str(stage)]
+    for _ in range(ROUNDS):  # a registration takes about 5 s here, imports included
+        killed_at_random(argv, rng, None, window_s=7.0, env={"MLFLOW_TRACKING_URI": store})
+    again = show1(params_file, "register", "--stage", "base", "--checkpoint", str(stage),
+                  env={"MLFLOW_TRACKING_URI": store})
+    assert again.returncode == 0, again.stderr
+    assert_one_whole_version(store, params_file, monkeypatch)

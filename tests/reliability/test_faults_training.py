@@ -46,7 +46,7 @@ def training(tmp_path_factory) -> dict[str, Path]:
 
 def train_cli(params: Path, data: Path, out: Path, *extra: str, fault: str | None = None):
     return show1(params, "train", "--stage", "base", "--data", str(data), "--out", str(out), "--max-steps", "6",
-                 "--checkpoint-every", "2", *extra, fault=fault, env={"MLFLOW_TRACKING_URI": ""})
+                 "--checkpoint-every", "2", "--no-track", *extra, fault=fault)
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
@@ -77,10 +77,11 @@ def test_training_killed_at_random_moments_resumes_bit_exactly(training, tmp_pat
     rng = random.Random(SEED)
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "show1.cli", "--params", str(training["params"]), "train", "--stage", "base",
-            "--data", str(training["data"]), "--out", str(run), "--max-steps", "6", "--checkpoint-every", "2"]
+            "--data", str(training["data"]), "--out", str(run), "--max-steps", "6", "--checkpoint-every", "2",
+            "--no-track"]
     for round_ in range(ROUNDS):
         resume = ["--resume", "latest"] if round_ else []
-        killed_at_random([*argv, *resume], rng, "step", window_s=1.5, env={"MLFLOW_TRACKING_URI": ""})
+        killed_at_random([*argv, *resume], rng, "step", window_s=1.5)
     resumed = train_cli(training["params"], training["data"], run, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run, training["whole"])
