@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from show1.config import DEFAULT_PARAMS, PROFILES, ConfigError, Params, apply_offline_env, load_params
+from show1.store import StoreError
 
 app = typer.Typer(
     name="show1",
@@ -370,7 +371,7 @@ def register(
         with err.status("registering") as status:
             version = register_stage(params, stage, checkpoint, text_encoder, run_id, alias,
                                      on_status=lambda msg: status.update(msg))
-    except RegistrationError as exc:
+    except (RegistrationError, StoreError) as exc:
         fail(str(exc), code=2)
     if metrics:
         from show1 import atomic
@@ -408,7 +409,7 @@ def promote(
     for name in stages:
         try:
             decision = promote_stage(params, name, dry_run=dry_run)
-        except RegistryLookupError as exc:
+        except (RegistryLookupError, StoreError) as exc:
             fail(str(exc))
         decisions.append(decision)
         verdict = "[green]promoted[/]" if decision.promoted else "[yellow]not promoted[/]"
@@ -447,7 +448,7 @@ def lineage(
     params = ctx.obj.params()
     try:
         root = build(params, target)
-    except (LineageError, RegistryLookupError) as exc:
+    except (LineageError, RegistryLookupError, StoreError) as exc:
         fail(str(exc))
     if as_json:
         out.print_json(json.dumps(root.to_dict()))

@@ -29,19 +29,62 @@ def artifact_location(tracking: Tracking) -> str | None:
     return Path(folder).resolve().as_uri()
 
 
+class StoreError(ValueError):
+    """The MLflow store cannot be opened; the message says which and what to do."""
+
+
+def create_sqlite_store(db: Path, artifact_root: str) -> bool:
+    """Create the sqlite store `db` whole or not at all: MLflow's schema migrations run on a temporary file that
+    is then linked into place. (Run in place, a process killed mid-migration leaves a half-built database that
+    every later run fails on: `table ... already exists`.) Returns False when another process got there first."""
+    import os
+    import tempfile
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{db.name}.tmp-", dir=db.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", artifact_root)
+        store.engine.dispose()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the store from the others who share it
+        if db.is_file() and db.stat().st_size == 0:  # an empty file: sqlite's, killed before the first write
+            db.unlink(missing_ok=True)
+        try:
+            os.link(tmp, db)  # atomic, and never replaces a store another process created meanwhile
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        for leftover in tmp.parent.glob(f"{tmp.name}*"):
+            leftover.unlink(missing_ok=True)
+
+
 def connect(tracking: Tracking) -> Any:
-    """An MlflowClient on the store (the fluent API is pointed at it too); a sqlite store's folder is created."""
+    """An MlflowClient on the store (the fluent API is pointed at it too); a new sqlite store is created whole."""
     apply_offline_env()
     import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(tracking)
     db = sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+    if db is not None and (not db.is_file() or db.stat().st_size == 0):
+        create_sqlite_store(db, artifact_location(tracking) or (db.parent / "artifacts").resolve().as_uri())
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # any failure here means the store is unusable: say which and why
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        hint = (f" If a run was killed while an older show1 created it, move {db} aside and run again."
+                if db is not None else " Is the tracking server running?")
+        raise StoreError(f"the MLflow store {uri} cannot be opened: {reason}.{hint}") from None
+    return client
 
 
 def experiment_id(client: Any, tracking: Tracking) -> str:
