@@ -184,6 +184,7 @@ print("experiment", experiment_id(connect(tracking), tracking), flush=True)
 """
 
 
+@pytest.mark.soak
 def test_a_store_whose_creation_is_killed_opens_on_the_next_run(tmp_path):
     """MLflow migrates a new sqlite store in place; killed midway, the file used to stay half-built (`table
     secrets already exists` for every later run, found by the registration soak). show1 builds it aside."""
