@@ -6,13 +6,12 @@ swapped file is refused with its name instead of being loaded (or half-loaded) i
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from show1 import atomic
-from show1.provenance import file_digest
+from show1.provenance import digest_table_hash, file_digest
 
 CHECKSUMS = "checksums.json"
 ALGORITHM = "sha256"
@@ -29,18 +28,11 @@ def _files(folder: Path) -> dict[str, Path]:
             and not p.name.startswith(atomic.TMP_MARK)}
 
 
-def content_hash_of(digests: dict[str, str]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(digests):
-        digest.update(f"{name}\0{digests[name]}\n".encode())
-    return digest.hexdigest()
-
-
 def seal(folder: Path | str) -> str:
     """Write `folder/checksums.json` (atomically) and return the folder's content hash."""
     folder = Path(folder)
     digests = {name: file_digest(path) for name, path in _files(folder).items()}
-    content_hash = content_hash_of(digests)
+    content_hash = digest_table_hash(digests)
     atomic.write_json(folder / CHECKSUMS, {"algorithm": ALGORITHM, "content_hash": content_hash, "files": digests})
     return content_hash
 
@@ -92,7 +84,7 @@ def verify(folder: Path | str, required: bool = False, parts: list[str] | None =
     if extra:
         raise IntegrityError(f"{folder}: {', '.join(extra[:5])} not covered by {CHECKSUMS} (added after the folder "
                              "was sealed); refusing to load")
-    content_hash = content_hash_of(expected)
+    content_hash = digest_table_hash(expected)
     if recorded.get("content_hash") not in (None, content_hash):
         raise IntegrityError(f"{folder}/{CHECKSUMS}: its content hash does not match its file table; refusing to load")
     return content_hash

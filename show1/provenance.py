@@ -80,12 +80,19 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tree_digest(files: Iterable[tuple[str, Path]]) -> str:
-    """sha256 over (name, content hash) pairs in name order: equal for equal file sets wherever they live."""
+def digest_table_hash(digests: dict[str, str]) -> str:
+    """sha256 over (name, file sha256) pairs in name order: equal for equal file sets wherever they live."""
     digest = hashlib.sha256()
-    for name, path in sorted(files):
-        digest.update(f"{name}\0{file_digest(path)}\n".encode())
+    for name in sorted(digests):
+        digest.update(f"{name}\0{digests[name]}\n".encode())
     return digest.hexdigest()
+
+
+def tree_digest(files: Iterable[tuple[str, Path]], known: dict[str, str] | None = None) -> str:
+    """`digest_table_hash` of `files`; a name in `known` (sha256 already verified, e.g. from a checked seal) is
+    not read again."""
+    known = known or {}
+    return digest_table_hash({name: known.get(name) or file_digest(path) for name, path in files})
 
 
 def folder_files(folder: Path, prefix: str = "") -> list[tuple[str, Path]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from show1 import atomic
@@ -70,5 +71,5 @@ def load(folder: Path | str, name: str) -> Any:
     try:
         structure = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
         return _decode(structure, load_file(str(folder / f"{name}.safetensors")))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise ValueError(f"{folder / name}.json/.safetensors: unreadable training state ({exc})") from None

@@ -13,6 +13,7 @@ import json
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from show1 import atomic, integrity
@@ -114,7 +115,7 @@ def _write_safetensors(state: dict, target: Path) -> None:
 
 
 def convert_folder(source: Path | str, out: Path | str, overwrite: bool = False,
-                   on_file: object = None) -> dict[str, int]:
+                   on_file: Callable[[Path], None] | None = None) -> dict[str, int]:
     """Copy `source` to `out` with every pickled weight file converted to safetensors, then seal `out`.
 
     Returns counts: converted, copied, skipped (pickles that already had safetensors beside them, and a
@@ -139,7 +140,7 @@ def convert_folder(source: Path | str, out: Path | str, overwrite: bool = False,
                 if has_safetensors or not is_weight_pickle(path):
                     counts["skipped"] += 1
                     continue
-                if callable(on_file):
+                if on_file is not None:
                     on_file(relative)
                 _write_safetensors(load_pickle_safely(path), target.with_name(safetensors_name(path.name)))
                 counts["converted"] += 1

@@ -127,9 +127,11 @@ def text_encoder_source(folder: Path, explicit: Path | None, training: Any) -> P
                             "stage was trained with")
 
 
-def content_hash(folder: Path, components: list[str], text_source: Path | None) -> str:
+def content_hash(folder: Path, components: list[str], text_source: Path | None,
+                 verified: dict[str, str] | None = None) -> str:
     """sha256 over the files the registered model is made of: model_index.json, the component folders and
-    the bundled text encoder's files."""
+    the bundled text encoder's files. `verified`: sha256 per folder-relative name, already checked (the
+    folder's seal), so those files are not hashed a second time."""
     files = [("model_index.json", folder / "model_index.json")]
     for name in components:
         if text_source is not None and name in TEXT_PARTS:
@@ -137,7 +139,7 @@ def content_hash(folder: Path, components: list[str], text_source: Path | None) 
         files += folder_files(folder / name, f"{name}/")
     if text_source is not None:
         files += folder_files(text_source, "text_encoder_source/")
-    return tree_digest(files)
+    return tree_digest(files, verified)
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -272,6 +274,7 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
         check_folder(folder)  # never register a damaged checkpoint (or one that show1 would refuse to load)
     except (IntegrityError, UnsafeWeightsError) as exc:
         raise RegistrationError(str(exc)) from None
+    verified = (integrity.read_seal(folder) or {}).get("files")
     client = connect(params.tracking)
     run_id = run_id or next((rid for parent in (folder.parent, folder.parent.parent)
                              if (rid := training_run_id(parent))), None)
@@ -284,7 +287,7 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
                                     f"{mlflow.get_tracking_uri()}") from exc
     text_source = text_encoder_source(folder, text_encoder, training)
     say("hashing the checkpoint")
-    digest = content_hash(folder, components, text_source)
+    digest = content_hash(folder, components, text_source, verified)
     name = model_name(params.registry, stage)
     ensure_registered_model(client, name, stage)
     existing = _versions_with_hash(client, name, digest)
