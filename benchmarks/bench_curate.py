@@ -19,7 +19,7 @@ from pathlib import Path
 
 import av
 
-from show1.config import apply_offline_env, load_params
+from show1.config import apply_environment_defaults, load_params
 from show1.data.curate import curate, plan_curation
 from show1.data.errors import Rejected
 from show1.data.sources import resolve_local
@@ -39,7 +39,7 @@ def bare_decode(paths: list[Path], to_rgb: bool) -> float:
 
 
 def main() -> None:
-    apply_offline_env()
+    apply_environment_defaults()
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", type=Path, default=root / "data/manifests/demo.csv")

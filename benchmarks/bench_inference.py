@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from show1.config import apply_offline_env
+from show1.config import apply_environment_defaults
 
 
 def _sync(device: str) -> None:
@@ -61,7 +61,7 @@ def bare_unet_step(unet: torch.nn.Module, inputs: dict[str, Any], device: str, r
 
 
 def main() -> None:
-    apply_offline_env()
+    apply_environment_defaults()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=["tiny", "paper"], default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")

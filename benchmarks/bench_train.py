@@ -117,10 +117,10 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--data", type=Path)
     args = parser.parse_args()
-    from show1.config import apply_offline_env, load_params
+    from show1.config import apply_environment_defaults, load_params
     from show1.data.curate import curate
 
-    apply_offline_env()
+    apply_environment_defaults()
     data = args.data
     if data is None:
         data = Path(tempfile.mkdtemp()) / "curated"

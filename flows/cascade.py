@@ -18,8 +18,9 @@ from flows.curate import curate_flow
 from flows.generate_evaluate import generate_evaluate_flow
 from flows.register import promote_flow, register_flow
 from flows.train import train_flow
-from show1.config import DEFAULT_PARAMS, apply_offline_env, load_params
+from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
 from show1.models.configs import STAGES
+from show1.run_lock import project_run_lock
 from show1.store import ui_command
 
 
@@ -27,7 +28,7 @@ from show1.store import ui_command
 def cascade_flow(params_path: str = str(DEFAULT_PARAMS), profile: str | None = None, manifest: str | None = None,
                  prompts: str | None = None, limit: int | None = None, promote: bool = True) -> dict[str, Any]:
     """Run the lifecycle end to end with the settings of params.yaml (and `profile`)."""
-    apply_offline_env()
+    apply_environment_defaults()
     params = load_params(params_path, profile)
     curated = curate_flow(manifest, str(params.paths.curated), params_path, profile)
     trained = train_flow(list(STAGES), str(params.paths.curated), str(params.paths.runs), params_path, profile,
@@ -68,6 +69,10 @@ if __name__ == "__main__":
     parser.add_argument("--prompts")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--no-promote", action="store_true")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="refuse at once, instead of waiting, when another run holds this folder's lock")
     args = parser.parse_args()
-    outcome = cascade_flow(args.params, args.profile, args.manifest, args.prompts, args.limit, not args.no_promote)
+    with project_run_lock(Path.cwd(), wait=not args.no_wait, on_wait=print):
+        outcome = cascade_flow(args.params, args.profile, args.manifest, args.prompts, args.limit,
+                               not args.no_promote)
     print("\n" + "\n".join(summary_lines(outcome)))

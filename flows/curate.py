@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from show1.config import DEFAULT_PARAMS, apply_offline_env, load_params
+from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
 from show1.data import curate as curation
 
 
@@ -47,7 +47,7 @@ def validate(curated: Path, params_path: Path, profile: str | None, manifest: Pa
 def curate_flow(manifest: str | None = None, out: str | None = None, params_path: str = str(DEFAULT_PARAMS),
                 profile: str | None = None, run_validation: bool = True, force: bool = False) -> dict[str, Any]:
     """Curate `manifest` into `out` (defaults from params.yaml), then check the data contracts."""
-    apply_offline_env()
+    apply_environment_defaults()
     params = load_params(params_path, profile)
     manifest_path = Path(manifest) if manifest else params.paths.manifest
     out_path = Path(out) if out else params.paths.curated

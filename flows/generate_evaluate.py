@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from show1.config import DEFAULT_PARAMS, apply_offline_env, load_params
+from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
 from show1.evaluation import run as evaluation
 
 NIGHTLY = "0 3 * * *"  # 03:00 UTC
@@ -48,7 +48,7 @@ def generate_evaluate_flow(prompts: str | None = None, alias: str = evaluation.D
                            limit: int | None = None, out: str | None = None, promote: bool = False) -> dict[str, Any]:
     """Generate for the prompt set (default: evaluate.prompts) with the registry's `alias` versions, score against
     the curated reference split, write the report, log to MLflow; with `promote`, then run the promotion gate."""
-    apply_offline_env()
+    apply_environment_defaults()
     plan = prepare(Path(params_path), profile, prompts, alias, limit, out)
     try:
         videos = [generate(plan, index) for index in range(len(plan.prompts.prompts))]

@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from show1.config import DEFAULT_PARAMS, apply_offline_env, load_params
+from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
 from show1.models.configs import STAGES
 
 
@@ -49,7 +49,7 @@ def register_flow(stages: list[str] | None = None, params_path: str = str(DEFAUL
                   profile: str | None = None, checkpoints: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Register each stage's trained folder (default: paths.runs/STAGE/final, or `checkpoints[stage]`) as
     `<prefix>-<stage>` and point `challenger` at it."""
-    apply_offline_env()
+    apply_environment_defaults()
     checkpoints = checkpoints or {}
     return [register_stage(stage, Path(params_path), profile, checkpoints.get(stage)) for stage in _stages(stages)]
 
@@ -58,7 +58,7 @@ def register_flow(stages: list[str] | None = None, params_path: str = str(DEFAUL
 def promote_flow(stages: list[str] | None = None, params_path: str = str(DEFAULT_PARAMS),
                  profile: str | None = None) -> list[dict[str, Any]]:
     """Promote each stage's challenger to champion where its evaluation passes the gate in params.yaml."""
-    apply_offline_env()
+    apply_environment_defaults()
     return [promote_stage(stage, Path(params_path), profile) for stage in _stages(stages)]
 
 

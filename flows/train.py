@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from show1.config import DEFAULT_PARAMS, accelerate_config_file, apply_offline_env, load_params
+from show1.config import DEFAULT_PARAMS, accelerate_config_file, apply_environment_defaults, load_params
 from show1.training.trainer import TRAINABLE_STAGES, TrainResult, finished_run, train
 
 
@@ -67,7 +67,7 @@ def train_flow(stages: list[str] | None = None, data: str | None = None, runs: s
 
     `accelerate_config` (or the SHOW1_ACCELERATE_CONFIG job variable of the deployment) runs the training
     under `accelerate launch` with that config."""
-    apply_offline_env()
+    apply_environment_defaults()
     accelerate_config = accelerate_config or accelerate_config_file()
     params = load_params(params_path, profile)
     stages = stages or list(TRAINABLE_STAGES)

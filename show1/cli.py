@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from show1.config import DEFAULT_PARAMS, PROFILES, ConfigError, Params, apply_offline_env, load_params
+from show1.config import DEFAULT_PARAMS, PROFILES, ConfigError, Params, apply_environment_defaults, load_params
 from show1.store import StoreError
 
 app = typer.Typer(
@@ -51,7 +51,7 @@ def main(
 
     Settings come from params.yaml (see README); `--profile paper` switches to the published sizes.
     """
-    apply_offline_env()
+    apply_environment_defaults()
     if profile is not None and profile not in PROFILES:
         fail(f"--profile {profile!r} is not one of {', '.join(PROFILES)}", code=2)
     ctx.obj = Context(params, profile)
@@ -523,18 +523,32 @@ def run_cascade(
     prompts: Annotated[str | None, typer.Option(help="Prompt set to evaluate. Default: evaluate.prompts.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N prompts.")] = None,
     promote: Annotated[bool, typer.Option(help="Run the promotion gate at the end.")] = True,
+    wait: Annotated[bool, typer.Option(
+        help="When another `show1 run` is running in this folder: wait for it (default), or refuse at once "
+             "(--no-wait, exit code 1). Either way the lock file and its holder are named.")] = True,
 ) -> None:
     """Run the whole lifecycle as one Prefect flow: curate → validate → train every stage → register →
     generate and evaluate → promote. Re-runs redo only what changed.
 
     `make demo` runs this on the tiny profile. Start `prefect server start` first to watch it in the Prefect UI.
+    One run at a time per folder: a second one waits for the lock `.show1-run.lock` (or refuses, --no-wait).
     """
-    from flows.cascade import cascade_flow, summary_lines
+    from show1.run_lock import RunLockedError, project_run_lock
 
     ctx.obj.params()  # a broken params file is a usage error before anything starts
-    _quiet_libraries()
-    result = cascade_flow(str(ctx.obj.params_path), ctx.obj.profile, str(manifest) if manifest else None, prompts,
-                          limit, promote)
+
+    def waiting(message: str) -> None:
+        err.print(message, highlight=False, soft_wrap=True)
+
+    try:
+        with project_run_lock(Path.cwd(), wait=wait, on_wait=waiting):
+            from flows.cascade import cascade_flow, summary_lines
+
+            _quiet_libraries()
+            result = cascade_flow(str(ctx.obj.params_path), ctx.obj.profile, str(manifest) if manifest else None,
+                                  prompts, limit, promote)
+    except RunLockedError as exc:
+        fail(str(exc))
     out.print("\n" + "\n".join(summary_lines(result)), highlight=False)
 
 

@@ -31,9 +31,20 @@ OFFLINE_ENV = {
 }
 
 
-def apply_offline_env() -> None:
-    """Switch off telemetry and hub access for every library show1 uses (user settings win)."""
-    for key, value in OFFLINE_ENV.items():
+# Prefect settings of a command that runs flows with no server configured. Each such command starts one temporary
+# local API (Prefect's ephemeral server) that all of its flows and subflows share; its first start on a new
+# PREFECT_HOME migrates a sqlite database. Prefect waits 20 s for it by default, which a busy CI runner or GPU box
+# exceeds ("Timed out while attempting to connect to ephemeral Prefect API server"); show1 waits up to 10 min.
+# Raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a machine slower than that (README, "Under load").
+PREFECT_ENV = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
+}
+
+
+def apply_environment_defaults() -> None:
+    """Switch off telemetry and hub access for every library show1 uses, and set show1's Prefect defaults (user
+    settings win). Call before Prefect is imported: it reads its settings once, at import."""
+    for key, value in (OFFLINE_ENV | PREFECT_ENV).items():
         os.environ.setdefault(key, value)
 
 

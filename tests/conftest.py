@@ -20,6 +20,7 @@ from typing import Any
 import media
 import pytest
 import yaml
+from shared_cache import new_mlflow_store, new_prefect_home, shared_root
 
 from show1.config import Params, load_params
 from show1.data.curate import curate
@@ -115,12 +116,24 @@ def good_videos(stage: Callable[..., str]) -> list[str]:
     return [stage(f"good{seed}") for seed in range(4)]
 
 
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's folder of content-keyed inputs that every test file and xdist worker shares (shared_cache)."""
+    return shared_root(tmp_path_factory)
+
+
 @pytest.fixture(autouse=True)
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test tracks into its own sqlite MLflow store, never the repository's mlruns/."""
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: Path) -> str:
+    """Every test tracks into its own sqlite MLflow store, never the repository's mlruns/ (a new, empty store)."""
+    uri = new_mlflow_store(shared, tmp_path / "mlruns" / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture
+def prefect_home(tmp_path: Path, shared: Path) -> Path:
+    """A PREFECT_HOME of this test's own, its database already migrated."""
+    return new_prefect_home(shared, tmp_path / "prefect-home")
 
 
 TRAINING_SMALL = {  # the demo clips at a quarter of the tiny profile's sizes, so every stage trains in seconds

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from shared_cache import new_mlflow_store
 from typer.testing import CliRunner
 
 from show1.cli import app
@@ -29,8 +30,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+def store(tmp_path_factory, shared) -> str:
+    return new_mlflow_store(shared, tmp_path_factory.mktemp("store") / "mlflow.db")
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +226,7 @@ def _api(base: str, path: str, body: dict | None = None) -> dict:
 
 
 @pytest.mark.slow
-def test_nightly_deployment_on_a_real_prefect_server(project, tmp_path, store):
+def test_nightly_deployment_on_a_real_prefect_server(project, tmp_path, store, prefect_home):
     """prefect.yaml's nightly-evaluate deployment, deployed to a real server: its work pool and cron schedule
     are there, and a run triggered through the API is executed by a worker and logs to MLflow."""
     import os
@@ -240,7 +241,7 @@ def test_nightly_deployment_on_a_real_prefect_server(project, tmp_path, store):
     home.mkdir()
     shutil.copy2(ROOT / "prefect.yaml", home / "prefect.yaml")
     shutil.copytree(ROOT / "flows", home / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "ph"),
+    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(prefect_home),
                         "PREFECT_API_URL": base, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
                         "SHOW1_HOME": str(home), "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(home)}
     server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",

@@ -2,24 +2,23 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from clone import GIT_IDENTITY, commit_all, fresh_clone
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
+def _env(prefect_home: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PREFECT_HOME=str(tmp_path / "prefect-home"),
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PREFECT_HOME=str(prefect_home),
                DVC_NO_ANALYTICS="1", DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com", PYTHONPATH=str(ROOT))
+               PYTHONPATH=str(ROOT), **GIT_IDENTITY)
     return env
 
 
@@ -29,24 +28,9 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> s
     return result
 
 
-def fresh_clone(tmp_path: Path, env: dict[str, str]) -> Path:
-    """The repository's files (tracked and new, not ignored) committed into a new git repo."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
-    repo = tmp_path / "clone"
-    for name in filter(None, listed):
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    run(["git", "init", "-q"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "clone"], repo, env)
-    return repo
-
-
 @pytest.mark.slow
-def test_prefect_flow_curates_and_validates(tmp_path):
-    env = _env(tmp_path)
+def test_prefect_flow_curates_and_validates(tmp_path, prefect_home):
+    env = _env(prefect_home)
     result = run([sys.executable, "-m", "flows.curate", str(ROOT / "data/manifests/demo.csv"), "--out",
                   str(tmp_path / "cur"), "--params", str(ROOT / "params.yaml")], tmp_path, env)
     output = result.stdout + result.stderr
@@ -59,21 +43,21 @@ def test_prefect_flow_curates_and_validates(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the whole DAG several times, each stage a CLI process: minutes, more under xdist
-def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
+def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path, prefect_home):
     import time
 
-    env = _env(tmp_path)
-    repo = fresh_clone(tmp_path, env)
+    env = _env(prefect_home)
+    repo = fresh_clone(tmp_path / "clone")
     # Quarter-size clips, a few training steps, two stages evaluated: the DAG's mechanics in a minute or two
     # (make demo runs the real tiny sizes).
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["curate"]["clip"]["sizes"] = [[32, 20], [128, 80]]
-    params["train"].update(max_steps=3, checkpoint_every=3)
+    params["train"].update(max_steps=3, checkpoint_every=3, sample_every=0)
     params["profiles"]["tiny"]["train_per_stage"] = {"base": {}, "interp": {}, "sr1": {"max_steps": 1}, "sr2": {}}
     params["profiles"]["tiny"]["evaluate"].update(stages=["base", "interp"], frames_per_video=2,
                                                   max_reference_clips=2, steps=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "small"], repo, env)
+    commit_all(repo, "small")
 
     first = run(["dvc", "repro"], repo, env, timeout=900)
     for stage in ("curate", "validate", "train@base", "train@sr1", "register@base", "register@sr2", "evaluate",
@@ -126,8 +110,8 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
 
 
 @pytest.mark.slow
-def test_prefect_training_flow_trains_a_stage(tmp_path):
-    env = _env(tmp_path)
+def test_prefect_training_flow_trains_a_stage(tmp_path, prefect_home):
+    env = _env(prefect_home)
     params = {"curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
               "train": {"checkpoint_every": 2}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

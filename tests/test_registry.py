@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from shared_cache import new_mlflow_store
 from typer.testing import CliRunner
 
 from show1.cli import app
@@ -38,8 +39,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+def store(tmp_path_factory, shared) -> str:
+    return new_mlflow_store(shared, tmp_path_factory.mktemp("store") / "mlflow.db")
 
 
 @pytest.fixture(autouse=True)
@@ -371,10 +372,10 @@ def test_the_registry_is_browsable_through_a_real_mlflow_server(trained, tmp_pat
 
 
 @pytest.mark.slow
-def test_prefect_register_flow_registers_and_promotes(trained, tmp_path, store):
+def test_prefect_register_flow_registers_and_promotes(trained, tmp_path, store, prefect_home):
     params_file = write_params(tmp_path, "flow")
     (tmp_path / "runs").symlink_to(trained["base"].parent)  # paths.runs: the trained run folders
-    env = os.environ | {"MLFLOW_TRACKING_URI": store, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+    env = os.environ | {"MLFLOW_TRACKING_URI": store, "PREFECT_HOME": str(prefect_home),
                         "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "flows.register", "--stages", "base", "interp", "--params",
                            str(params_file), "--promote"], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from show1 import atomic
-from show1.config import Params, apply_offline_env
+from show1.config import Params, apply_environment_defaults
 from show1.data.curate import INDEX
 from show1.data.errors import ManifestError
 from show1.data.manifest import SPLITS, read_manifest
@@ -87,7 +87,7 @@ def validate_data(curated_dir: Path, params: Params, out_dir: Path, manifest: Pa
     Writes `out_dir/result.json` and the Data Docs site `out_dir/data_docs/`. A failed expectation is a
     report with `success=False`; an index or manifest that cannot be read raises `ContractError`.
     """
-    apply_offline_env()  # before great_expectations is imported
+    apply_environment_defaults()  # before great_expectations is imported
     curated_dir, out_dir = Path(curated_dir), Path(out_dir).resolve()  # GX wants absolute paths
     clips = clips_frame(read_index(curated_dir))
     frames = {"clips": clips, "splits": splits_frame(clips)}

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from show1.config import GateRule, Params
-from show1.registry.register import CHALLENGER, CHAMPION, model_name
+from show1.registry.names import CHALLENGER, CHAMPION, model_name
 from show1.registry.resolve import model_version
 from show1.store import connect
 

@@ -21,19 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from show1 import integrity
-from show1.config import Params, Registry
+from show1.config import Params
 from show1.faults import fault_point
 from show1.integrity import IntegrityError
 from show1.models.text import load_text_encoder
 from show1.pipelines.cascade import STAGE_PIPELINES
 from show1.provenance import folder_files, tree_digest
 from show1.registry import pyfunc_entry, stage_model
+from show1.registry.names import CHALLENGER, model_name
 from show1.store import connect, experiment_id
 from show1.training.tracking import training_run_id
 from show1.weight_files import UnsafeWeightsError, check_folder
 
-CHALLENGER, CHAMPION = "challenger", "champion"
-ALIASES = (CHALLENGER, CHAMPION)
 MODEL_TYPE = "show1-stage"
 # On the logged model only: which process is uploading it (so a rerun can tell a killed registration from a live one).
 HOST_TAG, PID_TAG = "show1.registration_host", "show1.registration_pid"
@@ -79,10 +78,6 @@ class RegisteredVersion:
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
-
-
-def model_name(registry: Registry, stage: str) -> str:
-    return f"{registry.model_prefix}-{stage}"
 
 
 def stage_components(folder: Path, stage: str) -> list[str]:

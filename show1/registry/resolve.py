@@ -15,7 +15,7 @@ from show1 import atomic
 from show1.config import Params
 from show1.integrity import IntegrityError
 from show1.models.configs import STAGES
-from show1.registry.register import model_name
+from show1.registry.names import model_name
 from show1.registry.stage_model import STAGE_ARTIFACT
 from show1.store import connect
 from show1.weight_files import UnsafeWeightsError, check_folder

@@ -1,0 +1,38 @@
+"""A fresh clone of the repository as it is now (tracked files and new ones git does not ignore), for tests that
+run the project the way a new user would: `dvc repro`, `show1 run`, `git status` afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo, env=os.environ | GIT_IDENTITY, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, f"git {args}: {done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def fresh_clone(dest: Path) -> Path:
+    """The repository's files (tracked and new, not ignored) committed into a new git repo at `dest`."""
+    listed = git(ROOT, "ls-files", "-co", "--exclude-standard", "-z").split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "clone")
+    return dest
+
+
+def commit_all(repo: Path, message: str) -> None:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", message)
