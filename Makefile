@@ -1,4 +1,5 @@
-# The two commands: `make demo` (the main job, end to end, tiny CPU profile) and `make test`.
+# The two commands: `make demo` (the main job, end to end, tiny CPU profile) and `make test` (`make check`: the
+# edit loop's subset).
 # Each creates .venv when missing and installs what it needs; fast when everything is installed.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test browser
+.PHONY: demo test check browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -40,3 +41,8 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n auto --dist loadfile
+
+# The edit loop: ruff and the fast tests (no end-to-end runs, no soak), in about two minutes on 2 cores.
+check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -n auto --dist loadfile -q -m "not slow and not soak"

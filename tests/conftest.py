@@ -40,6 +40,19 @@ SMALL: dict[str, Any] = {
 CLIPS_PER_GOOD_VIDEO = 2
 
 
+# make test spreads test files over the cores (xdist --dist loadfile), handing them out in collection order: the
+# longest files go first so that no worker starts a long one when the others are nearly done. Measured on 2 cores.
+LONGEST_FILES = ("test_dvc.py", "test_cascade.py", "test_evaluation.py", "test_registry.py",
+                 "test_training_overfit.py", "test_faults.py", "test_faults_training.py", "test_pipelines.py",
+                 "test_cli_generate.py", "test_store_concurrency.py", "test_training.py",
+                 "test_pipelines_orchestration.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():

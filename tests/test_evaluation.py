@@ -47,7 +47,7 @@ def project(tmp_path_factory, store) -> Path:
     doc = {
         "paths": {"curated": str(folder / "curated"), "cache": str(folder / "cache"), "runs": str(folder / "runs")},
         "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
-        "evaluate": {"stages": ["base", "interp"], "steps": 2, "frames_per_video": 4, "max_reference_clips": 4,
+        "evaluate": {"stages": ["base", "interp"], "steps": 1, "frames_per_video": 4, "max_reference_clips": 4,
                      "reference_split": "train", "out": str(folder / "eval")},
     }
     (folder / "params.yaml").write_text(yaml.safe_dump(doc))
@@ -63,6 +63,15 @@ def project(tmp_path_factory, store) -> Path:
 
 def cli(project: Path, *args: str):
     return runner.invoke(app, ["--params", str(project / "params.yaml"), *args])
+
+
+@pytest.fixture(scope="module")
+def report(project, tmp_path_factory) -> Path:
+    """An untracked evaluation of two prompts: its folder (metrics.json, report.html, videos/)."""
+    out = tmp_path_factory.mktemp("report") / "eval"
+    result = cli(project, "evaluate", "--limit", "2", "--out", str(out), "--no-track")
+    assert result.exit_code == 0, result.output
+    return out
 
 
 def test_prompt_sets_ship_with_the_repository(tmp_path):
@@ -125,10 +134,9 @@ def test_evaluate_scores_reports_logs_and_tags_the_versions(project, store):
     assert len(runs) == 2
 
 
-def test_a_failed_evaluation_keeps_the_last_report(project):
+def test_a_failed_evaluation_keeps_the_last_report(project, report):
     out = project / "eval-keep"
-    first = cli(project, "evaluate", "--limit", "1", "--out", str(out), "--no-track")
-    assert first.exit_code == 0, first.output
+    shutil.copytree(report, out)  # the last good report
     before = (out / "metrics.json").read_text()
     broken = cli(project, "evaluate", "--limit", "1", "--out", str(out), "--no-track", "--from-registry",
                  "base=1,interp=7")
@@ -163,16 +171,14 @@ def test_fvd_and_inception_score_use_the_configured_models(project, tmp_path):
     assert set(metrics["skipped"]) == {"clipsim"}
 
 
-def test_the_report_renders_in_headless_chromium_with_its_videos(project, tmp_path):
+def test_the_report_renders_in_headless_chromium_with_its_videos(report, tmp_path):
     chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver_bin):
         pytest.skip("Debian's chromium + chromium-driver are not installed (make test installs them as root)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    out = tmp_path / "eval"
-    result = cli(project, "evaluate", "--limit", "2", "--out", str(out), "--no-track")
-    assert result.exit_code == 0, result.output
+    out = report
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -2,7 +2,7 @@
 see show1/faults.py) and at random moments, then run again. Curation ends with the same bytes as an uninterrupted
 run (no duplicate, no half shard); registration leaves exactly one whole version and no orphan logged model.
 
-`SHOW1_SOAK_ROUNDS=N` (default 2) sets how many random kills each soak test makes: the on-demand soak is
+`SHOW1_SOAK_ROUNDS=N` (default 1) sets how many random kills each soak test makes: the on-demand soak is
 `SHOW1_SOAK_ROUNDS=25 pytest tests/reliability -m soak`.
 """
 

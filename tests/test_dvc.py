@@ -1,0 +1,75 @@
+"""The DAG under DVC: a real `dvc repro` in a fresh clone, a no-op second repro, and parameter changes that re-run
+exactly the stages that depend on them."""
+
+import json
+import time
+
+import pytest
+import yaml
+from clone import commit_all, fresh_clone, project_env, run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # the whole DAG several times, each stage a CLI process: minutes, more under xdist
+def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
+    env = project_env(tmp_path / "prefect-home")  # the DVC stages are CLI commands: no Prefect server starts
+    repo = fresh_clone(tmp_path / "clone")
+    # Quarter-size clips, a few training steps, two stages evaluated: the DAG's mechanics in a minute or two
+    # (make demo runs the real tiny sizes).
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["curate"]["clip"]["sizes"] = [[32, 20], [128, 80]]
+    params["train"].update(max_steps=3, checkpoint_every=3, sample_every=0)
+    params["profiles"]["tiny"]["train_per_stage"] = {"base": {}, "interp": {}, "sr1": {"max_steps": 1}, "sr2": {}}
+    params["profiles"]["tiny"]["evaluate"].update(stages=["base", "interp"], frames_per_video=2,
+                                                  max_reference_clips=2, steps=1)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_all(repo, "small")
+
+    first = run(["dvc", "repro"], repo, env, timeout=900)
+    for stage in ("curate", "validate", "train@base", "train@sr1", "register@base", "register@sr2", "evaluate",
+                  "promote"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
+    metrics = json.loads((repo / "metrics/curate.json").read_text())
+    assert metrics["kept_sources"] == 3 and metrics["clips"] == 31
+    assert json.loads((repo / "metrics/validate.json").read_text())["success"] == 1
+    assert json.loads((repo / "metrics/train-sr1.json").read_text())["steps"] == 1
+    assert (repo / "runs/base/final/unet/config.json").is_file()
+    registered = json.loads((repo / "metrics/register-sr1.json").read_text())
+    assert registered["model"] == "show1-sr1" and registered["version"] == 1 and registered["alias"] == "challenger"
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    evaluated = next(iter(shown.values()))["data"]["eval/metrics.json"]["data"]
+    assert evaluated["fid_vid"] > 0 and evaluated["prompts"] == 1  # the tiny profile evaluates one prompt
+    assert json.loads((repo / "metrics/promote.json").read_text())["base"]["promoted"] is True  # no champion yet
+
+    started = time.monotonic()
+    second = run(["dvc", "repro"], repo, env)
+    assert "Running stage" not in second.stdout, second.stdout
+    assert time.monotonic() - started < 10  # a no-op is quick
+
+    # An sr1 parameter re-runs sr1 and what follows it, nothing else (promote waits on evaluate's metrics, which
+    # do not change here: this evaluation uses base and interp only). The evaluation runs again from scratch and
+    # reproduces its numbers (CPU, fixed seeds) to 1e-6.
+    evaluated_before = json.loads((repo / "eval/metrics.json").read_text())
+    params["profiles"]["tiny"]["train_per_stage"]["sr1"]["max_steps"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run(["dvc", "repro"], repo, env, timeout=600)
+    ran = {line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@sr1", "register@sr1", "evaluate"}, ran
+    assert json.loads((repo / "metrics/register-sr1.json").read_text())["version"] == 2
+    evaluated_after = json.loads((repo / "eval/metrics.json").read_text())
+    for key in ("fid_vid", "temporal_consistency"):
+        assert evaluated_after[key] == pytest.approx(evaluated_before[key], rel=1e-6), key
+
+    # Training from scratch reproduces the same losses and the same weights: the same registered version.
+    trained_before = json.loads((repo / "metrics/train-base.json").read_text())
+    run(["dvc", "repro", "--force", "--single-item", "train@base", "register@base"], repo, env, timeout=600)
+    trained_after = json.loads((repo / "metrics/train-base.json").read_text())
+    for key in ("final_loss", "mean_loss_last_10"):
+        assert trained_after[key] == pytest.approx(trained_before[key], rel=1e-6), key
+    assert json.loads((repo / "metrics/register-base.json").read_text())["version"] == 1  # same content hash
+
+    params["profiles"]["tiny"]["curate"]["clip"]["stride"] = 4  # a curation parameter: curation re-runs
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = run(["dvc", "repro", "curate"], repo, env)
+    assert "Running stage 'curate'" in fourth.stdout
+    assert json.loads((repo / "metrics/curate.json").read_text())["clips"] < metrics["clips"]
