@@ -155,11 +155,10 @@ TRAINING_SMALL = {  # the demo clips at a quarter of the tiny profile's sizes, s
 }
 
 
-@pytest.fixture(scope="module")
-def training_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
-    """The demo clips curated at a quarter of the tiny sizes, plus `one-clip/`: a fixed batch of one training clip."""
-    folder = tmp_path_factory.mktemp("training")
-    (folder / "params.yaml").write_text(yaml.safe_dump(TRAINING_SMALL))
+def curated_one_clip(folder: Path, overrides: dict[str, Any] | None = None) -> tuple[Path, Params]:
+    """The demo clips curated with TRAINING_SMALL (+ overrides) into folder/curated, plus `one-clip/`: a fixed
+    batch of one training clip."""
+    (folder / "params.yaml").write_text(yaml.safe_dump(deep_merge(TRAINING_SMALL, overrides or {})))
     params = load_params(folder / "params.yaml")
     curated = folder / "curated"
     curate(REPO / "data/manifests/demo.csv", curated, params)
@@ -172,3 +171,9 @@ def training_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Para
             (folder / "one-clip" / item.name).symlink_to(item)
     (folder / "one-clip" / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
     return folder, params
+
+
+@pytest.fixture(scope="module")
+def training_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
+    """The demo clips curated at a quarter of the tiny sizes, plus `one-clip/`: a fixed batch of one training clip."""
+    return curated_one_clip(tmp_path_factory.mktemp("training"))

@@ -66,10 +66,12 @@ def cli(project: Path, *args: str):
 
 
 @pytest.fixture(scope="module")
-def report(project, tmp_path_factory) -> Path:
+def report(project, tmp_path_factory, store) -> Path:
     """An untracked evaluation of two prompts: its folder (metrics.json, report.html, videos/)."""
     out = tmp_path_factory.mktemp("report") / "eval"
-    result = cli(project, "evaluate", "--limit", "2", "--out", str(out), "--no-track")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", store)  # the module's registry (a module fixture runs outside any test)
+        result = cli(project, "evaluate", "--limit", "2", "--out", str(out), "--no-track")
     assert result.exit_code == 0, result.output
     return out
 

@@ -21,6 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from processes import ROUNDS, SEED, killed_at_random, show1
 from safetensors.torch import load_file
+from shared_cache import new_mlflow_store
 
 from show1.config import load_params
 from show1.data.curate import curate
@@ -144,8 +145,8 @@ def assert_one_whole_version(store: str, params_file: Path, monkeypatch) -> None
 
 @pytest.mark.parametrize("fault", ["register.after_logged_model", "register.after_upload", "register.after_version"])
 def test_registration_killed_at_any_step_leaves_one_whole_version_and_no_orphan(stage, tmp_path, fault,
-                                                                                 monkeypatch):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+                                                                                 monkeypatch, shared):
+    store = new_mlflow_store(shared, tmp_path / "mlflow.db")
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"paths": {"cache": str(tmp_path / "cache")}}))
     env = {"MLFLOW_TRACKING_URI": store}
@@ -160,9 +161,9 @@ def test_registration_killed_at_any_step_leaves_one_whole_version_and_no_orphan(
 
 
 @pytest.mark.soak
-def test_registration_killed_at_random_moments_leaves_one_whole_version(stage, tmp_path, monkeypatch):
+def test_registration_killed_at_random_moments_leaves_one_whole_version(stage, tmp_path, monkeypatch, shared):
     rng = random.Random(SEED)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_mlflow_store(shared, tmp_path / "mlflow.db")
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"paths": {"cache": str(tmp_path / "cache")}}))
     argv = [sys.executable, "-m", "show1.cli", "--params", str(params_file), "register", "--stage", "base",
