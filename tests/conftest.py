@@ -42,6 +42,8 @@ CLIPS_PER_GOOD_VIDEO = 2
 
 # make test spreads test files over the cores (xdist --dist loadfile), handing them out in collection order: the
 # longest files go first so that no worker starts a long one when the others are nearly done. Measured on 2 cores.
+# Every test in them builds trained stages, registries, servers or whole cascades: they count as `slow`, so
+# `make check` (-m "not slow and not soak") leaves them to `make test`.
 LONGEST_FILES = ("test_dvc.py", "test_cascade.py", "test_evaluation.py", "test_registry.py",
                  "test_training_overfit.py", "test_faults.py", "test_faults_training.py", "test_pipelines.py",
                  "test_cli_generate.py", "test_store_concurrency.py", "test_training.py",
@@ -51,6 +53,9 @@ LONGEST_FILES = ("test_dvc.py", "test_cascade.py", "test_evaluation.py", "test_r
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+    for item in items:
+        if item.path.name in rank:
+            item.add_marker(pytest.mark.slow)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
