@@ -20,7 +20,7 @@ from flows.register import promote_flow, register_flow
 from flows.train import train_flow
 from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
 from show1.models.configs import STAGES
-from show1.run_lock import project_run_lock
+from show1.run_lock import RunLockedError, project_run_lock
 from show1.store import ui_command
 
 
@@ -72,7 +72,10 @@ if __name__ == "__main__":
     parser.add_argument("--no-wait", action="store_true",
                         help="refuse at once, instead of waiting, when another run holds this folder's lock")
     args = parser.parse_args()
-    with project_run_lock(Path.cwd(), wait=not args.no_wait, on_wait=print):
-        outcome = cascade_flow(args.params, args.profile, args.manifest, args.prompts, args.limit,
-                               not args.no_promote)
+    try:
+        with project_run_lock(Path.cwd(), wait=not args.no_wait, on_wait=print):
+            outcome = cascade_flow(args.params, args.profile, args.manifest, args.prompts, args.limit,
+                                   not args.no_promote)
+    except RunLockedError as exc:
+        parser.exit(1, f"error: {exc}\n")
     print("\n" + "\n".join(summary_lines(outcome)))

@@ -35,7 +35,7 @@ OFFLINE_ENV = {
 # local API (Prefect's ephemeral server) that all of its flows and subflows share; its first start on a new
 # PREFECT_HOME migrates a sqlite database. Prefect waits 20 s for it by default, which a busy CI runner or GPU box
 # exceeds ("Timed out while attempting to connect to ephemeral Prefect API server"); show1 waits up to 10 min.
-# Raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a machine slower than that (README, "Under load").
+# Raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a machine slower than that (README, "On a busy machine").
 PREFECT_ENV = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
 }
