@@ -72,7 +72,7 @@ def project_run_lock(project: Path | str, wait: bool = True, poll_s: float = 0.5
                 time.sleep(poll_s)
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "command": " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))}
+                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         try:
