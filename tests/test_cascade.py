@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from clone import commit_all, fresh_clone, git
+from clone import commit_all, fresh_clone, git, project_env
 from conftest import deep_merge
 from load import busy_cores
 from mlflow.tracking import MlflowClient
@@ -35,8 +35,7 @@ LOCK_WAIT = "waiting for it to finish"
 
 
 def _env(prefect_home: Path) -> dict[str, str]:
-    env = os.environ | {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                        "DO_NOT_TRACK": "true", "PYTHONPATH": str(ROOT)}
+    env = project_env(prefect_home)
     env.pop("MLFLOW_TRACKING_URI", None)  # the clone's own default store, mlruns/mlflow.db (it must stay ignored)
     return env
 
