@@ -40,9 +40,9 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n auto --dist loadfile
+	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # The edit loop: ruff and the fast tests (no end-to-end runs, no soak), in about two minutes on 2 cores.
 check: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n auto --dist loadfile -q -m "not slow and not soak"
+	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder -q -m "not slow and not soak"
