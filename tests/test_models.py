@@ -135,3 +135,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     for plain, checkpointed in zip(grads(False), grads(True), strict=True):
         torch.testing.assert_close(plain, checkpointed)
+
+
+def test_stage_components_name_what_each_stage_pipeline_loads():
+    from show1.models.configs import STAGE_COMPONENTS, STAGES
+    from show1.pipelines.cascade import STAGE_PIPELINES
+
+    assert tuple(STAGE_COMPONENTS) == STAGES
+    for stage, pipeline in STAGE_PIPELINES.items():
+        assert set(STAGE_COMPONENTS[stage]) == set(pipeline.loaders), stage
+
+
+def test_show1_register_imports_no_model_library():
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport show1.registry.register\n"
+            "print(sorted(m for m in ('diffusers', 'transformers', 'show1.pipelines') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert loaded.stdout.strip() == "[]"  # registration stays a few seconds: no model code is imported for it

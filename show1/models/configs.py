@@ -15,6 +15,11 @@ PIXEL_STAGES = ("base", "interp", "sr1")
 STAGE_FOLDERS = {"base": "show-1-base", "interp": "show-1-interpolation", "sr1": "show-1-sr1", "sr2": "show-1-sr2"}
 T5_XXL_DIM = 4096
 INPUT_CHANNELS = {"base": 3, "interp": 7, "sr1": 6}  # noisy frames (+ blended ends + mask | + noised upsample)
+# The component folders each stage's pipeline loads (besides the optional tokenizer/ and text_encoder/): what a
+# stage folder must hold. Read without importing the pipelines (show1 register checks folders with it); a test
+# checks it against the pipelines' loaders.
+STAGE_COMPONENTS = {"base": ("unet", "scheduler"), "interp": ("unet", "scheduler"),
+                    "sr1": ("unet", "scheduler", "image_noising_scheduler"), "sr2": ("unet", "scheduler", "vae")}
 
 _IF_I = {  # show-1-base/unet/config.json
     "act_fn": "gelu", "addition_embed_type": "text", "addition_embed_type_num_heads": 64,

@@ -24,8 +24,7 @@ from show1 import integrity
 from show1.config import Params
 from show1.faults import fault_point
 from show1.integrity import IntegrityError
-from show1.models.text import load_text_encoder
-from show1.pipelines.cascade import STAGE_PIPELINES
+from show1.models.configs import STAGE_COMPONENTS
 from show1.provenance import folder_files, tree_digest
 from show1.registry import pyfunc_entry, stage_model
 from show1.registry.names import CHALLENGER, model_name
@@ -98,7 +97,7 @@ def stage_components(folder: Path, stage: str) -> list[str]:
                                 f"(expected one of {', '.join(sorted(STAGE_CLASSES[stage]))})")
     components = [name for name, entry in index.items()
                   if not name.startswith("_") and isinstance(entry, list) and entry and entry[0] is not None]
-    required = set(STAGE_PIPELINES[stage].loaders)
+    required = set(STAGE_COMPONENTS[stage])
     missing = sorted(name for name in required | set(components) if not (folder / name).is_dir())
     if missing:
         raise RegistrationError(f"{folder}: missing component folder(s) {', '.join(missing)}")
@@ -162,6 +161,8 @@ def assemble_model_folder(folder: Path, components: list[str], text_source: Path
             for part in TEXT_PARTS:
                 _link_tree(text_source / part, target / part)
         else:  # a flat encoder folder (e.g. the packaged MiniLM): write it in the stage layout
+            from show1.models.text import load_text_encoder
+
             tokenizer, encoder = load_text_encoder(text_source)
             tokenizer.save_pretrained(target / "tokenizer")
             encoder.save_pretrained(target / "text_encoder", safe_serialization=True)
@@ -261,8 +262,8 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
     from mlflow.exceptions import MlflowException
 
     say = on_status or (lambda _: None)
-    if stage not in STAGE_PIPELINES:
-        raise RegistrationError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_PIPELINES)})")
+    if stage not in STAGE_COMPONENTS:
+        raise RegistrationError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_COMPONENTS)})")
     folder = Path(checkpoint or params.paths.runs / stage / "final")
     components = stage_components(folder, stage)
     try:
