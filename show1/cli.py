@@ -278,7 +278,9 @@ def generate(
              "stage order (3,2,5,1) or per stage (base=3,sr1=champion).")] = None,
     out_path: Annotated[Path, typer.Option("--out", help="Video to write (.mp4, .webm or .gif).")] = Path("video.mp4"),
     stages: Annotated[str, typer.Option(help="Comma-separated prefix of base,interp,sr1,sr2.")] = "base,interp,sr1,sr2",
-    seed: Annotated[int, typer.Option(help="Same seed, same frames.")] = 345,
+    seed: Annotated[int, typer.Option(
+        help="Same seed, same frames (drawn as params.yaml sampling.seeding says: the reference reseeds every stage).")]
+    = 345,
     steps: Annotated[int | None, typer.Option(
         help="Denoising steps for every stage (default: the published 75/75/125/50).")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
@@ -322,9 +324,8 @@ def generate(
         pipe.enable_model_cpu_offload(device)
     else:
         pipe.to(device)
-    generator = torch.Generator("cpu").manual_seed(seed)
     try:
-        result = pipe(prompt, generator=generator, num_inference_steps=steps)
+        result = pipe(prompt, seed=seed, num_inference_steps=steps, sampling=params.sampling)
     except ValueError as exc:  # settings the stages cannot run with (e.g. too few sr2 steps for its strength)
         fail(str(exc), code=2)
     write_video(result.frames[0].permute(1, 0, 2, 3), out_path, fps=fps)  # (3, F, H, W) -> (F, 3, H, W)
@@ -334,7 +335,7 @@ def generate(
         from show1.registry.generation import track_generation
 
         settings = {"seed": seed, "steps": steps or "published", "dtype": DTYPES[dtype], "device": device,
-                    "fps": fps, "from_registry": from_registry or ""}
+                    "fps": fps, "from_registry": from_registry or "", **params.sampling.as_params()}
         run_id = track_generation(params, out_path, prompt, cascade.sources, cascade.from_registry, settings)
         out.print(f"generation run: {run_id} (show1 lineage {out_path})", highlight=False)
 

@@ -216,6 +216,26 @@ class Train(_Model):
     sr2_max_timestep: int = Field(900, ge=1, le=1000)  # expert translation: trained on timesteps 0-900 only
 
 
+class Sampling(_Model):
+    """How the cascade samples. The defaults are the published Show-1 behaviour (its run_inference.py under the
+    diffusers it pinned), so the same weights, prompt and seed give the reference's video."""
+
+    # DPM-Solver's last step: `sigma_min` ends on the last timestep, as diffusers 0.19 did for the published videos;
+    # `zero` steps to sigma 0 (newer diffusers' default).
+    final_sigmas_type: Literal["sigma_min", "zero"] = "sigma_min"
+    lowercase_prompts: bool = True          # strip and lowercase prompts before T5, as the reference does
+    # reference: torch.manual_seed(seed) again for every stage, interpolation segment and sr1 window;
+    # stream: one generator carried through the whole cascade.
+    seeding: Literal["reference", "stream"] = "reference"
+    # Sample base with its temporal dropout active, as the reference's enable_model_cpu_offload (unet.train())
+    # does by mistake: only for reproducing its videos bit for bit.
+    reference_dropout: bool = False
+
+    def as_params(self) -> dict[str, Any]:
+        """The settings as `sampling.KEY` run params."""
+        return {f"sampling.{key}": value for key, value in self.model_dump().items()}
+
+
 class Tracking(_Model):
     """Where runs are tracked. `MLFLOW_TRACKING_URI` in the environment overrides `uri`."""
 
@@ -316,6 +336,7 @@ class Params(_Model):
     tracking: Tracking = Tracking()
     registry: Registry = Registry()
     evaluate: Evaluate = Evaluate()
+    sampling: Sampling = Sampling()
 
     @model_validator(mode="after")
     def _stage_overrides_are_train_keys(self) -> Params:

@@ -177,25 +177,36 @@ def _blind_once(real):
 
 
 def test_load_by_alias_in_a_fresh_process_and_generate(trained, tmp_path, store):
-    params = load_params(write_params(tmp_path, "fresh"))
+    params_file = write_params(tmp_path, "fresh")
+    params = load_params(params_file)
     register_stage(params, "base", trained["base"] / "final")
     register_stage(params, "interp", trained["interp"] / "final")
-    script = """
+    script = f"""
 import mlflow, pandas as pd
+from show1.data.video import to_uint8_frames
+from show1.config import load_params
+from show1.registry.resolve import load_cascade
 from show1.registry.stage_model import decode_video
 base = mlflow.pyfunc.load_model("models:/fresh-base@challenger")
-keyframes = base.predict(pd.DataFrame({"prompt": ["a rabbit in a meadow"]}), params={"num_inference_steps": 2})
+keyframes = base.predict(pd.DataFrame({{"prompt": ["a rabbit in a meadow"]}}),
+                         params={{"num_inference_steps": 2, "seed": 3}})
 interp = mlflow.pyfunc.load_model("models:/fresh-interp@challenger")
-video = interp.predict(pd.DataFrame({"prompt": ["a rabbit in a meadow"], "video": [keyframes.video[0]]}),
-                       params={"num_inference_steps": 2, "seed": 3})
+video = interp.predict(pd.DataFrame({{"prompt": ["a rabbit in a meadow"], "video": [keyframes.video[0]]}}),
+                       params={{"num_inference_steps": 2, "seed": 3}})
 print("SHAPES", decode_video(keyframes.video[0]).shape, decode_video(video.video[0]).shape)
 print("SIGNATURE", [p.name for p in base.metadata.signature.params.params])
+# A stage model given a seed draws as that stage of the cascade does with that seed (the reference's reseeding).
+cascade = load_cascade(load_params("{params_file}"), ("base",), "challenger").pipeline
+frames = cascade("a rabbit in a meadow", seed=3, num_inference_steps=2).frames
+same = to_uint8_frames(frames[0].permute(1, 0, 2, 3)) == decode_video(keyframes.video[0])
+print("SAME AS THE CASCADE", bool(same.all()))
 """
     done = subprocess.run([sys.executable, "-c", script], env=os.environ | {"MLFLOW_TRACKING_URI": store},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "SHAPES (8, 40, 64, 3) (29, 40, 64, 3)" in done.stdout
     assert "SIGNATURE ['seed', 'num_inference_steps', 'guidance_scale']" in done.stdout
+    assert "SAME AS THE CASCADE True" in done.stdout
 
 
 def test_promotion_gate_both_ways(trained, tmp_path, store):

@@ -48,6 +48,8 @@ def test_eight_generate_processes_at_once_record_eight_runs(tmp_path):
     assert sorted(run.data.params["prompt"] for run in runs) == sorted(f"a paper boat number {i}"
                                                                        for i in range(CLIENTS))
     assert all(run.data.tags[VIDEO_HASH_TAG] for run in runs)
+    assert {(run.data.params["sampling.seeding"], run.data.params["sampling.final_sigmas_type"]) for run in runs} \
+        == {("reference", "sigma_min")}  # the sampling settings are part of every generation run
     assert len(client.search_experiments()) == 2  # Default and show1: the racing processes made one experiment
 
 

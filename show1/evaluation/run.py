@@ -92,13 +92,11 @@ def prepare(params: Params, prompts: str | Path | None = None, from_registry: st
 
 def generate_one(plan: EvaluationPlan, index: int) -> GeneratedVideo:
     """The video of prompt `index`, seeded by evaluate.seed + index (same settings, same video)."""
-    import torch
-
     cfg = plan.params.evaluate
     prompt = plan.prompts.prompts[index]
     started = time.perf_counter()
-    generator = torch.Generator("cpu").manual_seed(cfg.seed + index)
-    frames = plan.cascade.pipeline(prompt, generator=generator, num_inference_steps=cfg.steps).frames
+    frames = plan.cascade.pipeline(prompt, seed=cfg.seed + index, num_inference_steps=cfg.steps,
+                                   sampling=plan.params.sampling).frames
     video = to_uint8_frames(frames[0].permute(1, 0, 2, 3))
     names = [f"videos/{index:03d}.webm", f"videos/{index:03d}.mp4"]
     for name in names:
@@ -142,7 +140,8 @@ def finish(plan: EvaluationPlan, videos: list[GeneratedVideo], track: bool = Tru
                 record_evaluation(client, version.name, version.version, scores.metrics, run_id)
             for video in videos:  # each video traceable with `show1 lineage` (its artifact is in the parent run)
                 mp4 = video.files[-1]
-                settings = {"seed": cfg.seed + video.index, "steps": cfg.steps or "published"}
+                settings = {"seed": cfg.seed + video.index, "steps": cfg.steps or "published",
+                            **params.sampling.as_params()}
                 track_generation(params, plan.staging / mp4, video.prompt, plan.cascade.sources,
                                  plan.cascade.from_registry, settings, recorded_path=plan.out / mp4,
                                  parent_run_id=run_id, log_video=False)
@@ -205,7 +204,7 @@ def _log(client: Any, params: Params, plan: EvaluationPlan, scores: Scores, labe
         now = int(time.time() * 1000)
         settings = {"prompts": count, "steps": cfg.steps or "published",
                     "seed": cfg.seed, "frames_per_video": cfg.frames_per_video,
-                    "max_reference_clips": cfg.max_reference_clips}
+                    "max_reference_clips": cfg.max_reference_clips, **params.sampling.as_params()}
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in scores.metrics.items()],
                          params=[Param(k, str(v)) for k, v in settings.items()])
         client.log_artifacts(run_id, str(plan.staging), "evaluation")

@@ -80,6 +80,7 @@ def pixel_scheduler_config() -> dict[str, Any]:
         "thresholding": True, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5,
         "lambda_min_clipped": -5.1, "timestep_spacing": "linspace", "solver_order": 2,
         "variance_type": "learned_range", "lower_order_final": True,
+        "final_sigmas_type": "sigma_min",  # the last step of diffusers 0.19, which sampled the published videos
     }
 
 

@@ -54,6 +54,12 @@ def encoder_class(model_type: str) -> type[PreTrainedModel]:
     return AutoModel  # e.g. BERT-style encoders such as MiniLM
 
 
+def reference_text(prompt: str) -> str:
+    """A prompt as Show-1's reference feeds it to T5: stripped and lowercased (DeepFloyd IF's `encode_prompt` with
+    `clean_caption=False`). T5's vocabulary is cased, so this changes the embeddings."""
+    return prompt.lower().strip()
+
+
 def masks_padding(text_encoder: PreTrainedModel) -> bool:
     """Whether an encoder runs with an attention mask over padding: T5 (IF, Show-1's pixel stages) and BERT do;
     Stable-Diffusion-family pipelines (zeroscope, Show-1's sr2) run CLIP without one unless its config asks."""

@@ -21,8 +21,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from show1.models.text import MAX_LENGTH, encode_prompt, load_text_encoder
+from show1.models.text import MAX_LENGTH, encode_prompt, load_text_encoder, reference_text
 from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
+from show1.pipelines.seeding import RandomSource, rng_scope
 from show1.weight_files import check_folder
 
 
@@ -52,12 +53,28 @@ class PromptEmbeddings:
         return torch.cat([self.negative, self.positive])
 
 
+# DPM-Solver's last step. The published checkpoints were sampled with diffusers 0.19, whose last step ends on the
+# last timestep's sigma; newer diffusers default to stepping to sigma 0 ("zero"), which changes the final sample.
+PUBLISHED_FINAL_SIGMAS = "sigma_min"
+
+
 def load_scheduler(folder: Path, dtype: torch.dtype | None) -> Any:
+    """A scheduler folder. A DPM-Solver config written before diffusers knew `final_sigmas_type` (the published
+    Show-1 folders) keeps the last step it was sampled with (PUBLISHED_FINAL_SIGMAS)."""
     config = json.loads((folder / "scheduler_config.json").read_text())
     cls = getattr(diffusers, config.get("_class_name", ""), None)
     if cls is None:
         raise ValueError(f"{folder}: unknown scheduler class {config.get('_class_name')!r}")
+    if cls is diffusers.DPMSolverMultistepScheduler and "final_sigmas_type" not in config:
+        return cls.from_pretrained(folder, final_sigmas_type=PUBLISHED_FINAL_SIGMAS)
     return cls.from_pretrained(folder)
+
+
+def with_final_sigmas(scheduler: Any, final_sigmas_type: str) -> Any:
+    """`scheduler` with DPM-Solver's last step set (`sigma_min` | `zero`); other schedulers are returned as they are."""
+    if "final_sigmas_type" not in scheduler.config or scheduler.config.final_sigmas_type == final_sigmas_type:
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, final_sigmas_type=final_sigmas_type)
 
 
 def _load_unet(folder: Path, dtype: torch.dtype | None) -> ShowOneUNet3DConditionModel:
@@ -100,11 +117,18 @@ class Show1StagePipeline(DiffusionPipeline):
     # ----------------------------------------------------------------------------------------- prompts
 
     def encode_prompts(self, prompt: str | list[str], negative_prompt: str | list[str] | None = "",
-                       guidance: bool = True, device: torch.device | None = None) -> PromptEmbeddings:
-        """Embed the prompts with this stage's text encoder (the empty prompt is the negative, as in Show-1)."""
+                       guidance: bool = True, device: torch.device | None = None,
+                       lowercase: bool = True) -> PromptEmbeddings:
+        """Embed the prompts with this stage's text encoder (the empty prompt is the negative, as in Show-1).
+        `lowercase`: strip and lowercase them first, as the reference does before T5 (`sampling.lowercase_prompts`)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p or not p.strip() for p in prompts):
             raise ValueError("the prompt is empty: describe the video to generate")
+        if lowercase:
+            prompts = [reference_text(p) for p in prompts]
+            if negative_prompt is not None:
+                negative_prompt = reference_text(negative_prompt) if isinstance(negative_prompt, str) \
+                    else [reference_text(p) for p in negative_prompt]
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError(f"{type(self).__name__} was loaded without a text encoder: pass prompt_embeds")
         device = device or self._execution_device
@@ -138,6 +162,10 @@ class Show1StagePipeline(DiffusionPipeline):
         return video.to(self._execution_device, self.unet.dtype), text
 
     # -------------------------------------------------------------------------------------- denoising
+
+    def rng_scope(self, source: RandomSource) -> Any:
+        """Around a stage run: reseeding (the reference's) leaves the caller's global random state as it was."""
+        return rng_scope(source, self._execution_device)
 
     def noise(self, shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,
               dtype: torch.dtype) -> torch.Tensor:

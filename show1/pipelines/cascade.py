@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
+from show1.config import Sampling
 from show1.models.configs import DEFAULTS, STAGE_FOLDERS, STAGES
-from show1.pipelines.base import MissingComponentError, PromptEmbeddings, Show1StagePipeline
+from show1.pipelines.base import MissingComponentError, PromptEmbeddings, Show1StagePipeline, with_final_sigmas
 from show1.pipelines.interpolation import Show1InterpolationPipeline
 from show1.pipelines.keyframes import Show1BasePipeline
+from show1.pipelines.seeding import RandomSource, Reseeding
 from show1.pipelines.sr1 import Show1SR1Pipeline
 from show1.pipelines.sr2 import NEGATIVE_PROMPT as SR2_NEGATIVE_PROMPT
 from show1.pipelines.sr2 import Show1SR2Pipeline
@@ -92,17 +94,32 @@ class Show1Pipeline:
     @torch.no_grad()
     def __call__(self, prompt: str, generator: torch.Generator | None = None,
                  num_inference_steps: int | dict[str, int] | None = None,
-                 guidance_scale: dict[str, float] | None = None) -> CascadeOutput:
+                 guidance_scale: dict[str, float] | None = None, *, seed: int | None = None,
+                 sampling: Sampling | None = None) -> CascadeOutput:
         """Generate a video for `prompt`. `num_inference_steps` is one number for every stage or a
-        per-stage dict; stages not named use the published defaults (75/75/125/50)."""
+        per-stage dict; stages not named use the published defaults (75/75/125/50).
+
+        Randomness: pass `seed` and the cascade draws as `sampling.seeding` says (default: the reference's
+        reseeding at every stage, segment and window; `stream`: one generator seeded with `seed`), or pass your own
+        `generator`, carried through every stage. `sampling` (default: `Sampling()`, the published behaviour) also
+        sets DPM-Solver's last step, prompt lowercasing and the base stage's reference dropout."""
+        sampling = sampling or Sampling()
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        source: RandomSource = generator
+        if seed is not None:
+            source = Reseeding(seed) if sampling.seeding == "reference" else torch.Generator("cpu").manual_seed(seed)
         steps: dict[str, int | None] = dict.fromkeys(STAGES)
         if isinstance(num_inference_steps, int):
             steps = dict.fromkeys(STAGES, num_inference_steps)
         elif num_inference_steps:
             steps |= num_inference_steps
         guidance = guidance_scale or {}
+        for pipe in self.stages.values():
+            pipe.scheduler = with_final_sigmas(pipe.scheduler, sampling.final_sigmas_type)
         base = self.stages["base"]
-        embeddings = base.encode_prompts(prompt, "", guidance=True)
+        lowercase = sampling.lowercase_prompts
+        embeddings = base.encode_prompts(prompt, "", guidance=True, lowercase=lowercase)
         outputs: dict[str, torch.Tensor] = {}
         video: torch.Tensor | None = None
         for stage in self.stage_names:
@@ -110,9 +127,10 @@ class Show1Pipeline:
             stage_embeddings: PromptEmbeddings | None = embeddings
             if stage == "sr2":  # its own negative prompt; tiny weights without an encoder borrow the base's
                 stage_embeddings = None if pipe.text_encoder is not None else \
-                    base.encode_prompts(prompt, SR2_NEGATIVE_PROMPT, guidance=True)
+                    base.encode_prompts(prompt, SR2_NEGATIVE_PROMPT, guidance=True, lowercase=lowercase)
+            options = {"reference_dropout": sampling.reference_dropout} if stage == "base" else {}
             video = run_stage(stage, pipe, prompt, video, stage_embeddings, steps[stage], guidance.get(stage),
-                              generator)
+                              source, **options)
             outputs[stage] = video
         assert video is not None
         return CascadeOutput(frames=video, stages=outputs)
@@ -120,11 +138,12 @@ class Show1Pipeline:
 
 def run_stage(stage: str, pipe: Show1StagePipeline, prompt: str | list[str], video: torch.Tensor | None,
               embeddings: PromptEmbeddings | None = None, num_inference_steps: int | None = None,
-              guidance_scale: float | None = None, generator: torch.Generator | None = None,
+              guidance_scale: float | None = None, generator: RandomSource = None,
               **options: Any) -> torch.Tensor:
     """One stage of the cascade with the published settings (DEFAULTS) unless given: `video` is the previous
     stage's output (None for base); `embeddings` replace encoding `prompt` with the stage's own encoder;
-    `options` are the stage's extras (sr1 `noise_level`, sr2 `strength`)."""
+    `generator` a generator or the reference's `Reseeding`; `options` are the stage's extras (sr1 `noise_level`,
+    sr2 `strength`, base `reference_dropout`)."""
     settings = DEFAULTS[stage] | {k: v for k, v in options.items() if v is not None}
     if num_inference_steps is not None:
         settings["num_inference_steps"] = num_inference_steps

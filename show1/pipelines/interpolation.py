@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from show1.pipelines.base import PromptEmbeddings, Show1StagePipeline, VideoPipelineOutput
+from show1.pipelines.seeding import RandomSource, draw_point
 
 SEGMENT = 5  # frames per run: the two keyframes and three new ones between them
 
@@ -34,17 +35,18 @@ class Show1InterpolationPipeline(Show1StagePipeline):
     def __call__(self, video: torch.Tensor, prompt: str | list[str] | None = None,
                  prompt_embeds: PromptEmbeddings | None = None, negative_prompt: str | list[str] | None = "",
                  num_inference_steps: int = 75, guidance_scale: float = 4.0,
-                 generator: torch.Generator | None = None, return_dict: bool = True) -> VideoPipelineOutput | tuple:
+                 generator: RandomSource = None, return_dict: bool = True) -> VideoPipelineOutput | tuple:
         video, text = self._video_and_text(video, 2, prompt, prompt_embeds, negative_prompt, guidance_scale)
         b, _, keyframes, h, w = video.shape
         out = torch.zeros(b, 3, (SEGMENT - 1) * (keyframes - 1) + 1, h, w, device=video.device, dtype=video.dtype)
-        # One noise draw shared by every segment, as in the reference.
-        noise = self.initial_noise((b, 3, SEGMENT, h, w), generator, video.dtype)
-        for i in range(keyframes - 1):
-            condition = interpolation_condition(video[:, :, [i, i + 1]])
-            segment = self.denoise_pixels(noise.clone(), text, guidance_scale, num_inference_steps,
-                                          condition=condition, generator=generator)
-            out[:, :, i * (SEGMENT - 1):i * (SEGMENT - 1) + SEGMENT] = segment  # ends are regenerated too
+        with self.rng_scope(generator):
+            # One noise draw shared by every segment, as in the reference.
+            noise = self.initial_noise((b, 3, SEGMENT, h, w), draw_point(generator), video.dtype)
+            for i in range(keyframes - 1):
+                condition = interpolation_condition(video[:, :, [i, i + 1]])
+                segment = self.denoise_pixels(noise.clone(), text, guidance_scale, num_inference_steps,
+                                              condition=condition, generator=draw_point(generator))
+                out[:, :, i * (SEGMENT - 1):i * (SEGMENT - 1) + SEGMENT] = segment  # ends are regenerated too
         self.maybe_free_model_hooks()
         out = out.clamp(-1, 1)
         return VideoPipelineOutput(frames=out) if return_dict else (out,)

@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from show1.pipelines.base import PromptEmbeddings, Show1StagePipeline, VideoPipelineOutput, load_scheduler
+from show1.pipelines.seeding import RandomSource, draw_point
 
 NEGATIVE_PROMPT = "low resolution, blur"  # what Show-1's run_inference.py passes to SR2
 
@@ -206,7 +207,7 @@ class Show1SR2Pipeline(Show1StagePipeline):
                  prompt_embeds: PromptEmbeddings | None = None,
                  negative_prompt: str | list[str] | None = NEGATIVE_PROMPT, strength: float = 0.8,
                  num_inference_steps: int = 50, guidance_scale: float = 15.0, height: int = 320, width: int = 576,
-                 generator: torch.Generator | None = None, output_type: str = "pt",
+                 generator: RandomSource = None, output_type: str = "pt",
                  return_dict: bool = True) -> VideoPipelineOutput | tuple[Any]:
         """Translate `video` (B, 3, F, h, w) in [-1, 1] to (B, 3, F, height, width).
 
@@ -235,19 +236,20 @@ class Show1SR2Pipeline(Show1StagePipeline):
         device = self._execution_device
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.get_timesteps(num_inference_steps, strength)
-        latents = self.prepare_latents(resize_like_pil(video.clamp(-1, 1), height, width), timesteps[:1], generator)
-
-        step_kwargs = self._step_kwargs(generator)
-        with self.progress_bar(total=len(timesteps)) as bar:
-            for t in timesteps:
-                model_input = torch.cat([latents] * 2) if guidance else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
-                if guidance:
-                    uncond, cond = noise_pred.chunk(2)
-                    noise_pred = uncond + guidance_scale * (cond - uncond)
-                latents = self._step_frames(noise_pred, t, latents, step_kwargs)
-                bar.update()
+        with self.rng_scope(generator):
+            stream = draw_point(generator)
+            latents = self.prepare_latents(resize_like_pil(video.clamp(-1, 1), height, width), timesteps[:1], stream)
+            step_kwargs = self._step_kwargs(stream)
+            with self.progress_bar(total=len(timesteps)) as bar:
+                for t in timesteps:
+                    model_input = torch.cat([latents] * 2) if guidance else latents
+                    model_input = self.scheduler.scale_model_input(model_input, t)
+                    noise_pred = self.unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
+                    if guidance:
+                        uncond, cond = noise_pred.chunk(2)
+                        noise_pred = uncond + guidance_scale * (cond - uncond)
+                    latents = self._step_frames(noise_pred, t, latents, step_kwargs)
+                    bar.update()
 
         frames = self.decode_latents(latents)
         self.maybe_free_model_hooks()

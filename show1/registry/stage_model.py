@@ -122,10 +122,10 @@ class Show1StageModel(mlflow.pyfunc.PythonModel):
     # No type hints on purpose: MLflow would infer a (wrong) signature from them; the signature is explicit.
     def predict(self, context, model_input, params=None):
         import pandas as pd
-        import torch
 
         from show1.data.video import to_uint8_frames
         from show1.pipelines.cascade import run_stage
+        from show1.pipelines.seeding import Reseeding
 
         settings = dict(params or {})
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
@@ -143,10 +143,10 @@ class Show1StageModel(mlflow.pyfunc.PythonModel):
                     raise ValueError(f"row {i}: the {self.stage} stage needs a 'video' column "
                                      "(the previous stage's output, .npy bytes)")
                 video = to_pipeline_video(decode_video(row["video"], f"row {i} video"))
-            generator = torch.Generator("cpu").manual_seed(seed + i)
+            # The reference's seeding: each stage model of a chain, given one seed, gives the cascade's video.
             frames = run_stage(self.stage, self.pipeline, prompt, video, None,
                                None if steps is None else int(steps),
-                               None if guidance is None else float(guidance), generator, **settings)
+                               None if guidance is None else float(guidance), Reseeding(seed + i), **settings)
             array = to_uint8_frames(frames[0].permute(1, 0, 2, 3))
             outputs.append({"video": encode_video(array), "frames": array.shape[0],
                             "height": array.shape[1], "width": array.shape[2]})
