@@ -230,10 +230,13 @@ class Sampling(_Model):
     # Sample base with its temporal dropout active, as the reference's enable_model_cpu_offload (unet.train())
     # does by mistake: only for reproducing its videos bit for bit.
     reference_dropout: bool = False
+    # A local DeepFloyd IF-II-L folder (safetensors): sr1's first frame is its super-resolution of frame 0, as in the
+    # reference. None: window 0 is conditioned on the noised upsample (sr1 says so once).
+    first_frame_model: Path | None = None
 
     def as_params(self) -> dict[str, Any]:
         """The settings as `sampling.KEY` run params."""
-        return {f"sampling.{key}": value for key, value in self.model_dump().items()}
+        return {f"sampling.{key}": "" if value is None else str(value) for key, value in self.model_dump().items()}
 
 
 class Tracking(_Model):

@@ -11,9 +11,10 @@ import torch
 from show1.config import Sampling
 from show1.models.configs import DEFAULTS, STAGE_FOLDERS, STAGES
 from show1.pipelines.base import MissingComponentError, PromptEmbeddings, Show1StagePipeline, with_final_sigmas
+from show1.pipelines.first_frame import super_resolve_first_frame
 from show1.pipelines.interpolation import Show1InterpolationPipeline
 from show1.pipelines.keyframes import Show1BasePipeline
-from show1.pipelines.seeding import RandomSource, Reseeding
+from show1.pipelines.seeding import RandomSource, Reseeding, draw_point
 from show1.pipelines.sr1 import Show1SR1Pipeline
 from show1.pipelines.sr2 import NEGATIVE_PROMPT as SR2_NEGATIVE_PROMPT
 from show1.pipelines.sr2 import Show1SR2Pipeline
@@ -44,11 +45,14 @@ class CascadeOutput:
 
 class Show1Pipeline:
     """Runs the stage pipelines in order, sharing the base stage's prompt embeddings with interp and sr1
-    (and with sr2 when its folder has no text encoder of its own)."""
+    (and with sr2 when its folder has no text encoder of its own). `first_frame_model`: DeepFloyd IF-II-L (an
+    `IFSuperResolutionPipeline`, see first_frame.py) for sr1's first frame, as the reference does; None: sr1's
+    window 0 is conditioned on the noised upsample."""
 
-    def __init__(self, stages: dict[str, Show1StagePipeline]):
+    def __init__(self, stages: dict[str, Show1StagePipeline], first_frame_model: Any = None):
         self.stage_names = check_stages(list(stages))
         self.stages = stages
+        self.first_frame_model = first_frame_model
 
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path, stages: list[str] | tuple[str, ...] = STAGES,
@@ -78,18 +82,32 @@ class Show1Pipeline:
             raise MissingComponentError(f"{folders['base']}: missing component 'text_encoder/'")
         return cls(loaded)
 
+    def _pipelines(self) -> list[Any]:
+        return [*self.stages.values(), *([self.first_frame_model] if self.first_frame_model is not None else [])]
+
     def to(self, device: torch.device | str) -> Show1Pipeline:
-        for pipe in self.stages.values():
+        for pipe in self._pipelines():
             pipe.to(device)
         return self
 
     def enable_model_cpu_offload(self, device: torch.device | str = "cuda") -> None:
-        for pipe in self.stages.values():
+        for pipe in self._pipelines():
             pipe.enable_model_cpu_offload(device=device)
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
-        for pipe in self.stages.values():
+        for pipe in self._pipelines():
             pipe.set_progress_bar_config(**kwargs)
+
+    def first_frame(self, video: torch.Tensor, embeddings: PromptEmbeddings,
+                    source: RandomSource) -> torch.Tensor | None:
+        """sr1's first frame for the interpolated `video` (B, 3, F, h, w): IF-II-L's ×4 super-resolution of frame 0
+        (the seed set again under the reference's seeding), or None without a first-frame model."""
+        if self.first_frame_model is None:
+            return None
+        _, _, _, h, w = video.shape
+        with self.stages["sr1"].rng_scope(source):
+            return super_resolve_first_frame(self.first_frame_model, video[:, :, 0], embeddings, 4 * h, 4 * w,
+                                             draw_point(source))
 
     @torch.no_grad()
     def __call__(self, prompt: str, generator: torch.Generator | None = None,
@@ -128,7 +146,9 @@ class Show1Pipeline:
             if stage == "sr2":  # its own negative prompt; tiny weights without an encoder borrow the base's
                 stage_embeddings = None if pipe.text_encoder is not None else \
                     base.encode_prompts(prompt, SR2_NEGATIVE_PROMPT, guidance=True, lowercase=lowercase)
-            options = {"reference_dropout": sampling.reference_dropout} if stage == "base" else {}
+            options: dict[str, Any] = {"reference_dropout": sampling.reference_dropout} if stage == "base" else {}
+            if stage == "sr1" and video is not None:
+                options["first_frame"] = self.first_frame(video, embeddings, source)
             video = run_stage(stage, pipe, prompt, video, stage_embeddings, steps[stage], guidance.get(stage),
                               source, **options)
             outputs[stage] = video

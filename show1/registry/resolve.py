@@ -141,17 +141,25 @@ class LoadedCascade:
 
 def load_cascade(params: Params, stages: tuple[str, ...], from_registry: str | None = None,
                  weights_dir: Path | None = None, torch_dtype: Any = None) -> LoadedCascade:
-    """The cascade from registry references (`champion`, `3,2,5,1`, …) or from a folder of stage folders."""
+    """The cascade from registry references (`champion`, `3,2,5,1`, …) or from a folder of stage folders, with
+    sr1's IF-II-L first-frame model when `sampling.first_frame_model` names one."""
     from show1.models.configs import STAGE_FOLDERS
     from show1.pipelines.cascade import Show1Pipeline
+    from show1.pipelines.first_frame import load_first_frame_model
 
     if (weights_dir is None) == (from_registry is None):
         raise ValueError("give exactly one of --weights-dir DIR and --from-registry REF")
+    first_frame = params.sampling.first_frame_model if "sr1" in stages else None
     if from_registry is not None:
         versions = resolve(params, parse_refs(from_registry, stages))
         folders = {stage: stage_folder(v, params.paths.cache) for stage, v in versions.items()}
-        return LoadedCascade(Show1Pipeline.from_folders(folders, torch_dtype=torch_dtype),
-                             {stage: v.label for stage, v in versions.items()}, versions)
-    assert weights_dir is not None
-    pipeline = Show1Pipeline.from_pretrained(weights_dir, stages, torch_dtype=torch_dtype)
-    return LoadedCascade(pipeline, {s: str((Path(weights_dir) / STAGE_FOLDERS[s]).resolve()) for s in stages}, {})
+        pipeline = Show1Pipeline.from_folders(folders, torch_dtype=torch_dtype)
+        sources = {stage: v.label for stage, v in versions.items()}
+    else:
+        assert weights_dir is not None
+        pipeline = Show1Pipeline.from_pretrained(weights_dir, stages, torch_dtype=torch_dtype)
+        sources = {s: str((Path(weights_dir) / STAGE_FOLDERS[s]).resolve()) for s in stages}
+        versions = {}
+    if first_frame is not None:
+        pipeline.first_frame_model = load_first_frame_model(first_frame, torch_dtype)
+    return LoadedCascade(pipeline, sources, versions)
