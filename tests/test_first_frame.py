@@ -91,7 +91,7 @@ def test_params_name_the_first_frame_model_for_generation(setup, tmp_path):
 
 
 def test_bad_first_frame_folders_are_named(setup, tmp_path):
-    with pytest.raises(FileNotFoundError, match="sampling.first_frame_model .*folder not found"):
+    with pytest.raises(FileNotFoundError, match=r"sampling\.first_frame_model .*folder not found"):
         load_first_frame_model(tmp_path / "none")
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "model_index.json").write_text("{}")
