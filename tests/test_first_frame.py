@@ -104,3 +104,30 @@ def test_bad_first_frame_folders_are_named(setup, tmp_path):
     torch.save({"weight": torch.zeros(1)}, pickled / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(UnsafeWeightsError, match="convert-weights"):
         load_first_frame_model(pickled)
+
+
+def test_sr1_is_registered_with_its_first_frame_model_and_loads_with_it(setup, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from show1.models.text import tiny_text_encoder_dir
+    from show1.registry.register import register_stage
+
+    plain = {"paths": {"cache": str(tmp_path / "cache")}, "registry": {"model_prefix": "ff"}}
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+    with_model = plain | {"sampling": {"first_frame_model": str(setup["if_ii"])}}
+    (tmp_path / "with.yaml").write_text(yaml.safe_dump(with_model))
+    params, configured = load_params(tmp_path / "plain.yaml"), load_params(tmp_path / "with.yaml")
+    weights, minilm = setup["weights"], tiny_text_encoder_dir()
+    register_stage(params, "base", weights / "show-1-base")
+    register_stage(params, "interp", weights / "show-1-interpolation", text_encoder=minilm)
+    without = register_stage(params, "sr1", weights / "show-1-sr1", text_encoder=minilm)
+    bundled = register_stage(configured, "sr1", weights / "show-1-sr1", text_encoder=minilm)
+    assert bundled.created and bundled.version != without.version and bundled.content_hash != without.content_hash
+    version = MlflowClient().get_model_version("ff-sr1", bundled.version)
+    assert version.tags["first_frame_source"] == str(setup["if_ii"].resolve())
+    # Loaded from the registry with no first-frame setting, the cascade uses the IF-II-L that came with sr1.
+    loaded = load_cascade(params, ("base", "interp", "sr1"), "challenger")
+    assert isinstance(loaded.pipeline.first_frame_model, IFSuperResolutionPipeline)
+    assert loaded.sources["sr1"] == f"ff-sr1/{bundled.version}"
+    assert load_cascade(params, ("base", "interp", "sr1"), f"base=1,interp=1,sr1={without.version}") \
+        .pipeline.first_frame_model is None

@@ -18,6 +18,10 @@ INPUT_CHANNELS = {"base": 3, "interp": 7, "sr1": 6}  # noisy frames (+ blended e
 # The component folders each stage's pipeline loads (besides the optional tokenizer/ and text_encoder/): what a
 # stage folder must hold. Read without importing the pipelines (show1 register checks folders with it); a test
 # checks it against the pipelines' loaders.
+# sr1's first-frame model (DeepFloyd IF-II-L, pipelines/first_frame.py): the parts show1 loads of its folder, and
+# where a registered sr1 version keeps them (with its model_index.json), inside its stage folder.
+FIRST_FRAME_COMPONENTS = ("unet", "scheduler", "image_noising_scheduler")
+FIRST_FRAME_FOLDER = "first_frame"
 STAGE_COMPONENTS = {"base": ("unet", "scheduler"), "interp": ("unet", "scheduler"),
                     "sr1": ("unet", "scheduler", "image_noising_scheduler"), "sr2": ("unet", "scheduler", "vae")}
 

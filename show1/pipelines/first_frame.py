@@ -14,19 +14,17 @@ from typing import Any
 
 import torch
 
+from show1.models.configs import FIRST_FRAME_COMPONENTS
 from show1.pipelines.base import MissingComponentError, PromptEmbeddings
 from show1.weight_files import check_folder
 
 # run_inference.py's settings for the IF-II-L call.
 FIRST_FRAME_SETTINGS: dict[str, Any] = {"num_inference_steps": 70, "guidance_scale": 4.0, "noise_level": 150}
-COMPONENTS = ("unet", "scheduler", "image_noising_scheduler")
+COMPONENTS = FIRST_FRAME_COMPONENTS
 
 
-def load_first_frame_model(folder: Path | str, torch_dtype: torch.dtype | None = None) -> Any:
-    """An `IFSuperResolutionPipeline` from a local IF-II-L folder, without its text encoder, safety checker or
-    watermarker (the reference loads it with `text_encoder=None`; the frame is a condition, not an output)."""
-    from diffusers import IFSuperResolutionPipeline
-
+def check_first_frame_folder(folder: Path | str) -> Path:
+    """An IF-II-L folder show1 can load: the parts it needs, safetensors only. Returns it as a Path."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"sampling.first_frame_model {folder}: folder not found (a local DeepFloyd "
@@ -36,6 +34,15 @@ def load_first_frame_model(folder: Path | str, torch_dtype: torch.dtype | None =
             raise MissingComponentError(f"sampling.first_frame_model {folder}: missing '{name}' (an IF-II-L "
                                         "folder has model_index.json, unet/, scheduler/, image_noising_scheduler/)")
     check_folder(folder, parts=list(COMPONENTS))  # safetensors only
+    return folder
+
+
+def load_first_frame_model(folder: Path | str, torch_dtype: torch.dtype | None = None) -> Any:
+    """An `IFSuperResolutionPipeline` from a local IF-II-L folder, without its text encoder, safety checker or
+    watermarker (the reference loads it with `text_encoder=None`; the frame is a condition, not an output)."""
+    from diffusers import IFSuperResolutionPipeline
+
+    folder = check_first_frame_folder(folder)
     pipe = IFSuperResolutionPipeline.from_pretrained(
         folder, tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None, watermarker=None,
         requires_safety_checker=False, torch_dtype=torch_dtype, use_safetensors=True)

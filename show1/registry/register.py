@@ -24,7 +24,7 @@ from show1 import integrity
 from show1.config import Params
 from show1.faults import fault_point
 from show1.integrity import IntegrityError
-from show1.models.configs import STAGE_COMPONENTS
+from show1.models.configs import FIRST_FRAME_COMPONENTS, FIRST_FRAME_FOLDER, STAGE_COMPONENTS
 from show1.provenance import folder_files, tree_digest
 from show1.registry import pyfunc_entry, stage_model
 from show1.registry.names import CHALLENGER, model_name
@@ -121,11 +121,34 @@ def text_encoder_source(folder: Path, explicit: Path | None, training: Any) -> P
                             "stage was trained with")
 
 
+def first_frame_source(params: Params, stage: str) -> Path | None:
+    """sr1's IF-II-L folder (`sampling.first_frame_model`), registered with sr1 when configured; checked here."""
+    if stage != "sr1" or params.sampling.first_frame_model is None:
+        return None
+    folder = Path(params.sampling.first_frame_model)
+    missing = [name for name in ("model_index.json", *FIRST_FRAME_COMPONENTS) if not (folder / name).exists()]
+    if missing:
+        raise RegistrationError(f"sampling.first_frame_model {folder}: not an IF-II-L folder (missing "
+                                f"{', '.join(missing)})")
+    try:
+        check_folder(folder, parts=list(FIRST_FRAME_COMPONENTS))
+    except (IntegrityError, UnsafeWeightsError) as exc:
+        raise RegistrationError(str(exc)) from None
+    return folder
+
+
+def _first_frame_files(first_frame: Path) -> list[tuple[str, Path]]:
+    files = [(f"{FIRST_FRAME_FOLDER}/model_index.json", first_frame / "model_index.json")]
+    for name in FIRST_FRAME_COMPONENTS:
+        files += folder_files(first_frame / name, f"{FIRST_FRAME_FOLDER}/{name}/")
+    return files
+
+
 def content_hash(folder: Path, components: list[str], text_source: Path | None,
-                 verified: dict[str, str] | None = None) -> str:
-    """sha256 over the files the registered model is made of: model_index.json, the component folders and
-    the bundled text encoder's files. `verified`: sha256 per folder-relative name, already checked (the
-    folder's seal), so those files are not hashed a second time."""
+                 verified: dict[str, str] | None = None, first_frame: Path | None = None) -> str:
+    """sha256 over the files the registered model is made of: model_index.json, the component folders, the
+    bundled text encoder's files and sr1's first-frame model. `verified`: sha256 per folder-relative name, already
+    checked (the folder's seal), so those files are not hashed a second time."""
     files = [("model_index.json", folder / "model_index.json")]
     for name in components:
         if text_source is not None and name in TEXT_PARTS:
@@ -133,6 +156,8 @@ def content_hash(folder: Path, components: list[str], text_source: Path | None,
         files += folder_files(folder / name, f"{name}/")
     if text_source is not None:
         files += folder_files(text_source, "text_encoder_source/")
+    if first_frame is not None:
+        files += _first_frame_files(first_frame)
     return tree_digest(files, verified)
 
 
@@ -148,10 +173,17 @@ def _link_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, copy_function=link_or_copy)
 
 
-def assemble_model_folder(folder: Path, components: list[str], text_source: Path | None, target: Path) -> None:
+def assemble_model_folder(folder: Path, components: list[str], text_source: Path | None, target: Path,
+                          first_frame: Path | None = None) -> None:
     """Write the stage folder that becomes the model's artifacts: only the pipeline's components (a training
-    checkpoint's optimizer state and EMA file stay behind), plus the bundled text encoder."""
+    checkpoint's optimizer state and EMA file stay behind), plus the bundled text encoder and, for sr1, the parts
+    of its IF-II-L first-frame model in `first_frame/` (not IF-II-L's own T5, safety checker or watermarker)."""
     target.mkdir(parents=True)
+    if first_frame is not None:
+        (target / FIRST_FRAME_FOLDER).mkdir()
+        shutil.copy2(first_frame / "model_index.json", target / FIRST_FRAME_FOLDER / "model_index.json")
+        for name in FIRST_FRAME_COMPONENTS:
+            _link_tree(first_frame / name, target / FIRST_FRAME_FOLDER / name)
     index = json.loads((folder / "model_index.json").read_text())
     for name in components:
         if text_source is None or name not in TEXT_PARTS:
@@ -282,8 +314,9 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
             raise RegistrationError(f"training run {run_id} (of {folder}) is not in the store "
                                     f"{mlflow.get_tracking_uri()}") from exc
     text_source = text_encoder_source(folder, text_encoder, training)
+    first_frame = first_frame_source(params, stage)
     say("hashing the checkpoint")
-    digest = content_hash(folder, components, text_source, verified)
+    digest = content_hash(folder, components, text_source, verified, first_frame)
     name = model_name(params.registry, stage)
     ensure_registered_model(client, name, stage)
     existing = _versions_with_hash(client, name, digest)
@@ -300,9 +333,11 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
         tags |= {key: training.data.tags[key] for key in TRAINING_TAGS if key in training.data.tags}
     if text_source is not None:
         tags["text_encoder_source"] = str(text_source.resolve())
+    if first_frame is not None:
+        tags["first_frame_source"] = str(first_frame.resolve())
     with tempfile.TemporaryDirectory(prefix="show1-register-") as tmp:
         say("assembling the model folder")
-        assemble_model_folder(folder, components, text_source, Path(tmp) / "stage")
+        assemble_model_folder(folder, components, text_source, Path(tmp) / "stage", first_frame)
         mlflow.pyfunc.save_model(
             path=Path(tmp) / "model", python_model=pyfunc_entry.__file__,
             artifacts={stage_model.STAGE_ARTIFACT: str(Path(tmp) / "stage")}, model_config={"stage": stage},

@@ -142,8 +142,9 @@ class LoadedCascade:
 def load_cascade(params: Params, stages: tuple[str, ...], from_registry: str | None = None,
                  weights_dir: Path | None = None, torch_dtype: Any = None) -> LoadedCascade:
     """The cascade from registry references (`champion`, `3,2,5,1`, …) or from a folder of stage folders, with
-    sr1's IF-II-L first-frame model when `sampling.first_frame_model` names one."""
-    from show1.models.configs import STAGE_FOLDERS
+    sr1's IF-II-L first-frame model when `sampling.first_frame_model` names one, else when the registered sr1
+    version carries one."""
+    from show1.models.configs import FIRST_FRAME_FOLDER, STAGE_FOLDERS
     from show1.pipelines.cascade import Show1Pipeline
     from show1.pipelines.first_frame import load_first_frame_model
 
@@ -155,6 +156,8 @@ def load_cascade(params: Params, stages: tuple[str, ...], from_registry: str | N
         folders = {stage: stage_folder(v, params.paths.cache) for stage, v in versions.items()}
         pipeline = Show1Pipeline.from_folders(folders, torch_dtype=torch_dtype)
         sources = {stage: v.label for stage, v in versions.items()}
+        if first_frame is None and "sr1" in folders and (folders["sr1"] / FIRST_FRAME_FOLDER).is_dir():
+            first_frame = folders["sr1"] / FIRST_FRAME_FOLDER
     else:
         assert weights_dir is not None
         pipeline = Show1Pipeline.from_pretrained(weights_dir, stages, torch_dtype=torch_dtype)
