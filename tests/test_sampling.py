@@ -71,10 +71,13 @@ def test_the_last_solver_step_is_a_setting_that_changes_the_sample(stages):
 def test_reference_seeding_gives_each_stage_a_freshly_seeded_generator(stages):
     cascade = Show1Pipeline({"base": stages["base"], "interp": stages["interp"]})
     out = cascade(PROMPT, seed=7, num_inference_steps=1)
-    # The interpolation is what the interpolation alone gives on those keyframes with the seed just set, as if no
-    # stage had drawn before it; the stream of one generator through the cascade does not give that.
+    # Each stage is what it gives alone with the seed just set, as if no stage had drawn before it (the keyframes
+    # handed on unclamped, as the reference does); the stream of one generator through the cascade does not give that.
     embeddings = stages["base"].encode_prompts(PROMPT)
-    alone = stages["interp"](out.stages["base"], prompt_embeds=embeddings, num_inference_steps=1,
+    keyframes = stages["base"](prompt_embeds=embeddings, num_inference_steps=1,
+                               generator=torch.Generator().manual_seed(7), clamp_output=False).frames
+    assert torch.equal(out.stages["base"], keyframes.clamp(-1, 1))
+    alone = stages["interp"](keyframes, prompt_embeds=embeddings, num_inference_steps=1,
                              generator=torch.Generator().manual_seed(7)).frames
     assert torch.equal(out.frames, alone)
     streamed = cascade(PROMPT, seed=7, num_inference_steps=1, sampling=Sampling(seeding="stream"))

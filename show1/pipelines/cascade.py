@@ -113,14 +113,18 @@ class Show1Pipeline:
     def __call__(self, prompt: str, generator: torch.Generator | None = None,
                  num_inference_steps: int | dict[str, int] | None = None,
                  guidance_scale: dict[str, float] | None = None, *, seed: int | None = None,
-                 sampling: Sampling | None = None) -> CascadeOutput:
+                 sampling: Sampling | None = None, prompt_embeds: PromptEmbeddings | None = None) -> CascadeOutput:
         """Generate a video for `prompt`. `num_inference_steps` is one number for every stage or a
         per-stage dict; stages not named use the published defaults (75/75/125/50).
 
         Randomness: pass `seed` and the cascade draws as `sampling.seeding` says (default: the reference's
         reseeding at every stage, segment and window; `stream`: one generator seeded with `seed`), or pass your own
         `generator`, carried through every stage. `sampling` (default: `Sampling()`, the published behaviour) also
-        sets DPM-Solver's last step, prompt lowercasing and the base stage's reference dropout."""
+        sets DPM-Solver's last step, prompt lowercasing and the base stage's reference dropout. `prompt_embeds`:
+        the base stage's text embeddings computed beforehand (then `prompt` only reaches sr2's own encoder).
+
+        As in the reference, each pixel stage hands its frames on unclamped; `stages` and `frames` are clamped to
+        [-1, 1]."""
         sampling = sampling or Sampling()
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
@@ -137,7 +141,7 @@ class Show1Pipeline:
             pipe.scheduler = with_final_sigmas(pipe.scheduler, sampling.final_sigmas_type)
         base = self.stages["base"]
         lowercase = sampling.lowercase_prompts
-        embeddings = base.encode_prompts(prompt, "", guidance=True, lowercase=lowercase)
+        embeddings = prompt_embeds or base.encode_prompts(prompt, "", guidance=True, lowercase=lowercase)
         outputs: dict[str, torch.Tensor] = {}
         video: torch.Tensor | None = None
         for stage in self.stage_names:
@@ -149,11 +153,12 @@ class Show1Pipeline:
             options: dict[str, Any] = {"reference_dropout": sampling.reference_dropout} if stage == "base" else {}
             if stage == "sr1" and video is not None:
                 options["first_frame"] = self.first_frame(video, embeddings, source)
+            if stage != "sr2":
+                options["clamp_output"] = False
             video = run_stage(stage, pipe, prompt, video, stage_embeddings, steps[stage], guidance.get(stage),
                               source, **options)
-            outputs[stage] = video
-        assert video is not None
-        return CascadeOutput(frames=video, stages=outputs)
+            outputs[stage] = video.clamp(-1, 1)
+        return CascadeOutput(frames=outputs[self.stage_names[-1]], stages=outputs)
 
 
 def run_stage(stage: str, pipe: Show1StagePipeline, prompt: str | list[str], video: torch.Tensor | None,

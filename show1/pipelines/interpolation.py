@@ -35,7 +35,8 @@ class Show1InterpolationPipeline(Show1StagePipeline):
     def __call__(self, video: torch.Tensor, prompt: str | list[str] | None = None,
                  prompt_embeds: PromptEmbeddings | None = None, negative_prompt: str | list[str] | None = "",
                  num_inference_steps: int = 75, guidance_scale: float = 4.0,
-                 generator: RandomSource = None, return_dict: bool = True) -> VideoPipelineOutput | tuple:
+                 generator: RandomSource = None, clamp_output: bool = True,
+                 return_dict: bool = True) -> VideoPipelineOutput | tuple:
         video, text = self._video_and_text(video, 2, prompt, prompt_embeds, negative_prompt, guidance_scale)
         b, _, keyframes, h, w = video.shape
         out = torch.zeros(b, 3, (SEGMENT - 1) * (keyframes - 1) + 1, h, w, device=video.device, dtype=video.dtype)
@@ -48,5 +49,5 @@ class Show1InterpolationPipeline(Show1StagePipeline):
                                               condition=condition, generator=draw_point(generator))
                 out[:, :, i * (SEGMENT - 1):i * (SEGMENT - 1) + SEGMENT] = segment  # ends are regenerated too
         self.maybe_free_model_hooks()
-        out = out.clamp(-1, 1)
+        out = out.clamp(-1, 1) if clamp_output else out
         return VideoPipelineOutput(frames=out) if return_dict else (out,)

@@ -27,6 +27,7 @@ class Show1BasePipeline(Show1StagePipeline):
                  negative_prompt: str | list[str] | None = "", num_frames: int = 8, height: int = 40, width: int = 64,
                  num_inference_steps: int = 75, guidance_scale: float = 9.0,
                  generator: RandomSource = None, reference_dropout: bool = False,
+                 clamp_output: bool = True,
                  return_dict: bool = True) -> VideoPipelineOutput | tuple:
         if num_frames < 1 or height < 1 or width < 1 or num_inference_steps < 1:
             raise ValueError("num_frames, height, width and num_inference_steps must be positive")
@@ -44,5 +45,5 @@ class Show1BasePipeline(Show1StagePipeline):
             finally:
                 self.unet.train(was_training)
         self.maybe_free_model_hooks()
-        frames = frames.clamp(-1, 1)
+        frames = frames.clamp(-1, 1) if clamp_output else frames
         return VideoPipelineOutput(frames=frames) if return_dict else (frames,)

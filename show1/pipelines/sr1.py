@@ -50,7 +50,8 @@ class Show1SR1Pipeline(Show1StagePipeline):
                  prompt_embeds: PromptEmbeddings | None = None, negative_prompt: str | list[str] | None = "",
                  height: int = 160, width: int = 256, num_inference_steps: int = 125, guidance_scale: float = 7.0,
                  noise_level: int = 250, window: int = 8, stride: int = 7, first_frame: torch.Tensor | None = None,
-                 generator: RandomSource = None, return_dict: bool = True) -> VideoPipelineOutput | tuple:
+                 generator: RandomSource = None, clamp_output: bool = True,
+                 return_dict: bool = True) -> VideoPipelineOutput | tuple:
         if not 1 <= stride <= window:
             raise ValueError(f"stride ({stride}) must be between 1 and window ({window})")
         if not 0 <= noise_level < self.image_noising_scheduler.config.num_train_timesteps:
@@ -72,7 +73,7 @@ class Show1SR1Pipeline(Show1StagePipeline):
                     video[:, :, start:start + window], text, levels, condition_frame, height, width,
                     num_inference_steps, guidance_scale, draw_point(generator))  # reseeded per window (reference)
         self.maybe_free_model_hooks()
-        out = out.clamp(-1, 1)
+        out = out.clamp(-1, 1) if clamp_output else out
         return VideoPipelineOutput(frames=out) if return_dict else (out,)
 
     def super_resolve_window(self, clip: torch.Tensor, text: torch.Tensor, levels: torch.Tensor,

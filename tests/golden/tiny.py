@@ -1,0 +1,52 @@
+"""The tiny, seeded inputs that the reference goldens were recorded with and the golden tests rebuild: UNet weights
+drawn from a seeded CPU generator (every tensor, so no zero-initialised layer hides a path), prompt embeddings, and
+the published sampler config. Shared by make_reference_goldens.py (run against the reference's code) and
+tests/test_golden.py (run against show1's)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from show1.models.configs import image_noising_scheduler_config, pixel_scheduler_config, pixel_unet_config
+
+SEED = 345  # run_inference.py's seed
+STEPS = {"base": 2, "interp": 2, "sr1": 2}  # 2: the multistep solver uses its history
+TEXT_DIM = 32
+PROMPT_TOKENS = 77
+
+
+def unet_config(stage: str) -> dict[str, Any]:
+    return pixel_unet_config(stage, "tiny", text_dim=TEXT_DIM)
+
+
+def fill(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter drawn from N(0, 0.02²) by a CPU generator seeded with `seed`, in state-dict order."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, tensor in sorted(model.state_dict().items()):
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+    return model.eval()
+
+
+def prompt_embeddings() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    return (torch.randn(1, PROMPT_TOKENS, TEXT_DIM, generator=generator),
+            torch.randn(1, PROMPT_TOKENS, TEXT_DIM, generator=generator))
+
+
+def scheduler_kwargs() -> dict[str, Any]:
+    config = pixel_scheduler_config()
+    config.pop("_class_name")
+    return config
+
+
+def noising_kwargs() -> dict[str, Any]:
+    config = image_noising_scheduler_config()
+    config.pop("_class_name")
+    return config
+
+
+STAGE_SEEDS = {"base": 1, "interp": 2, "sr1": 3}
