@@ -113,7 +113,8 @@ class Show1Pipeline:
     def __call__(self, prompt: str, generator: torch.Generator | None = None,
                  num_inference_steps: int | dict[str, int] | None = None,
                  guidance_scale: dict[str, float] | None = None, *, seed: int | None = None,
-                 sampling: Sampling | None = None, prompt_embeds: PromptEmbeddings | None = None) -> CascadeOutput:
+                 sampling: Sampling | None = None, prompt_embeds: PromptEmbeddings | None = None,
+                 keyframe_size: tuple[int, int] | None = None) -> CascadeOutput:
         """Generate a video for `prompt`. `num_inference_steps` is one number for every stage or a
         per-stage dict; stages not named use the published defaults (75/75/125/50).
 
@@ -122,6 +123,8 @@ class Show1Pipeline:
         `generator`, carried through every stage. `sampling` (default: `Sampling()`, the published behaviour) also
         sets DPM-Solver's last step, prompt lowercasing and the base stage's reference dropout. `prompt_embeds`:
         the base stage's text embeddings computed beforehand (then `prompt` only reaches sr2's own encoder).
+        `keyframe_size`: (width, height) of the keyframes instead of the published 64 × 40 (multiples of 8; the
+        interpolation keeps it, sr1 makes it ×4; sr2 keeps its own output size).
 
         As in the reference, each pixel stage hands its frames on unclamped; `stages` and `frames` are clamped to
         [-1, 1]."""
@@ -151,6 +154,9 @@ class Show1Pipeline:
                 stage_embeddings = None if pipe.text_encoder is not None else \
                     base.encode_prompts(prompt, SR2_NEGATIVE_PROMPT, guidance=True, lowercase=lowercase)
             options: dict[str, Any] = {"reference_dropout": sampling.reference_dropout} if stage == "base" else {}
+            if keyframe_size is not None and stage in ("base", "sr1"):
+                scale = 1 if stage == "base" else 4
+                options |= {"width": scale * keyframe_size[0], "height": scale * keyframe_size[1]}
             if stage == "sr1" and video is not None:
                 options["first_frame"] = self.first_frame(video, embeddings, source)
             if stage != "sr2":

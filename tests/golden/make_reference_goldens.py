@@ -100,6 +100,7 @@ def main() -> None:
     from showone.pipelines.pipeline_t2v_sr_pixel_cond import TextToVideoIFSuperResolutionPipeline_Cond
 
     torch.set_grad_enabled(False)
+    torch.set_num_threads(1)  # one summation order, as the tests run them (tiny.ONE_THREAD)
     seed = tiny.SEED
     prompt_embeds, negative_embeds = tiny.prompt_embeddings()
     text = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
@@ -114,6 +115,7 @@ def main() -> None:
     keyframes = base(**text, num_frames=8, height=40, width=64, num_inference_steps=tiny.STEPS["base"],
                      guidance_scale=9.0, generator=torch.manual_seed(seed), output_type="pt").frames
     save_file(recorder.tensors() | {"frames": keyframes.contiguous()}, args.out / "reference_base.safetensors")
+    recorder.handle.remove()
 
     # Interpolation: one shared start noise, then every segment with the seed set again.
     unet = reference_unet("interp", UNet3DConditionModel)
@@ -138,6 +140,7 @@ def main() -> None:
         frames[:, :, i * 4:i * 4 + 5] = segment
     save_file(recorder.tensors() | {"keyframes": keyframes.contiguous(), "frames": frames.contiguous()},
               args.out / "reference_interp.safetensors")
+    recorder.handle.remove()
 
     # sr1: windows of 8 every 7 frames, the seed set again for each; window 0 conditioned on a given first frame
     # (IF-II-L's output in the reference) or on the noised upsample, later windows on the previous window's frame.
@@ -165,6 +168,27 @@ def main() -> None:
             tensors["first_frame"] = given[:, :, 0].contiguous()
         save_file(tensors, args.out / f"reference_sr1_{name}.safetensors")
         recorder.handle.remove()
+    # The whole pixel cascade as run_inference.py chains it (each stage's frames handed on as they come out), at half
+    # the published keyframe size (32 × 20 → sr1 at 128 × 80) with no first-frame model: stage outputs only.
+    keyframes = base(**text, num_frames=8, height=20, width=32, num_inference_steps=tiny.STEPS["base"],
+                     guidance_scale=9.0, generator=torch.manual_seed(seed), output_type="pt").frames
+    init_noise = randn_tensor((1, 3, 5, 20, 32), generator=torch.manual_seed(seed), dtype=keyframes.dtype)
+    frames = torch.zeros(1, 3, 29, 20, 32)
+    for i in range(7):
+        segment = torch.zeros(1, 3, 5, 20, 32)
+        segment[:, :, 0], segment[:, :, -1] = keyframes[:, :, i], keyframes[:, :, i + 1]
+        frames[:, :, i * 4:i * 4 + 5] = interp(
+            pixel_values=segment, **text, num_frames=5, height=20, width=32, num_inference_steps=tiny.STEPS["interp"],
+            guidance_scale=4.0, generator=torch.manual_seed(seed), output_type="pt", init_noise=init_noise,
+            cond_interpolation=True).frames
+    out = torch.zeros(1, 3, 29, 80, 128)
+    for i in range(0, 29 - 8 + 1, 7):
+        out[:, :, i:i + 8] = sr1(image=frames[:, :, i:i + 8], **text, first_frame_cond=None if i == 0 else
+                                 out[:, :, i:i + 1], height=80, width=128, num_inference_steps=tiny.STEPS["sr1"],
+                                 guidance_scale=7.0, noise_level=250, generator=torch.manual_seed(seed),
+                                 output_type="pt").frames
+    save_file({"base": keyframes.contiguous(), "interp": frames.contiguous(), "sr1": out.contiguous()},
+              args.out / "reference_cascade.safetensors")
     print(f"wrote the goldens to {args.out}")
 
 
