@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
@@ -27,6 +28,10 @@ import tiny  # noqa: E402
 from make_reference_goldens import Recorder  # noqa: E402
 
 TOLERANCE = 1e-5  # absolute, plus the same relative to the reference's value (UNet samples reach ~4)
+# Where the CPU kernels or torch differ from the recording's, float sums round differently (a different summation
+# order moved values by 1.7e-5 here): a looser bound, still far below any semantic difference (e.g. 0.023 for
+# DPM-Solver's last step).
+OTHER_MACHINE_TOLERANCE = 1e-4
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +45,12 @@ def one_thread():
 
 def golden(name: str) -> dict[str, torch.Tensor]:
     return load_file(GOLDEN / f"reference_{name}.safetensors")
+
+
+def tolerance() -> float:
+    with safe_open(GOLDEN / "reference_base.safetensors", "pt") as recorded:
+        facts = recorded.metadata() or {}
+    return TOLERANCE if facts == tiny.recording_facts() else OTHER_MACHINE_TOLERANCE
 
 
 def unet(stage: str) -> ShowOneUNet3DConditionModel:
@@ -60,9 +71,10 @@ def assert_calls_match(recorded: Recorder, reference: dict[str, torch.Tensor]) -
 
 
 def close(ours: torch.Tensor, reference: torch.Tensor, what: str) -> None:
-    excess = ((ours - reference).abs() - TOLERANCE * (1 + reference.abs())).max().item()
+    bound = tolerance()
+    excess = ((ours - reference).abs() - bound * (1 + reference.abs())).max().item()
     difference = (ours - reference).abs().max().item()
-    assert excess <= 0, f"{what}: differs from the reference by up to {difference:.3g}"
+    assert excess <= 0, f"{what}: differs from the reference by up to {difference:.3g} (bound {bound:g})"
 
 
 def assert_frames_match(frames: torch.Tensor, reference: torch.Tensor) -> None:

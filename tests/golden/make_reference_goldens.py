@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_file as _save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -81,6 +81,11 @@ class Recorder:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"call{i:03d}.{name}": value.contiguous() for i, call in self.calls.items()
                 for name, value in call.items()}
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The tensors, with what decides their last bits: float sums depend on the CPU kernels and the thread count."""
+    _save_file(tensors, str(path), metadata=tiny.recording_facts())
 
 
 def reference_unet(stage: str, cls: Callable[..., torch.nn.Module]) -> torch.nn.Module:
