@@ -28,6 +28,10 @@ def is_weight_pickle(path: Path) -> bool:
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5}-of-\d{5})$")
 
 
+class MissingComponentError(FileNotFoundError):
+    """A model folder lacks a component its pipeline needs; the message names it."""
+
+
 class UnsafeWeightsError(ValueError):
     """A weight file show1 refuses to load (a pickle); the message says how to convert it."""
 
@@ -62,6 +66,20 @@ def check_folder(folder: Path | str, sealed: bool = False, parts: list[str] | No
         if (folder / part).is_dir():
             refuse_pickles(folder / part)
     return integrity.verify(folder, required=sealed, parts=parts)
+
+
+def check_parts(folder: Path | str, parts: tuple[str, ...], what: str) -> Path:
+    """`folder` (named `what` in errors) holds model_index.json and the component folders `parts`, as safetensors."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} {folder}: folder not found (it needs model_index.json, "
+                                f"{', '.join(f'{p}/' for p in parts)})")
+    for name in ("model_index.json", *parts):
+        if not (folder / name).exists():
+            raise MissingComponentError(f"{what} {folder}: missing '{name}' (it needs model_index.json, "
+                                        f"{', '.join(f'{p}/' for p in parts)})")
+    check_folder(folder, parts=list(parts))
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------- conversion

@@ -24,11 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from show1.models.text import MAX_LENGTH, encode_prompt, load_text_encoder, reference_text
 from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
 from show1.pipelines.seeding import RandomSource, rng_scope
-from show1.weight_files import check_folder
-
-
-class MissingComponentError(FileNotFoundError):
-    """A stage folder lacks a component its pipeline needs; the message names it."""
+from show1.weight_files import MissingComponentError, check_folder
 
 
 @dataclass

@@ -15,26 +15,12 @@ from typing import Any
 import torch
 
 from show1.models.configs import FIRST_FRAME_COMPONENTS
-from show1.pipelines.base import MissingComponentError, PromptEmbeddings
-from show1.weight_files import check_folder
+from show1.pipelines.base import PromptEmbeddings
+from show1.weight_files import check_parts
 
 # run_inference.py's settings for the IF-II-L call.
 FIRST_FRAME_SETTINGS: dict[str, Any] = {"num_inference_steps": 70, "guidance_scale": 4.0, "noise_level": 150}
-COMPONENTS = FIRST_FRAME_COMPONENTS
-
-
-def check_first_frame_folder(folder: Path | str) -> Path:
-    """An IF-II-L folder show1 can load: the parts it needs, safetensors only. Returns it as a Path."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"sampling.first_frame_model {folder}: folder not found (a local DeepFloyd "
-                                "IF-II-L folder: model_index.json, unet/, scheduler/, image_noising_scheduler/)")
-    for name in ("model_index.json", *COMPONENTS):
-        if not (folder / name).exists():
-            raise MissingComponentError(f"sampling.first_frame_model {folder}: missing '{name}' (an IF-II-L "
-                                        "folder has model_index.json, unet/, scheduler/, image_noising_scheduler/)")
-    check_folder(folder, parts=list(COMPONENTS))  # safetensors only
-    return folder
+WHAT = "sampling.first_frame_model"  # how errors name the folder
 
 
 def load_first_frame_model(folder: Path | str, torch_dtype: torch.dtype | None = None) -> Any:
@@ -42,7 +28,7 @@ def load_first_frame_model(folder: Path | str, torch_dtype: torch.dtype | None =
     watermarker (the reference loads it with `text_encoder=None`; the frame is a condition, not an output)."""
     from diffusers import IFSuperResolutionPipeline
 
-    folder = check_first_frame_folder(folder)
+    folder = check_parts(folder, FIRST_FRAME_COMPONENTS, WHAT)  # safetensors only
     pipe = IFSuperResolutionPipeline.from_pretrained(
         folder, tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None, watermarker=None,
         requires_safety_checker=False, torch_dtype=torch_dtype, use_safetensors=True)

@@ -30,7 +30,7 @@ from show1.registry import pyfunc_entry, stage_model
 from show1.registry.names import CHALLENGER, model_name
 from show1.store import connect, experiment_id
 from show1.training.tracking import training_run_id
-from show1.weight_files import UnsafeWeightsError, check_folder
+from show1.weight_files import UnsafeWeightsError, check_folder, check_parts
 
 MODEL_TYPE = "show1-stage"
 # On the logged model only: which process is uploading it (so a rerun can tell a killed registration from a live one).
@@ -125,16 +125,10 @@ def first_frame_source(params: Params, stage: str) -> Path | None:
     """sr1's IF-II-L folder (`sampling.first_frame_model`), registered with sr1 when configured; checked here."""
     if stage != "sr1" or params.sampling.first_frame_model is None:
         return None
-    folder = Path(params.sampling.first_frame_model)
-    missing = [name for name in ("model_index.json", *FIRST_FRAME_COMPONENTS) if not (folder / name).exists()]
-    if missing:
-        raise RegistrationError(f"sampling.first_frame_model {folder}: not an IF-II-L folder (missing "
-                                f"{', '.join(missing)})")
     try:
-        check_folder(folder, parts=list(FIRST_FRAME_COMPONENTS))
-    except (IntegrityError, UnsafeWeightsError) as exc:
+        return check_parts(params.sampling.first_frame_model, FIRST_FRAME_COMPONENTS, "sampling.first_frame_model")
+    except (FileNotFoundError, IntegrityError, UnsafeWeightsError) as exc:
         raise RegistrationError(str(exc)) from None
-    return folder
 
 
 def _first_frame_files(first_frame: Path) -> list[tuple[str, Path]]:
