@@ -4,7 +4,8 @@ evaluate → promote, each step a subflow of the flows beside this file.
 `show1 run` and `make demo` run it (tiny profile: the demo clips, minutes on a CPU). With no Prefect server it
 runs on the ephemeral API; with `prefect server start` every subflow and task shows in the UI. Re-running it
 re-does only what changed: curation skips unchanged chunks, training reuses a finished run with the same
-params and data, registration returns the existing version of the same content, evaluation is deterministic.
+params and data, registration returns the existing version of the same content, and an evaluation of the same
+versions, prompts and settings is reused (`show1 evaluate` always evaluates again, with the same numbers).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def cascade_flow(params_path: str = str(DEFAULT_PARAMS), profile: str | None = N
     trained = train_flow(list(STAGES), str(params.paths.curated), str(params.paths.runs), params_path, profile,
                          reuse=True)
     registered = register_flow(list(STAGES), params_path, profile)
-    evaluation = generate_evaluate_flow(prompts, "challenger", params_path, profile, limit)
+    evaluation = generate_evaluate_flow(prompts, "challenger", params_path, profile, limit, reuse=True)
     promotion = promote_flow(list(STAGES), params_path, profile) if promote else []
     out = Path(evaluation["report"]).parent
     return {"curation": curated["summary"], "training": trained, "registered": registered, "evaluation": evaluation,

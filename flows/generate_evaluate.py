@@ -11,15 +11,39 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
-from show1.evaluation import run as evaluation
+from show1.config import DEFAULT_PARAMS, Params, apply_environment_defaults, load_params
+from show1.registry.names import CHALLENGER
 
 NIGHTLY = "0 3 * * *"  # 03:00 UTC
+DEFAULT_ALIAS = CHALLENGER  # evaluation comes before promotion (show1.evaluation.run loads torch: tasks import it)
+
+
+@task(name="find-finished-evaluation", cache_policy=NO_CACHE)
+def find_finished(params: Params, prompts: str | None, alias: str, limit: int | None,
+                  out: str | None) -> dict[str, Any] | None:
+    """The evaluation in the output folder when it was made from exactly these versions, prompts and settings."""
+    from show1.evaluation.prompts import load_prompt_set
+    from show1.evaluation.reuse import finished_evaluation
+    from show1.models.configs import STAGES
+    from show1.registry.resolve import parse_refs, resolve
+
+    cfg = params.evaluate
+    prompt_set = load_prompt_set(prompts or cfg.prompts, limit or cfg.limit)
+    versions = resolve(params, parse_refs(alias, tuple(s for s in STAGES if s in cfg.stages)))
+    folder = Path(out or cfg.out)
+    stored = finished_evaluation(params, prompt_set.prompts, versions, cfg.reference_split, folder)
+    if stored is None:
+        return None
+    print(f"evaluation: unchanged inputs, reusing {folder} ({', '.join(stored['models'].values())})")
+    return {"metrics": stored["metrics"], "skipped": stored["skipped"], "report": str(folder / "report.html"),
+            "run_id": stored["run_id"], "models": stored["models"], "reused": True}
 
 
 @task(name="load-cascade", cache_policy=NO_CACHE)
 def prepare(params_path: Path, profile: str | None, prompts: str | None, alias: str, limit: int | None,
-            out: str | None) -> evaluation.EvaluationPlan:
+            out: str | None) -> Any:
+    from show1.evaluation import run as evaluation
+
     plan = evaluation.prepare(load_params(params_path, profile), prompts, from_registry=alias, limit=limit,
                               out=Path(out) if out else None)
     print(f"evaluating {', '.join(plan.cascade.sources.values())} on {len(plan.prompts.prompts)} prompts "
@@ -28,39 +52,56 @@ def prepare(params_path: Path, profile: str | None, prompts: str | None, alias: 
 
 
 @task(name="generate-video", cache_policy=NO_CACHE)
-def generate(plan: evaluation.EvaluationPlan, index: int) -> evaluation.GeneratedVideo:
+def generate(plan: Any, index: int) -> Any:
+    from show1.evaluation import run as evaluation
+
     video = evaluation.generate_one(plan, index)
     print(f"video {index}: {video.prompt!r} in {video.seconds:.1f} s")
     return video
 
 
 @task(name="score-and-report", cache_policy=NO_CACHE)
-def finish(plan: evaluation.EvaluationPlan, videos: list[evaluation.GeneratedVideo]) -> dict[str, Any]:
+def finish(plan: Any, videos: list[Any]) -> dict[str, Any]:
+    from show1.evaluation import run as evaluation
+
     result = evaluation.finish(plan, videos, on_status=print)
     print(f"metrics {result.metrics}; report {result.report}; MLflow run {result.run_id}")
     return {"metrics": result.metrics, "skipped": result.skipped, "report": str(result.report),
-            "run_id": result.run_id, "models": result.sources}
+            "run_id": result.run_id, "models": result.sources, "reused": False}
 
 
 @flow(name="show1-generate-evaluate", log_prints=True)
-def generate_evaluate_flow(prompts: str | None = None, alias: str = evaluation.DEFAULT_ALIAS,
+def generate_evaluate_flow(prompts: str | None = None, alias: str = DEFAULT_ALIAS,
                            params_path: str = str(DEFAULT_PARAMS), profile: str | None = None,
-                           limit: int | None = None, out: str | None = None, promote: bool = False) -> dict[str, Any]:
+                           limit: int | None = None, out: str | None = None, promote: bool = False,
+                           reuse: bool = False) -> dict[str, Any]:
     """Generate for the prompt set (default: evaluate.prompts) with the registry's `alias` versions, score against
-    the curated reference split, write the report, log to MLflow; with `promote`, then run the promotion gate."""
+    the curated reference split, write the report, log to MLflow; with `promote`, then run the promotion gate.
+
+    With `reuse`, an evaluation already in the output folder, made from the same versions, prompts, settings and
+    reference data, is the result (what the whole-cascade flow does, like `dvc repro`)."""
     apply_environment_defaults()
-    plan = prepare(Path(params_path), profile, prompts, alias, limit, out)
-    try:
-        videos = [generate(plan, index) for index in range(len(plan.prompts.prompts))]
-    except BaseException:
-        evaluation.discard(plan)
-        raise
-    summary = finish(plan, videos)
+    summary = find_finished(load_params(params_path, profile), prompts, alias, limit, out) if reuse else None
+    if summary is None:
+        summary = _evaluate(Path(params_path), profile, prompts, alias, limit, out)
     if promote:
         from flows.register import promote_flow
 
-        summary["promotion"] = promote_flow(list(plan.cascade.sources), params_path, profile)
+        summary["promotion"] = promote_flow(list(summary["models"]), params_path, profile)
     return summary
+
+
+def _evaluate(params_path: Path, profile: str | None, prompts: str | None, alias: str, limit: int | None,
+              out: str | None) -> dict[str, Any]:
+    plan = prepare(params_path, profile, prompts, alias, limit, out)
+    try:
+        videos = [generate(plan, index) for index in range(len(plan.prompts.prompts))]
+    except BaseException:
+        from show1.evaluation import run as evaluation
+
+        evaluation.discard(plan)
+        raise
+    return finish(plan, videos)
 
 
 if __name__ == "__main__":
@@ -69,7 +110,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m flows.generate_evaluate",
                                      description=generate_evaluate_flow.__doc__)
     parser.add_argument("--prompts")
-    parser.add_argument("--alias", default=evaluation.DEFAULT_ALIAS)
+    parser.add_argument("--alias", default=DEFAULT_ALIAS)
     parser.add_argument("--params", default=str(DEFAULT_PARAMS))
     parser.add_argument("--profile", choices=["tiny", "paper"])
     parser.add_argument("--limit", type=int)

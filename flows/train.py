@@ -16,7 +16,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from show1.config import DEFAULT_PARAMS, accelerate_config_file, apply_environment_defaults, load_params
-from show1.training.trainer import TRAINABLE_STAGES, TrainResult, finished_run, train
+from show1.training.runs import TRAINABLE_STAGES, TrainResult, finished_run
 
 
 @task(name="train-stage", cache_policy=NO_CACHE)
@@ -41,6 +41,8 @@ def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profil
         subprocess.run(command, check=True)
         result = TrainResult(run_dir=run_dir, steps=-1, final=run_dir / "final", losses=[])
     else:
+        from show1.training.trainer import train  # torch and diffusers: only when something is trained here
+
         result = train(stage, data, run_dir, params, max_steps=max_steps, resume=resume, on_step=_progress(stage))
     summary = result.summary()
     print(f"{stage}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, stage folder {result.final}")

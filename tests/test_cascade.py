@@ -141,6 +141,7 @@ def test_two_runs_at_once_one_waits_then_reuses_everything(project):
     # The run that waited found everything done: it reused the training runs and the registered versions.
     assert second.output.count("unchanged inputs, reusing the finished run") == 4
     assert second.output.count("already registered as") == 4
+    assert "evaluation: unchanged inputs, reusing eval" in second.output  # the same versions, prompts, settings
     assert [str(v.version) for v in client.search_model_versions("name = 'show1-sr1'")] == ["1"]
 
 

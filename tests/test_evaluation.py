@@ -21,9 +21,11 @@ from show1.config import load_params
 from show1.data.curate import curate
 from show1.evaluation.prompts import load_prompt_set
 from show1.evaluation.reference import reference_videos, sample_frames
+from show1.evaluation.reuse import finished_evaluation
 from show1.models.text import tiny_text_encoder_dir
 from show1.pipelines.weights import init_weights
 from show1.registry.register import register_stage
+from show1.registry.resolve import parse_refs, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -134,6 +136,19 @@ def test_evaluate_scores_reports_logs_and_tags_the_versions(project, store):
     assert json.loads((out / "metrics.json").read_text())["fid_vid"] == pytest.approx(metrics["fid_vid"], rel=1e-6)
     runs = client.search_runs([run.info.experiment_id], filter_string="tags.`show1.kind` = 'evaluation'")
     assert len(runs) == 2
+
+    # What `show1 run` asks before evaluating again: the same versions, prompts and settings find this evaluation;
+    # other prompts or another seed do not.
+    params = load_params(project / "params.yaml")
+    versions = resolve(params, parse_refs("challenger", ("base", "interp")))
+    prompts = load_prompt_set("demo", limit=2).prompts
+    found = finished_evaluation(params, prompts, versions, "train", out)
+    latest = client.get_model_version_by_alias("show1-base", "challenger").tags["eval.run_id"]
+    assert found is not None and found["run_id"] == latest and found["metrics"]["fid_vid"] == pytest.approx(
+        metrics["fid_vid"], rel=1e-6)
+    assert finished_evaluation(params, prompts[:1], versions, "train", out) is None
+    reseeded = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"seed": 1})})
+    assert finished_evaluation(reseeded, prompts, versions, "train", out) is None
 
 
 def test_a_failed_evaluation_keeps_the_last_report(project, report):

@@ -146,11 +146,21 @@ def test_stage_components_name_what_each_stage_pipeline_loads():
         assert set(STAGE_COMPONENTS[stage]) == set(pipeline.loaders), stage
 
 
-def test_show1_register_imports_no_model_library():
+def test_show1_register_imports_no_model_library(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys\nimport show1.registry.register\n"
-            "print(sorted(m for m in ('diffusers', 'transformers', 'show1.pipelines') if m in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    from show1.models.text import tiny_text_encoder_dir
+
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "model_index.json").write_text("{}")
+    # Importing the registration, and assembling a model folder that bundles the packaged (flat) MiniLM encoder.
+    code = ("import sys\nfrom pathlib import Path\nfrom show1.registry.register import assemble_model_folder\n"
+            "stage, encoder, target = map(Path, sys.argv[1:])\n"
+            "assemble_model_folder(stage, [], encoder, target)\n"
+            "print(sorted(m for m in ('diffusers', 'transformers', 'torch', 'show1.pipelines') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code, str(tmp_path / "stage"), str(tiny_text_encoder_dir()),
+                             str(tmp_path / "model")], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert loaded.stdout.strip() == "[]"  # registration stays a few seconds: no model code is imported for it
+    assert (tmp_path / "model" / "text_encoder" / "model.safetensors").is_file()

@@ -1,11 +1,13 @@
 """Text encoders from local folders: the tiny profile's real MiniLM and a T5 (the paper profile's kind)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from show1.models.text import encode_prompt, load_text_encoder, masks_padding, tiny_text_encoder_dir
+from show1.models.text_layout import write_stage_layout
 
 CORPUS = ("a red kite flies over a sandy beach", "a man in a suit talks in the back seat of a car",
           "cyclists wait at a crossing in the city", "a fluffy rabbit stretches on a grassy hill",
@@ -56,3 +58,23 @@ def test_tiny_profile_encoder_is_the_packaged_minilm():
 def test_not_a_text_encoder_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_text_encoder(tmp_path)
+
+
+def test_a_flat_encoder_folder_placed_in_the_stage_layout_embeds_the_same(tmp_path):
+    """Registration bundles the packaged MiniLM by placing its files (no transformers import): the stage layout it
+    writes loads the same tokenizer and weights as the flat folder the stage trained with."""
+    flat = tiny_text_encoder_dir()
+    assert write_stage_layout(flat, tmp_path / "stage", shutil.copy2)
+    assert sorted(p.name for p in (tmp_path / "stage" / "text_encoder").iterdir()) == ["config.json",
+                                                                                      "model.safetensors"]
+    assert (tmp_path / "stage" / "tokenizer" / "tokenizer.json").is_file()
+    prompts = ["a dog runs in a park", ""]
+    expected = encode_prompt(*load_text_encoder(flat), prompts)
+    assert torch.equal(encode_prompt(*load_text_encoder(tmp_path / "stage"), prompts), expected)
+    # Not placeable file by file (pickled weights only): nothing is written, registration loads and saves instead.
+    (tmp_path / "pickled").mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy2(flat / name, tmp_path / "pickled" / name)
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"x")
+    assert not write_stage_layout(tmp_path / "pickled", tmp_path / "nothing", shutil.copy2)
+    assert not (tmp_path / "nothing").exists()

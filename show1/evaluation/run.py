@@ -25,15 +25,17 @@ from show1.data.video import to_uint8_frames, write_video
 from show1.evaluation.prompts import PromptSet, load_prompt_set
 from show1.evaluation.reference import reference_videos
 from show1.evaluation.report import HistoryPoint, plot_history, render
+from show1.evaluation.reuse import RECORD, evaluation_fingerprint, record
 from show1.evaluation.scoring import Scores, score
 from show1.pipelines.cascade import check_stages
 from show1.provenance import data_version, git_commit
 from show1.registry.generation import KIND_TAG, track_generation
+from show1.registry.names import CHALLENGER
 from show1.registry.promote import record_evaluation
 from show1.registry.resolve import LoadedCascade, load_cascade
 from show1.store import connect, experiment_id
 
-DEFAULT_ALIAS = "challenger"  # evaluation comes before promotion: the challenger is what needs scoring
+DEFAULT_ALIAS = CHALLENGER  # evaluation comes before promotion: the challenger is what needs scoring
 REPORT = "report.html"
 PLOT = "plots/metrics_by_version.png"
 
@@ -55,6 +57,7 @@ class EvaluationPlan:
     staging: Path
     out: Path
     reference_split: str
+    fingerprint: dict[str, Any] | None = None  # what it is made from (registry versions only): evaluation.json
 
 
 @dataclass
@@ -87,7 +90,10 @@ def prepare(params: Params, prompts: str | Path | None = None, from_registry: st
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = atomic.staging_folder(out)
     (staging / "videos").mkdir()
-    return EvaluationPlan(params, prompt_set, cascade, staging, out, reference_split or cfg.reference_split)
+    split = reference_split or cfg.reference_split
+    fingerprint = (evaluation_fingerprint(params, prompt_set.prompts, cascade.versions, split)
+                   if cascade.from_registry else None)
+    return EvaluationPlan(params, prompt_set, cascade, staging, out, split, fingerprint)
 
 
 def generate_one(plan: EvaluationPlan, index: int) -> GeneratedVideo:
@@ -145,6 +151,9 @@ def finish(plan: EvaluationPlan, videos: list[GeneratedVideo], track: bool = Tru
                 track_generation(params, plan.staging / mp4, video.prompt, plan.cascade.sources,
                                  plan.cascade.from_registry, settings, recorded_path=plan.out / mp4,
                                  parent_run_id=run_id, log_video=False)
+        if plan.fingerprint is not None:
+            atomic.write_text(plan.staging / RECORD, record(plan.fingerprint, run_id, scores.metrics, scores.skipped,
+                                                            plan.cascade.sources))
         atomic.replace_folder(plan.staging, plan.out)
     finally:
         shutil.rmtree(plan.staging, ignore_errors=True)

