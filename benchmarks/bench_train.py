@@ -2,6 +2,7 @@
 gradient checkpointing.
 
     python benchmarks/bench_train.py [--stage base] [--steps 20] [--params params.yaml] [--data DIR]
+    python benchmarks/bench_train.py --processes 1 2 [--stage base] ...   # data-parallel samples/s, N=1 vs 2
 
 The trainer's seconds per step come from its own metrics.jsonl (median, warm-up steps dropped); the bare
 loop is forward + MSE + backward + clip + AdamW step on a fixed batch of the same shape. Ratio = bare step /
@@ -71,7 +72,20 @@ def trainer_step(stage: str, params_path: Path, data: Path, steps: int) -> float
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     # samples_per_s covers the whole step (data, text, forward, backward, optimizer, EMA); drop warm-up steps.
     params = load_params(params_path).train
-    return statistics.median(params.batch_size * params.grad_accum / r["samples_per_s"] for r in rows[2:])
+    return statistics.median(params.batch_size / r["samples_per_s"] for r in rows[2:])  # batch_size: global
+
+
+def data_parallel_samples_per_s(stage: str, params_path: Path, data: Path, steps: int, processes: int) -> float:
+    """Median samples/s (global batch per step time, warm-up steps dropped) of `show1 train` in `processes`
+    torchrun processes on this machine (gloo on CPUs, NCCL on GPUs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                        str(processes), "-m", "show1.cli", "--params", str(params_path), "train", "--stage", stage,
+                        "--data", str(data), "--out", str(run), "--max-steps", str(steps), "--checkpoint-every",
+                        str(10**6), "--no-track", "--quiet"], check=True, cwd=ROOT, capture_output=True)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["samples_per_s"] for r in rows[2:])
 
 
 def peak_memory_mb(stage: str, params_path: Path, checkpointing: bool) -> float:
@@ -116,6 +130,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--data", type=Path)
+    parser.add_argument("--processes", type=int, nargs="+", metavar="N",
+                        help="Instead: samples/s of `show1 train` under torchrun with each N (e.g. 1 2), in this run "
+                             "on this machine, and each N's ratio to the first.")
     args = parser.parse_args()
     from show1.config import apply_environment_defaults, load_params
     from show1.data.curate import curate
@@ -125,6 +142,13 @@ def main() -> None:
     if data is None:
         data = Path(tempfile.mkdtemp()) / "curated"
         curate(ROOT / "data/manifests/demo.csv", data, load_params(args.params))
+    if args.processes:
+        rates = {n: data_parallel_samples_per_s(args.stage, args.params, data, args.steps, n) for n in args.processes}
+        first = args.processes[0]
+        print(json.dumps({"stage": args.stage, "samples_per_s": {str(n): round(r, 3) for n, r in rates.items()},
+                          f"ratio_to_{first}": {str(n): round(r / rates[first], 3) for n, r in rates.items()}},
+                         indent=2))
+        return
     trainer = trainer_step(args.stage, args.params, data, args.steps)
     bare = bare_loop(args.stage, args.params, args.steps, checkpointing=False)
     result = {

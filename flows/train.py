@@ -1,7 +1,8 @@
 """Prefect flow: train one stage (or several in order) of the cascade.
 
-In-process by default; with `accelerate_config` (a file from `accelerate config`), the training runs under
-`accelerate launch` (DDP/FSDP/DeepSpeed, as that file says). Deployed on the `gpu` work pool by prefect.yaml.
+In-process by default; with `processes` > 1 it runs under torchrun in that many data-parallel processes, and with
+`accelerate_config` (a file from `accelerate config`) under `accelerate launch` (DDP/FSDP/DeepSpeed, as that file
+says). Deployed on the `gpu` work pool by prefect.yaml, whose job variables set both.
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from show1.config import DEFAULT_PARAMS, accelerate_config_file, apply_environment_defaults, load_params
+from show1.config import (
+    DEFAULT_PARAMS,
+    accelerate_config_file,
+    apply_environment_defaults,
+    load_params,
+    train_processes,
+)
 from show1.training.runs import TRAINABLE_STAGES, TrainResult, finished_run
 
 
 @task(name="train-stage", cache_policy=NO_CACHE)
 def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profile: str | None,
                 max_steps: int | None, resume: str | None, accelerate_config: str | None,
-                reuse: bool = False) -> dict[str, Any]:
+                reuse: bool = False, processes: int = 1) -> dict[str, Any]:
     params = load_params(params_path, profile)
     if reuse and resume is None:
         done = finished_run(stage, data, run_dir, params, max_steps)
@@ -32,14 +39,18 @@ def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profil
         if run_dir.exists():
             print(f"{stage}: inputs changed since {run_dir} was trained: training it again")
             shutil.rmtree(run_dir)
-    if accelerate_config:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-                   "-m", "show1.cli", "--params", str(params_path), *(["--profile", profile] if profile else []),
-                   "train", "--stage", stage, "--data", str(data), "--out", str(run_dir), "--quiet"]
+    if accelerate_config or processes > 1:
+        launch = launcher(processes, accelerate_config)
+        command = [*launch, "-m", "show1.cli", "--params", str(params_path),
+                   *(["--profile", profile] if profile else []), "train", "--stage", stage, "--data", str(data),
+                   "--out", str(run_dir), "--quiet"]
         command += ["--max-steps", str(max_steps)] if max_steps else []
         command += ["--resume", resume] if resume else []
+        print(f"{stage}: training under {' '.join(launch[1:])}")
         subprocess.run(command, check=True)
-        result = TrainResult(run_dir=run_dir, steps=-1, final=run_dir / "final", losses=[])
+        done = finished_run(stage, data, run_dir, params, max_steps)
+        steps = done.steps if done is not None else -1
+        result = TrainResult(run_dir=run_dir, steps=steps, final=run_dir / "final", losses=[])
     else:
         from show1.training.trainer import train  # torch and diffusers: only when something is trained here
 
@@ -47,6 +58,15 @@ def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profil
     summary = result.summary()
     print(f"{stage}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, stage folder {result.final}")
     return {"stage": stage, "final": str(result.final), "reused": False, **summary}
+
+
+def launcher(processes: int, accelerate_config: str | None) -> list[str]:
+    """The command that starts the training processes: `accelerate launch` with the config (and `processes`, when
+    given, as its process count), else torchrun with `processes` on this machine (gloo on CPUs, NCCL on GPUs)."""
+    if accelerate_config:
+        count = ["--num_processes", str(processes)] if processes > 1 else []
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config, *count]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
 
 
 def _progress(stage: str, every: int = 10) -> Any:
@@ -61,16 +81,19 @@ def _progress(stage: str, every: int = 10) -> Any:
 def train_flow(stages: list[str] | None = None, data: str | None = None, runs: str | None = None,
                params_path: str = str(DEFAULT_PARAMS), profile: str | None = None, max_steps: int | None = None,
                resume: str | None = None, accelerate_config: str | None = None,
-               reuse: bool = False) -> list[dict[str, Any]]:
+               reuse: bool = False, processes: int | None = None) -> list[dict[str, Any]]:
     """Train `stages` (default: every trainable stage) on the curated data, one after another.
 
     With `reuse`, a stage whose finished run has the same params, data and steps is not trained again, and a
     run folder trained from other inputs is replaced (what the whole-cascade flow does, like `dvc repro`).
 
     `accelerate_config` (or the SHOW1_ACCELERATE_CONFIG job variable of the deployment) runs the training
-    under `accelerate launch` with that config."""
+    under `accelerate launch` with that config. `processes` (or the SHOW1_TRAIN_PROCESSES job variable) trains
+    each stage in that many data-parallel processes on the worker: torchrun, or `accelerate launch
+    --num_processes` with a config; `train.batch_size` stays the global batch."""
     apply_environment_defaults()
     accelerate_config = accelerate_config or accelerate_config_file()
+    processes = processes or train_processes()
     params = load_params(params_path, profile)
     stages = stages or list(TRAINABLE_STAGES)
     unknown = [s for s in stages if s not in TRAINABLE_STAGES]
@@ -79,7 +102,7 @@ def train_flow(stages: list[str] | None = None, data: str | None = None, runs: s
     data_dir = Path(data) if data else params.paths.curated
     runs_dir = Path(runs) if runs else params.paths.runs
     return [train_stage(stage, data_dir, runs_dir / stage, Path(params_path), profile, max_steps, resume,
-                        accelerate_config, reuse) for stage in stages]
+                        accelerate_config, reuse, processes) for stage in stages]
 
 
 if __name__ == "__main__":
@@ -94,6 +117,8 @@ if __name__ == "__main__":
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--resume", choices=["latest"])
     parser.add_argument("--accelerate-config")
+    parser.add_argument("--processes", type=int, help="Data-parallel processes per stage (default: "
+                        "SHOW1_TRAIN_PROCESSES, else 1: in this process).")
     args = parser.parse_args()
     train_flow(args.stages, args.data, args.runs, args.params, args.profile, args.max_steps, args.resume,
-               args.accelerate_config)
+               args.accelerate_config, processes=args.processes)

@@ -184,8 +184,9 @@ def train(
 ) -> None:
     """Train one stage of the cascade on curated clips; writes metrics.jsonl, checkpoints/ and final/.
 
-    Runs under `accelerate launch` too (multi-GPU: accelerate config, then
-    `accelerate launch -m show1.cli train --stage base ...`).
+    Data-parallel in N processes: `torchrun --nproc_per_node N -m show1.cli train ...` or
+    `accelerate launch --multi_gpu --num_processes N -m show1.cli train ...` (CPU-only machines too).
+    train.batch_size stays the global batch; only the main process writes and prints.
     """
     from show1.training.trainer import TRAINABLE_STAGES
     from show1.training.trainer import train as run_training
@@ -208,6 +209,8 @@ def train(
                                   f"{row['samples_per_s']:.2f} samples/s", highlight=False))
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         fail(str(exc), code=2)
+    if not result.main_process:  # the other processes of a data-parallel run: the main one reports
+        return
     if metrics:
         from show1 import atomic
 

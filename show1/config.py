@@ -312,6 +312,14 @@ def accelerate_config_file() -> str | None:
     return os.environ.get("SHOW1_ACCELERATE_CONFIG") or None
 
 
+def train_processes() -> int:
+    """The data-parallel processes a training deployment starts per stage (SHOW1_TRAIN_PROCESSES, default 1)."""
+    value = os.environ.get("SHOW1_TRAIN_PROCESSES") or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"SHOW1_TRAIN_PROCESSES={value!r}: give a whole number of processes, 1 or more")
+    return int(value)
+
+
 def fault_injection() -> str | None:
     """SHOW1_FAULT=POINT[@N]: the crash tests' request to be killed at a named point (see show1.faults)."""
     return os.environ.get("SHOW1_FAULT") or None

@@ -25,8 +25,8 @@ def test_prefect_flow_curates_and_validates(tmp_path, prefect_home):
 
 
 @pytest.mark.slow
-def test_prefect_training_flow_trains_a_stage(tmp_path, prefect_home):
-    env = project_env(prefect_home)
+def test_prefect_training_flow_trains_a_stage_in_two_processes(tmp_path, prefect_home):
+    env = project_env(prefect_home) | {"SHOW1_TRAIN_PROCESSES": "2"}  # the deployment's job variable
     params = {"curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
               "train": {"checkpoint_every": 2}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -37,8 +37,10 @@ def test_prefect_training_flow_trains_a_stage(tmp_path, prefect_home):
                  tmp_path, env)
     output = result.stderr + result.stdout
     assert "train-stage" in output and "Finished in state Completed" in output
+    assert "base: training under -m torch.distributed.run --standalone --nproc_per_node 2" in output
+    assert "base: 2 steps, final loss" in output
     assert (tmp_path / "runs/base/final/unet/config.json").is_file()
-    assert len((tmp_path / "runs/base/metrics.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "runs/base/metrics.jsonl").read_text().splitlines()) == 2  # one writer
 
 
 def test_prefect_yaml_deploys_training_on_the_gpu_pool():
@@ -48,6 +50,7 @@ def test_prefect_yaml_deploys_training_on_the_gpu_pool():
     assert train["work_pool"]["name"] == "gpu"
     accelerate = train["work_pool"]["job_variables"]["env"]["SHOW1_ACCELERATE_CONFIG"]
     assert (ROOT / accelerate).is_file()
+    assert int(train["work_pool"]["job_variables"]["env"]["SHOW1_TRAIN_PROCESSES"]) >= 1
     for deployment in deployments.values():  # every entrypoint names a real flow
         module, _, name = deployment["entrypoint"].partition(":")
         source = (ROOT / module).read_text()

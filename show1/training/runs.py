@@ -25,6 +25,7 @@ class TrainResult:
     steps: int
     final: Path
     losses: list[float]  # of the steps run in this call (a resumed run: only the new ones)
+    main_process: bool = True  # False in the other processes of a data-parallel run (they wrote nothing)
 
     def summary(self) -> dict[str, Any]:
         """Small numbers for a metrics file, from the whole run's metrics.jsonl."""

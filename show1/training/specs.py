@@ -1,8 +1,9 @@
 """Per-stage training specs: how a batch of curated clips becomes a denoising problem.
 
 Each spec returns the clean target `x0` (B, 3, F, H, W), the condition concatenated to the UNet input (or
-None) and the class labels (sr1's noise level, or None). All randomness comes from the trainer's generator,
-so a resumed run draws exactly what an uninterrupted one would.
+None) and the class labels (sr1's noise level, or None). `draw_batch` builds a batch clip by clip, every draw of a
+clip from that clip's own generator (show1.training.ranks.item_generator), so a resumed run draws exactly what an
+uninterrupted one would, and N processes draw what one would.
 """
 
 from __future__ import annotations
@@ -78,6 +79,46 @@ def sr2_batch(frames: torch.Tensor, generator: torch.Generator, cfg: Train, vae:
 
 
 SPECS = {"base": base_batch, "interp": interp_batch, "sr1": sr1_batch, "sr2": sr2_batch}
+
+
+def training_timesteps(stage: str, cfg: Train, schedule: Any, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform training timesteps; sr2 (expert translation) only sees 0 … sr2_max_timestep − 1."""
+    high = cfg.sr2_max_timestep if stage == "sr2" else schedule.config.num_train_timesteps
+    return torch.randint(high, (count,), generator=generator)
+
+
+@dataclass(frozen=True)
+class DenoisingBatch:
+    """A batch ready for the UNet: the noised target (with its condition), the noise to predict and the rest."""
+
+    x0: torch.Tensor
+    noisy: torch.Tensor
+    model_input: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    class_labels: torch.Tensor | None
+    dropped: torch.Tensor  # (B,) bool: captions replaced by the empty prompt (classifier-free guidance)
+
+
+def draw_batch(stage: str, clips: list[torch.Tensor], generators: list[torch.Generator], cfg: Train,
+               noise_schedule: Any, auxiliary: Any) -> DenoisingBatch:
+    """Clips (each (F, 3, H, W)) → a denoising batch; clip i draws its window, condition noise, caption dropout,
+    noise and timestep, in that order, from generators[i]."""
+    parts: list[tuple[StageBatch, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for frames, generator in zip(clips, generators, strict=True):
+        item = SPECS[stage](frames[None], generator, cfg, auxiliary)
+        dropped = torch.rand(1, generator=generator) < cfg.caption_dropout
+        noise = torch.randn(item.x0.shape, generator=generator)
+        timesteps = training_timesteps(stage, cfg, noise_schedule, 1, generator)
+        parts.append((item, dropped, noise, timesteps))
+    x0 = torch.cat([p[0].x0 for p in parts])
+    noise, timesteps = torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
+    noisy = noise_schedule.add_noise(x0, noise, timesteps)
+    conditions = [p[0].condition for p in parts]
+    model_input = noisy if conditions[0] is None else torch.cat([noisy, torch.cat(conditions)], dim=1)
+    labels = [p[0].class_labels for p in parts]
+    return DenoisingBatch(x0, noisy, model_input, noise, timesteps,
+                          None if labels[0] is None else torch.cat(labels), torch.cat([p[1] for p in parts]))
 
 
 def training_size(stage: str, resolutions: list[str]) -> str:

@@ -45,7 +45,7 @@ from show1.models.configs import (
     pixel_unet_config,
     scheduler_from_config,
 )
-from show1.models.text import encode_prompt, load_text_encoder, tiny_text_encoder_dir
+from show1.models.text_layout import tiny_text_encoder_dir
 from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
 from show1.pipelines.base import PromptEmbeddings
 from show1.pipelines.sr2 import (
@@ -55,7 +55,9 @@ from show1.pipelines.sr2 import (
     tiny_sr2_components,
 )
 from show1.pipelines.weights import assemble_stage
+from show1.training.captions import CaptionEmbeddings, embed_captions
 from show1.training.losses import diffusion_loss
+from show1.training.ranks import Ranks, item_generator, micro_batch
 from show1.training.runs import (
     CHECKPOINTS,
     METRICS,
@@ -65,11 +67,12 @@ from show1.training.runs import (
     latest_checkpoint,
 )
 from show1.training.samples import sample_video
-from show1.training.specs import SPECS, training_size
+from show1.training.specs import draw_batch, training_size, training_timesteps  # noqa: F401 (re-exported)
 from show1.training.tracking import TrainingRun
 from show1.weight_files import check_folder
 
 TRAINING_STATE = "training_state"  # .safetensors + .json (see show1.tensor_tree)
+TEXT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the captions in the training precision
 
 
 class DataOrder:
@@ -150,18 +153,14 @@ def _tracked(tracker: TrainingRun | None) -> Iterator[None]:
         raise
 
 
-def training_timesteps(stage: str, cfg: Train, schedule: Any, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniform training timesteps; sr2 (expert translation) only sees 0 … sr2_max_timestep − 1."""
-    high = cfg.sr2_max_timestep if stage == "sr2" else schedule.config.num_train_timesteps
-    return torch.randint(high, (count,), generator=generator)
-
-
 def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params, max_steps: int | None = None,
           checkpoint_every: int | None = None, resume: str | None = None, init_from: Path | None = None,
           init_2d: Path | None = None, text_encoder_dir: Path | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None, track: bool = True) -> TrainResult:
     """Train `stage` on the curated clips in `data_dir`; write everything under `run_dir`. With `track`, the
-    run is logged to MLflow (params.tracking) and a resumed run continues the same MLflow run."""
+    run is logged to MLflow (params.tracking) and a resumed run continues the same MLflow run. Under torchrun or
+    `accelerate launch`, every process calls this; they share each global batch (show1.training.ranks) and only
+    the main process writes or calls `on_step`."""
     if stage not in TRAINABLE_STAGES:
         raise ValueError(f"stage '{stage}' cannot be trained here yet (trainable: {', '.join(TRAINABLE_STAGES)})")
     if resume not in (None, "latest"):
@@ -170,11 +169,13 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     max_steps = max_steps or cfg.max_steps
     checkpoint_every = checkpoint_every or cfg.checkpoint_every
     run_dir, data_dir = Path(run_dir), Path(data_dir)
+
+    # --- set-up: processes, data, captions, model, optimizer -------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
+    ranks = Ranks(accelerator)
+    per_process = micro_batch(cfg.batch_size, cfg.grad_accum, ranks.world_size)
     torch.manual_seed(cfg.seed)
-
-    # --- data and text -------------------------------------------------------------------------------------------
     index = data_dir / "index.jsonl"
     if not index.is_file():
         raise FileNotFoundError(f"{index} not found: run `show1 curate MANIFEST --out {data_dir}` first")
@@ -183,35 +184,26 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
         raise ValueError(f"{index} has no clips")
     clips = CuratedClips(data_dir, size=training_size(stage, first[0]["resolutions"]), split="train")
     text_encoder_dir = Path(text_encoder_dir or tiny_text_encoder_dir())
-    tokenizer, text_encoder = load_text_encoder(text_encoder_dir)
-    text_encoder.requires_grad_(False).eval().to(accelerator.device)
-    embedding_cache: dict[str, torch.Tensor] = {}
-
-    def embed(captions: list[str]) -> torch.Tensor:
-        missing = [c for c in dict.fromkeys(captions) if c not in embedding_cache]
-        if missing:
-            for caption, vector in zip(missing, encode_prompt(tokenizer, text_encoder, missing), strict=True):
-                embedding_cache[caption] = vector
-        return torch.stack([embedding_cache[c] for c in captions])
-
-    # --- model, optimizer, schedules -----------------------------------------------------------------------------
-    model = load_model(stage, params, text_encoder.config.hidden_size, init_from, init_2d)
+    captions = embed_captions(text_encoder_dir, [row["caption"] for row in clips.rows] + [""], accelerator.device,
+                              TEXT_DTYPES.get(cfg.mixed_precision))
+    model = load_model(stage, params, captions.dim, init_from, init_2d)
     unet = model.unet
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # Not prepared: accelerate would step a prepared schedule once per process. It steps once per optimizer step.
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
-    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
     noise_schedule = model.noise_schedule
     # sr1 noises its condition with IF-II's image-noising schedule; sr2 encodes with its frozen VAE.
     auxiliary = (model.vae.to(accelerator.device) if stage == "sr2"
                  else scheduler_from_config(image_noising_scheduler_config()))
-    generator = torch.Generator().manual_seed(cfg.seed)
     order = DataOrder(len(clips), cfg.seed)
-    step = 0
 
+    # --- resume: every process from the same checkpoint -----------------------------------------------------------
+    step = 0
     if resume == "latest" and (run_dir / "config.json").is_file():
         previous = json.loads((run_dir / "config.json").read_text()).get("stage")
         if previous != stage:
@@ -220,84 +212,92 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
         # From the newest checkpoint, or from step 0 when the run was killed before its first one.
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is not None:
-            step = _restore(checkpoint, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, generator, order)
-        if (run_dir / METRICS).is_file():  # drop rows a killed run wrote after its last checkpoint
-            kept = [r for r in atomic.read_jsonl(run_dir / METRICS) if r["step"] <= step]
-            atomic.write_jsonl(run_dir / METRICS, kept)
+            step = _restore(checkpoint, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, order)
     elif (run_dir / METRICS).is_file() or latest_checkpoint(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume latest, or choose a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (run_dir, run_dir / CHECKPOINTS):  # what a killed checkpoint or export write left behind
-        atomic.remove_stale_folders(folder)
-    tracker = TrainingRun(params, run_dir, stage, data_dir, text_encoder_dir) if track else None
-    atomic.write_text(run_dir / "config.json", json.dumps({
-        "stage": stage, "params": params.model_dump(mode="json"), "data": str(data_dir),
-        "fingerprint": fingerprint(stage, params, data_dir, max_steps, text_encoder_dir)}, indent=2, default=str))
+    ranks.wait()  # every process has read the run folder before the main one writes to it
+    tracker = None
+    if ranks.is_main:
+        if resume == "latest" and (run_dir / METRICS).is_file():  # drop rows a killed run wrote after its checkpoint
+            kept = [row for row in atomic.read_jsonl(run_dir / METRICS) if row["step"] <= step]
+            atomic.write_jsonl(run_dir / METRICS, kept)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, run_dir / CHECKPOINTS):  # what a killed checkpoint or export write left behind
+            atomic.remove_stale_folders(folder)
+        tracker = TrainingRun(params, run_dir, stage, data_dir, text_encoder_dir, ranks.world_size) if track else None
+        atomic.write_text(run_dir / "config.json", json.dumps({
+            "stage": stage, "params": params.model_dump(mode="json"), "data": str(data_dir),
+            "fingerprint": fingerprint(stage, params, data_dir, max_steps, text_encoder_dir)}, indent=2, default=str))
 
-    # --- the loop --------------------------------------------------------------------------------------------------
+    # --- the loop ----------------------------------------------------------------------------------------------------
     losses: list[float] = []
-    make_batch = SPECS[stage]
-    empty = embed([""])[0]
-    with open(run_dir / METRICS, "a", encoding="utf-8") as metrics, _tracked(tracker):
+    metrics = open(run_dir / METRICS, "a", encoding="utf-8") if ranks.is_main else None  # noqa: SIM115
+    with contextlib.ExitStack() as stack, _tracked(tracker):
+        if metrics is not None:
+            stack.enter_context(metrics)
         while step < max_steps:
             started = time.perf_counter()
             total = 0.0
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 with accelerator.accumulate(unet):
-                    items = [clips[i] for i in order.take(cfg.batch_size)]
-                    frames = torch.stack([item["frames"] for item in items])
-                    batch = make_batch(frames, generator, cfg, auxiliary)
-                    text = embed([item["caption"] for item in items])
-                    dropped = torch.rand(len(items), generator=generator) < cfg.caption_dropout
-                    text = torch.where(dropped[:, None, None], empty, text)
-                    noise = torch.randn(batch.x0.shape, generator=generator)
-                    timesteps = training_timesteps(stage, cfg, noise_schedule, len(items), generator)
-                    noisy = noise_schedule.add_noise(batch.x0, noise, timesteps)
-                    model_input = noisy if batch.condition is None else torch.cat([noisy, batch.condition], dim=1)
+                    chosen = order.take(per_process * ranks.world_size)  # the global micro-batch: same everywhere
+                    slots = ranks.slots(per_process)
+                    items = [clips[chosen[slot]] for slot in slots]
+                    batch = draw_batch(stage, [item["frames"] for item in items],
+                                       [item_generator(cfg.seed, step, micro, slot) for slot in slots], cfg,
+                                       noise_schedule, auxiliary)
+                    text = captions.lookup([item["caption"] for item in items], batch.dropped)
                     device = accelerator.device
                     labels = {} if batch.class_labels is None else {"class_labels": batch.class_labels.to(device)}
-                    prediction = unet(model_input.to(device), timesteps.to(device), text.to(device), **labels).sample
+                    prediction = unet(batch.model_input.to(device), batch.timesteps.to(device), text.to(device),
+                                      **labels).sample
                     kind = cfg.loss if prediction.shape[1] == 2 * model.eps_channels else "epsilon"
-                    loss = diffusion_loss(prediction, noise.to(device), kind, batch.x0.to(device),
-                                          noisy.to(device), timesteps.to(device), noise_schedule.alphas_cumprod,
-                                          cfg.vlb_weight)
-                    accelerator.backward(loss)
+                    loss = diffusion_loss(prediction, batch.noise.to(device), kind, batch.x0.to(device),
+                                          batch.noisy.to(device), batch.timesteps.to(device),
+                                          noise_schedule.alphas_cumprod, cfg.vlb_weight)
+                    accelerator.backward(loss)  # averaged over the processes on the last micro-step only
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    lr_schedule.step()
-                    optimizer.zero_grad()
-                    total += loss.item() / cfg.grad_accum
+                        optimizer.step()
+                        lr_schedule.step()
+                        optimizer.zero_grad()
+                    total += ranks.mean(loss) / cfg.grad_accum
             ema.step(accelerator.unwrap_model(unet).parameters())
             step += 1
-            row = {"step": step, "loss": total, "lr": lr_schedule.get_last_lr()[0],
-                   "samples_per_s": cfg.batch_size * cfg.grad_accum / (time.perf_counter() - started)}
             if not math.isfinite(total):
                 raise FloatingPointError(f"loss became {total} at step {step}: lower train.learning_rate")
+            losses.append(total)
+            if not ranks.is_main:
+                continue
+            row = {"step": step, "loss": total, "lr": lr_schedule.get_last_lr()[0],
+                   "samples_per_s": cfg.batch_size / (time.perf_counter() - started)}
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-            losses.append(total)
             if tracker:
                 tracker.log_step(row)
             if on_step:
                 on_step(row)
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == max_steps):
                 _log_sample(stage, run_dir, step, accelerator.unwrap_model(unet), ema, model.vae, clips,
-                            embed, cfg.sample_steps, tracker)
+                            captions, cfg.sample_steps, tracker)
             if step % checkpoint_every == 0 or step == max_steps:
                 _checkpoint(stage, run_dir, step, accelerator.unwrap_model(unet), model.vae, ema, optimizer,
-                            lr_schedule, generator, order, cfg.keep_last)
-    final = _export(stage, run_dir, accelerator.unwrap_model(unet), ema, model.vae)
-    if tracker:
-        tracker.finish(final)
-    return TrainResult(run_dir=run_dir, steps=step, final=final, losses=losses)
+                            lr_schedule, order, cfg.keep_last)
+    # --- the stage folder ------------------------------------------------------------------------------------------
+    final = run_dir / "final"
+    if ranks.is_main:
+        _export(stage, run_dir, accelerator.unwrap_model(unet), ema, model.vae)
+        if tracker:
+            tracker.finish(final)
+    ranks.wait()  # final/ is whole before any process returns it
+    return TrainResult(run_dir=run_dir, steps=step, final=final, losses=losses, main_process=ranks.is_main)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
 
 def _checkpoint(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, vae: Any, ema: EMAModel,
-                optimizer: Any, lr_schedule: Any, generator: torch.Generator, order: DataOrder, keep_last: int) -> Path:
+                optimizer: Any, lr_schedule: Any, order: DataOrder, keep_last: int) -> Path:
     """Write checkpoints/step-N atomically (a temp folder renamed into place), then prune to the last K.
 
     A checkpoint is a stage folder (the training weights, loadable by the stage's pipeline) plus the EMA
@@ -310,7 +310,7 @@ def _checkpoint(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, vae
         save_file({f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
                   str(staging / "ema.safetensors"))
         tensor_tree.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                          "torch_rng": torch.get_rng_state(), "generator": generator.get_state()},
+                          "torch_rng": torch.get_rng_state()},
                          staging, TRAINING_STATE)
         (staging / "state.json").write_text(json.dumps({
             "step": step, "data_epoch": order.epoch, "data_offset": order.offset,
@@ -324,7 +324,7 @@ def _checkpoint(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, vae
 
 
 def _restore(checkpoint: Path, unet: torch.nn.Module, ema: EMAModel, optimizer: Any, lr_schedule: Any,
-             generator: torch.Generator, order: DataOrder) -> int:
+             order: DataOrder) -> int:
     try:
         check_folder(checkpoint, sealed=True)
     except IntegrityError as exc:
@@ -342,7 +342,6 @@ def _restore(checkpoint: Path, unet: torch.nn.Module, ema: EMAModel, optimizer: 
     optimizer.load_state_dict(state["optimizer"])
     lr_schedule.load_state_dict(state["lr_schedule"])
     torch.set_rng_state(state["torch_rng"])
-    generator.set_state(state["generator"])
     info = json.loads((checkpoint / "state.json").read_text())
     ema.optimization_step = info["ema_optimization_step"]
     order.epoch, order.offset = info["data_epoch"], info["data_offset"]
@@ -359,12 +358,13 @@ def _ema_copy(unet: torch.nn.Module, ema: EMAModel) -> torch.nn.Module:
 
 
 def _log_sample(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, ema: EMAModel, vae: Any,
-                clips: CuratedClips, embed: Callable[[list[str]], torch.Tensor], steps: int,
+                clips: CuratedClips, embed: CaptionEmbeddings, steps: int,
                 tracker: TrainingRun | None) -> Path:
     """Write run_dir/samples/step-N.mp4 from the EMA weights for the first clip's caption; log it to MLflow."""
     item = clips[0]
     embeddings = PromptEmbeddings(embed([item["caption"]]), embed([""]))
-    frames = sample_video(stage, _ema_copy(unet, ema), item["frames"], embeddings, steps, vae)
+    with torch.random.fork_rng(devices=[]):  # sampling on the main process must not move its RNG alone
+        frames = sample_video(stage, _ema_copy(unet, ema), item["frames"], embeddings, steps, vae)
     path = write_video(frames, run_dir / "samples" / f"step-{step:06d}.mp4", fps=7.5)
     if tracker:
         tracker.log_artifact(path, "samples")

@@ -1,0 +1,147 @@
+"""Data-parallel training with real processes (gloo on the CPU, 2 ranks): one global batch split across the ranks
+gives the one-process losses and weights; one writer (one metrics row per step, one MLflow run); a kill -9 of the
+whole process group resumes bit-exactly, here under the other launcher (`accelerate launch`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from show1.config import load_params
+from show1.data.curate import curate
+from show1.training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 6, 2
+# The demo clips at a quarter of the tiny sizes; every draw of a clip is random (caption dropout included); a global
+# batch of 4 in 2 micro-steps (accumulation), so each of 2 processes takes 1 clip per micro-step.
+# The learning rate is small because AdamW's first steps move each weight by about ±lr whatever the size of its
+# gradient: a gradient element that sums to ~0 over the batch (the zero-initialised temporal convolutions have
+# many) takes its sign from float summation order, which differs between one process and two. At 1e-3 such elements
+# differ by 2e-3 after one step (measured); at 4e-6 no weight can drift 1e-4 in 6 steps (1e-5: 9e-5, measured).
+SMALL = {
+    "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
+    "train": {"learning_rate": 4e-6, "caption_dropout": 0.3, "batch_size": 4, "grad_accum": 2, "sample_every": 0,
+              "keep_last": 5},
+}
+WEIGHTS = "final/unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("ddp")
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    (folder / "params.yaml").write_text(yaml.safe_dump(SMALL | {"tracking": {"uri": store}}))
+    curate(ROOT / "data/manifests/demo.csv", folder / "curated", load_params(folder / "params.yaml"))
+    return {"folder": folder, "params": folder / "params.yaml", "data": folder / "curated"}
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for name in ("MLFLOW_TRACKING_URI", "SHOW1_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                 "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def train_args(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["show1.cli", "--params", str(setup["params"]), "train", "--stage", "base", "--data", str(setup["data"]),
+            "--out", str(out), "--max-steps", str(STEPS), "--checkpoint-every", str(EVERY), *extra]
+
+
+def torchrun(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            *train_args(setup, out, *extra)]
+
+
+def accelerate_launch(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """`accelerate launch --multi_gpu --num_processes 2`: 2 processes on a machine without GPUs too (gloo)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--main_process_port", str(free_port()), "-m", *train_args(setup, out, *extra)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two(setup) -> subprocess.CompletedProcess:
+    """An uninterrupted run with 2 processes (torchrun), tracked."""
+    return subprocess.run(torchrun(setup, setup["folder"] / "two"), capture_output=True, text=True, timeout=900,
+                          env=environment(), cwd=setup["folder"])
+
+
+def test_two_processes_train_on_one_global_batch_like_one_process(setup, two, monkeypatch):
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    one = train("base", setup["data"], setup["folder"] / "one", load_params(setup["params"]), max_steps=STEPS,
+                checkpoint_every=EVERY, track=False)
+    run = setup["folder"] / "two"
+    assert [r["step"] for r in rows(run)] == list(range(1, STEPS + 1))  # one writer: one row per step
+    assert [r["loss"] for r in rows(run)] == pytest.approx(one.losses, rel=1e-4, abs=1e-4)
+    mine, theirs = load_file(str(run / WEIGHTS)), load_file(str(one.final / "unet/diffusion_pytorch_model.safetensors"))
+    assert mine.keys() == theirs.keys()
+    worst = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
+    assert worst < 1e-4, worst
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    assert two.stdout.count(f"trained base for {STEPS} steps") == 1  # the main process reports; the other is quiet
+    client = MlflowClient(tracking_uri=yaml.safe_load(setup["params"].read_text())["tracking"]["uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].data.params["world_size"] == "2", [r.info.run_name for r in runs]
+    assert len(runs[0].data.metrics) and client.get_metric_history(runs[0].info.run_id, "loss")[-1].step == STEPS
+
+
+def test_a_batch_the_processes_cannot_share_is_refused(setup, tmp_path):
+    params = yaml.safe_load(setup["params"].read_text())
+    params["train"]["batch_size"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    command = torchrun(setup | {"params": tmp_path / "params.yaml"}, tmp_path / "run", "--no-track")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment(), cwd=tmp_path)
+    assert done.returncode != 0 and "train.batch_size 3 is the global batch" in done.stdout + done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_kill_9_of_the_process_group_resumes_bit_exactly(setup, two, tmp_path):
+    assert two.returncode == 0
+    run = tmp_path / "run"
+    # Killed with SIGKILL, the launcher and both ranks at once, once step 3 is written (the step-2 checkpoint is).
+    group = subprocess.Popen(torchrun(setup, run, "--no-track"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=environment(), cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and group.poll() is None:
+            if (run / "metrics.jsonl").is_file() and len(rows(run)) >= 3:
+                os.killpg(group.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        group.wait(timeout=60)
+    finally:
+        if group.poll() is None:
+            os.killpg(group.pid, signal.SIGKILL)
+            group.wait()
+    assert group.returncode == -signal.SIGKILL and not (run / "final").exists()
+    assert len(rows(run)) < STEPS
+
+    resumed = subprocess.run(accelerate_launch(setup, run, "--no-track", "--resume", "latest"), capture_output=True,
+                             text=True, timeout=900, env=environment(), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    whole = setup["folder"] / "two"
+    assert rows(run) and [(r["step"], r["loss"]) for r in rows(run)] == [(r["step"], r["loss"]) for r in rows(whole)]
+    assert (run / WEIGHTS).read_bytes() == (whole / WEIGHTS).read_bytes()
