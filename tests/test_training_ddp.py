@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from show1.config import load_params
 from show1.data.curate import curate
+from show1.training.ranks import BatchSplitError, micro_batch
 from show1.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,12 +110,14 @@ def test_two_processes_train_on_one_global_batch_like_one_process(setup, two, mo
 
 
 def test_a_batch_the_processes_cannot_share_is_refused(setup, tmp_path):
+    assert micro_batch(8, 2, 2) == 2 and micro_batch(4, 1, 4) == 1
+    with pytest.raises(BatchSplitError, match=r"train\.batch_size 6 is the global batch .* 2 × 2 = 4"):
+        micro_batch(6, 2, 2)
     params = yaml.safe_load(setup["params"].read_text())
-    params["train"]["batch_size"] = 3
+    params["train"] |= {"batch_size": 3, "grad_accum": 2}  # one process cannot split 3 clips into 2 micro-steps
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    command = torchrun(setup | {"params": tmp_path / "params.yaml"}, tmp_path / "run", "--no-track")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment(), cwd=tmp_path)
-    assert done.returncode != 0 and "train.batch_size 3 is the global batch" in done.stdout + done.stderr
+    with pytest.raises(BatchSplitError, match=r"train\.batch_size 3 is the global batch"):
+        train("base", setup["data"], tmp_path / "run", load_params(tmp_path / "params.yaml"), track=False)
     assert not (tmp_path / "run").exists()
 
 
