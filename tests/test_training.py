@@ -108,3 +108,13 @@ def test_a_checkpoint_loads_straight_into_the_stage_pipeline(training_setup, tmp
     checkpoint = latest_checkpoint(tmp_path / "run")
     pipe = Show1SR1Pipeline.from_pretrained(checkpoint)
     assert pipe.unet.config.class_embed_type == "timestep"
+
+
+def test_every_trainable_stage_has_one_spec_and_one_sampler():
+    from show1.training.runs import TRAINABLE_STAGES
+    from show1.training.samples import SAMPLERS
+    from show1.training.specs import SPECS
+
+    assert tuple(SPECS) == TRAINABLE_STAGES == tuple(SAMPLERS)
+    assert [stage for stage, spec in SPECS.items() if spec.latent] == ["sr2"]  # the latent expert translator
+    assert [stage for stage, spec in SPECS.items() if spec.size == "largest"] == ["sr1", "sr2"]

@@ -8,8 +8,9 @@ uninterrupted one would, and N processes draw what one would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -78,13 +79,31 @@ def sr2_batch(frames: torch.Tensor, generator: torch.Generator, cfg: Train, vae:
     return StageBatch(latents, None, None)
 
 
-SPECS = {"base": base_batch, "interp": interp_batch, "sr1": sr1_batch, "sr2": sr2_batch}
+@dataclass(frozen=True)
+class StageSpec:
+    """What the trainer needs to know about a stage, in one place (instead of `if stage == …` in the loop)."""
+
+    build: Callable[[torch.Tensor, torch.Generator, Train, Any], StageBatch]  # clips → target, condition, labels
+    size: Literal["smallest", "largest"]  # the curated size it trains on: low-res stages / the high-res target
+    latent: bool = False  # trains on a frozen VAE's latents (the auxiliary is the VAE), else on pixels (the
+    #                       auxiliary is IF-II's image-noising schedule, which sr1 noises its condition with)
+    expert_translation: bool = False  # timesteps 0 … train.sr2_max_timestep − 1 only (Show-1's sr2)
+
+    def max_timestep(self, cfg: Train, schedule: Any) -> int:
+        return cfg.sr2_max_timestep if self.expert_translation else schedule.config.num_train_timesteps
+
+
+SPECS = {
+    "base": StageSpec(base_batch, "smallest"),
+    "interp": StageSpec(interp_batch, "smallest"),
+    "sr1": StageSpec(sr1_batch, "largest"),
+    "sr2": StageSpec(sr2_batch, "largest", latent=True, expert_translation=True),
+}
 
 
 def training_timesteps(stage: str, cfg: Train, schedule: Any, count: int, generator: torch.Generator) -> torch.Tensor:
     """Uniform training timesteps; sr2 (expert translation) only sees 0 … sr2_max_timestep − 1."""
-    high = cfg.sr2_max_timestep if stage == "sr2" else schedule.config.num_train_timesteps
-    return torch.randint(high, (count,), generator=generator)
+    return torch.randint(SPECS[stage].max_timestep(cfg, schedule), (count,), generator=generator)
 
 
 @dataclass(frozen=True)
@@ -106,7 +125,7 @@ def draw_batch(stage: str, clips: list[torch.Tensor], generators: list[torch.Gen
     noise and timestep, in that order, from generators[i]."""
     parts: list[tuple[StageBatch, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for frames, generator in zip(clips, generators, strict=True):
-        item = SPECS[stage](frames[None], generator, cfg, auxiliary)
+        item = SPECS[stage].build(frames[None], generator, cfg, auxiliary)
         dropped = torch.rand(1, generator=generator) < cfg.caption_dropout
         noise = torch.randn(item.x0.shape, generator=generator)
         timesteps = training_timesteps(stage, cfg, noise_schedule, 1, generator)
@@ -125,4 +144,4 @@ def training_size(stage: str, resolutions: list[str]) -> str:
     """The curated size a stage trains on: the smallest for base/interp, the largest (the high-res target)
     for sr1 and sr2 (64x40 and 256x160 with the tiny curation; the paper profile adds 576x320 for sr2)."""
     by_area = sorted(resolutions, key=lambda key: int(key.split("x")[0]) * int(key.split("x")[1]))
-    return by_area[-1] if stage in ("sr1", "sr2") else by_area[0]
+    return by_area[-1] if SPECS[stage].size == "largest" else by_area[0]

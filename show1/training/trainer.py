@@ -1,13 +1,15 @@
-"""The one trainer, on 🤗 accelerate: read it top to bottom in `train`.
+"""The one trainer, on 🤗 accelerate: read it top to bottom in `train` (set-up, resume, loop, stage folder).
 
-Every stage: base, interp and sr1 (pixel UNets) and sr2 (latent, frozen VAE, timesteps 0–900).
-ε-prediction with IF's hybrid loss for the pixel UNets' learned variance (or ε-only: `train.loss`),
-caption dropout for classifier-free guidance, AdamW with warmup, gradient accumulation and
-clipping, mixed precision and gradient checkpointing through accelerate/config, EMA weights, atomic
-checkpoints (every N steps, last K kept) and exact resume: model, optimizer, LR schedule, EMA, RNG states
-and data position are restored, so on the CPU a resumed run's losses equal an uninterrupted run's bit for bit.
+Every stage: base, interp and sr1 (pixel UNets) and sr2 (latent, frozen VAE, timesteps 0–900), each described by
+one spec (show1.training.specs.SPECS). ε-prediction with IF's hybrid loss for the pixel UNets' learned variance (or
+ε-only: `train.loss`), caption dropout for classifier-free guidance, AdamW with warmup, gradient accumulation and
+clipping, mixed precision and gradient checkpointing through accelerate/config, EMA weights, atomic checkpoints
+(every N steps, last K kept) and exact resume: model, optimizer, LR schedule, EMA, RNG state and data position are
+restored, and every random draw of a clip comes from a generator keyed by (seed, step, micro-step, its slot in the
+global batch), so on the CPU a resumed run's losses equal an uninterrupted run's bit for bit. Under torchrun or
+`accelerate launch` the processes share each global batch (show1.training.ranks); only the main one writes.
 
-RUN_DIR/metrics.jsonl      one row per optimizer step: step, loss, lr, samples_per_s
+RUN_DIR/metrics.jsonl      one row per optimizer step: step, loss (mean over the global batch), lr, samples_per_s
 RUN_DIR/checkpoints/step-N/ a stage folder (model_index.json, unet/, scheduler/ …) + ema.safetensors,
                            training_state.safetensors/.json (optimizer, LR, RNG), state.json,
                            checksums.json (sha256 of every file: a changed file refuses to load)
@@ -67,7 +69,7 @@ from show1.training.runs import (
     latest_checkpoint,
 )
 from show1.training.samples import sample_video
-from show1.training.specs import draw_batch, training_size, training_timesteps  # noqa: F401 (re-exported)
+from show1.training.specs import SPECS, draw_batch, training_size, training_timesteps  # noqa: F401 (re-exported)
 from show1.training.tracking import TrainingRun
 from show1.weight_files import check_folder
 
@@ -117,7 +119,7 @@ def load_model(stage: str, params: Params, text_dim: int, init_from: Path | None
     """The stage's trainable UNet: from a stage folder (fine-tuning), inflated from 2D, or from scratch."""
     if init_from is not None and init_2d is not None:
         raise ValueError("pass --init-from or --init-2d, not both")
-    if stage == "sr2":
+    if SPECS[stage].latent:  # sr2: zeroscope's latent UNet and its frozen VAE
         if init_2d is not None:
             raise ValueError("--init-2d inflates pixel UNets; sr2 starts from a latent video model (--init-from)")
         if init_from is not None:
@@ -198,7 +200,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     unet, optimizer = accelerator.prepare(unet, optimizer)
     noise_schedule = model.noise_schedule
     # sr1 noises its condition with IF-II's image-noising schedule; sr2 encodes with its frozen VAE.
-    auxiliary = (model.vae.to(accelerator.device) if stage == "sr2"
+    auxiliary = (model.vae.to(accelerator.device) if SPECS[stage].latent
                  else scheduler_from_config(image_noising_scheduler_config()))
     order = DataOrder(len(clips), cfg.seed)
 
