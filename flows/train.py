@@ -1,8 +1,8 @@
 """Prefect flow: train one stage (or several in order) of the cascade.
 
 In-process by default; with `processes` > 1 it runs under torchrun in that many data-parallel processes, and with
-`accelerate_config` (a file from `accelerate config`) under `accelerate launch` (DDP/FSDP/DeepSpeed, as that file
-says). Deployed on the `gpu` work pool by prefect.yaml, whose job variables set both.
+`accelerate_config` (a file from `accelerate config`) under `accelerate launch` (DDP on the GPUs that file
+names). Deployed on the `gpu` work pool by prefect.yaml, whose job variables set both.
 """
 
 from __future__ import annotations

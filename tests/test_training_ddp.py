@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from show1.config import load_params
 from show1.data.curate import curate
-from show1.training.ranks import BatchSplitError, micro_batch
+from show1.training.ranks import BatchSplitError, check_data_parallel, micro_batch
 from show1.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +107,16 @@ def test_two_processes_train_on_one_global_batch_like_one_process(setup, two, mo
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].data.params["world_size"] == "2", [r.info.run_name for r in runs]
     assert len(runs[0].data.metrics) and client.get_metric_history(runs[0].info.run_id, "loss")[-1].step == STEPS
+
+
+def test_sharded_set_ups_are_refused_with_the_reason():
+    from accelerate.utils import DistributedType
+
+    check_data_parallel(DistributedType.MULTI_CPU)
+    check_data_parallel(DistributedType.MULTI_GPU)
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match=f"configured for {sharded.value}.*data-parallel only"):
+            check_data_parallel(sharded)
 
 
 def test_a_batch_the_processes_cannot_share_is_refused(setup, tmp_path):

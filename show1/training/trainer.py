@@ -59,7 +59,7 @@ from show1.pipelines.sr2 import (
 from show1.pipelines.weights import assemble_stage
 from show1.training.captions import CaptionEmbeddings, embed_captions
 from show1.training.losses import diffusion_loss
-from show1.training.ranks import Ranks, item_generator, micro_batch
+from show1.training.ranks import Ranks, check_data_parallel, item_generator, micro_batch
 from show1.training.runs import (
     CHECKPOINTS,
     METRICS,
@@ -175,6 +175,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     # --- set-up: processes, data, captions, model, optimizer -------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
+    check_data_parallel(accelerator.distributed_type)
     ranks = Ranks(accelerator)
     per_process = micro_batch(cfg.batch_size, cfg.grad_accum, ranks.world_size)
     torch.manual_seed(cfg.seed)
