@@ -195,8 +195,10 @@ class Train(_Model):
     """Training hyper-parameters shared by every stage (see show1/training)."""
 
     seed: int = 0
+    # The global batch of one optimizer step, whatever the number of processes: each of N processes takes
+    # batch_size / (N × grad_accum) clips per micro-step (a multiple is required).
     batch_size: int = Field(2, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)  # micro-steps per optimizer step (gradients accumulated, synchronised once)
     max_steps: int = Field(40, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
