@@ -80,11 +80,12 @@ class Ranks:
         """This process's slots in a global micro-batch of per_process × world_size clips."""
         return range(self.rank * per_process, (self.rank + 1) * per_process)
 
-    def mean(self, value: torch.Tensor) -> float:
-        """The mean of a scalar over the processes (each holds the mean loss of an equal share)."""
+    def mean(self, value: float) -> float:
+        """The mean of a number over the processes (one all-reduce)."""
         if self.world_size == 1:
-            return float(value.item())
-        return float(self.accelerator.reduce(value.detach().reshape(1), reduction="mean").item())
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, reduction="mean").item())
 
     def wait(self) -> None:
         """Every process reaches this point before any goes on."""

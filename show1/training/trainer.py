@@ -240,7 +240,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
             stack.enter_context(metrics)
         while step < max_steps:
             started = time.perf_counter()
-            total = 0.0
+            local = 0.0  # this process's mean loss over its share of the step
             for micro in range(cfg.grad_accum):
                 with accelerator.accumulate(unet):
                     chosen = order.take(per_process * ranks.world_size)  # the global micro-batch: same everywhere
@@ -264,7 +264,8 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                         optimizer.step()
                         lr_schedule.step()
                         optimizer.zero_grad()
-                    total += ranks.mean(loss) / cfg.grad_accum
+                    local += loss.item() / cfg.grad_accum
+            total = ranks.mean(local)  # equal shares: the mean of the processes' means is the global batch's
             ema.step(accelerator.unwrap_model(unet).parameters())
             step += 1
             if not math.isfinite(total):
@@ -366,8 +367,7 @@ def _log_sample(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, ema
     """Write run_dir/samples/step-N.mp4 from the EMA weights for the first clip's caption; log it to MLflow."""
     item = clips[0]
     embeddings = PromptEmbeddings(embed([item["caption"]]), embed([""]))
-    with torch.random.fork_rng(devices=[]):  # sampling on the main process must not move its RNG alone
-        frames = sample_video(stage, _ema_copy(unet, ema), item["frames"], embeddings, steps, vae)
+    frames = sample_video(stage, _ema_copy(unet, ema), item["frames"], embeddings, steps, vae)  # forks the RNG
     path = write_video(frames, run_dir / "samples" / f"step-{step:06d}.mp4", fps=7.5)
     if tracker:
         tracker.log_artifact(path, "samples")
