@@ -80,10 +80,12 @@ def data_parallel_samples_per_s(stage: str, params_path: Path, data: Path, steps
     torchrun processes on this machine (gloo on CPUs, NCCL on GPUs)."""
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                        str(processes), "-m", "show1.cli", "--params", str(params_path), "train", "--stage", stage,
-                        "--data", str(data), "--out", str(run), "--max-steps", str(steps), "--checkpoint-every",
-                        str(10**6), "--no-track", "--quiet"], check=True, cwd=ROOT, capture_output=True)
+        from flows.train import launcher  # the command the Prefect train flow starts its processes with
+
+        subprocess.run([*launcher(processes, None), "-m", "show1.cli", "--params", str(params_path), "train",
+                        "--stage", stage, "--data", str(data), "--out", str(run), "--max-steps", str(steps),
+                        "--checkpoint-every", str(10**6), "--no-track", "--quiet"], check=True, cwd=ROOT,
+                       capture_output=True)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["samples_per_s"] for r in rows[2:])
 
