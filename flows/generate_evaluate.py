@@ -52,12 +52,13 @@ def prepare(params_path: Path, profile: str | None, prompts: str | None, alias: 
 
 
 @task(name="generate-video", cache_policy=NO_CACHE)
-def generate(plan: Any, index: int) -> Any:
+def generate(plan: Any, indices: list[int]) -> list[Any]:
     from show1.evaluation import run as evaluation
 
-    video = evaluation.generate_one(plan, index)
-    print(f"video {index}: {video.prompt!r} in {video.seconds:.1f} s")
-    return video
+    videos = evaluation.generate_batch(plan, indices)
+    for video in videos:
+        print(f"video {video.index}: {video.prompt!r} in {video.seconds:.1f} s")
+    return videos
 
 
 @task(name="score-and-report", cache_policy=NO_CACHE)
@@ -93,12 +94,12 @@ def generate_evaluate_flow(prompts: str | None = None, alias: str = DEFAULT_ALIA
 
 def _evaluate(params_path: Path, profile: str | None, prompts: str | None, alias: str, limit: int | None,
               out: str | None) -> dict[str, Any]:
+    from show1.evaluation import run as evaluation
+
     plan = prepare(params_path, profile, prompts, alias, limit, out)
     try:
-        videos = [generate(plan, index) for index in range(len(plan.prompts.prompts))]
+        videos = [video for indices in evaluation.batches(plan) for video in generate(plan, indices)]
     except BaseException:
-        from show1.evaluation import run as evaluation
-
         evaluation.discard(plan)
         raise
     return finish(plan, videos)

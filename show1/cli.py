@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,17 +270,28 @@ def convert_weights(
               f"{counts['skipped']} already in safetensors\nsafe copy: {out_dir}", highlight=False)
 
 
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
 @app.command()
 def generate(
     ctx: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="What the video shows.")],
+    prompt: Annotated[str | None, typer.Argument(help="What the video shows (or --prompts FILE for many).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        "--prompts", help="A text file of prompts, one per line: writes OUT/000.mp4, OUT/001.mp4, …; video i uses "
+                          "seed --seed + i.")] = None,
     weights_dir: Annotated[Path | None, typer.Option(
         help="Folder holding show-1-base, show-1-interpolation, show-1-sr1, show-1-sr2 (published or init-weights).")]
     = None,
     from_registry: Annotated[str | None, typer.Option(
         help="Assemble the cascade from the MLflow Model Registry: an alias (champion | challenger), versions in "
              "stage order (3,2,5,1) or per stage (base=3,sr1=champion).")] = None,
-    out_path: Annotated[Path, typer.Option("--out", help="Video to write (.mp4, .webm or .gif).")] = Path("video.mp4"),
+    out_path: Annotated[Path | None, typer.Option(
+        "--out", help="Video to write (.mp4, .webm or .gif; default video.mp4), or with --prompts the folder of the "
+                      "videos (default videos/).")] = None,
+    batch_size: Annotated[int, typer.Option(
+        help="With --prompts: videos generated together through every stage (one model load for all of them).")]
+    = 1,
     stages: Annotated[str, typer.Option(help="Comma-separated prefix of base,interp,sr1,sr2.")] = "base,interp,sr1,sr2",
     seed: Annotated[int, typer.Option(
         help="Same seed, same frames (drawn as params.yaml sampling.seeding says: the reference reseeds every stage).")]
@@ -288,8 +300,9 @@ def generate(
         help="Denoising steps for every stage (default: the published 75/75/125/50).")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16")] = "float32",
-    offload: Annotated[bool, typer.Option(help="Model CPU offload (cuda): one stage's model on the GPU at a time.")]
-    = False,
+    offload: Annotated[str, typer.Option(
+        help="cuda only. none: every stage stays on the GPU; model: one stage's model on the GPU at a time; "
+             "sequential: one layer at a time (least memory, slowest).")] = "none",
     fps: Annotated[float, typer.Option(help="Frame rate of the written video.")] = 8.0,
     track: Annotated[bool, typer.Option(
         help="Record a generation run in MLflow (the versions used, the video's hash) for show1 lineage.")] = True,
@@ -297,23 +310,40 @@ def generate(
     """Generate a video with the cascade, from local stage folders or from the model registry.
 
     The full cascade writes 29 frames. Each generation is an MLflow run, so `show1 lineage VIDEO` finds the
-    model versions and training runs behind the file.
+    model versions and training runs behind the file. With --prompts FILE, the cascade is loaded once and the
+    prompts go through it --batch-size at a time.
     """
     import torch
 
-    from show1.data.video import VIDEO_SUFFIXES, write_video
+    from show1.data.video import VIDEO_SUFFIXES
     from show1.pipelines.base import MissingComponentError
     from show1.pipelines.cascade import check_stages
+    from show1.pipelines.prompt_batches import PromptsFileError, prompt_batches, read_prompts, video_path
     from show1.registry.resolve import RegistryLookupError, load_cascade
 
-    if not prompt.strip():
+    if (prompt is None) == (prompts_file is None):
+        fail("give a PROMPT or --prompts FILE (one of them)", code=2)
+    try:
+        prompts = read_prompts(prompts_file) if prompts_file is not None else [prompt or ""]
+        batches = prompt_batches(prompts, batch_size, seed)
+    except (PromptsFileError, ValueError) as exc:
+        fail(str(exc), code=2)
+    if prompts_file is None and not prompts[0].strip():
         fail("the prompt is empty: describe the video to generate", code=2)
     if dtype not in DTYPES:
         fail(f"--dtype {dtype!r} is not one of {', '.join(sorted(set(DTYPES.values())))}", code=2)
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         fail(f"--device {device!r} is not available here (cpu | cuda with a GPU)", code=2)
-    if out_path.suffix.lower() not in VIDEO_SUFFIXES:
-        fail(f"--out {out_path}: write {' or '.join(VIDEO_SUFFIXES)}", code=2)
+    if offload not in OFFLOAD_MODES:
+        fail(f"--offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}", code=2)
+    if offload != "none" and device != "cuda":
+        fail(f"--offload {offload} moves models between the CPU and a GPU: use it with --device cuda", code=2)
+    if prompts_file is None:
+        files = [out_path or Path("video.mp4")]
+    else:
+        files = [video_path(out_path or Path("videos"), i, len(prompts)) for i in range(len(prompts))]
+    if files[0].suffix.lower() not in VIDEO_SUFFIXES:
+        fail(f"--out {files[0]}: write {' or '.join(VIDEO_SUFFIXES)}", code=2)
     params = ctx.obj.params()
     try:
         chosen = check_stages([s.strip() for s in stages.split(",") if s.strip()])
@@ -322,25 +352,40 @@ def generate(
         fail(str(exc))
     except (ValueError, FileNotFoundError, MissingComponentError) as exc:
         fail(str(exc), code=2)
-    pipe = cascade.pipeline
-    if offload:
-        pipe.enable_model_cpu_offload(device)
-    else:
-        pipe.to(device)
+    cascade.pipeline.place(device, offload)
+    settings = {"steps": steps or "published", "dtype": DTYPES[dtype], "device": device, "fps": fps,
+                "from_registry": from_registry or "", "batch_size": batch_size, **params.sampling.as_params()}
+    for batch in batches:
+        written = _generate_batch(cascade, batch, files, steps, fps, params)
+        for index, video in written:
+            _, frames, height, width = video
+            out.print(f"wrote {files[index]} ({frames} frames, {width}x{height}, stages {','.join(chosen)})",
+                      highlight=False)
+            if track:
+                from show1.registry.generation import track_generation
+
+                run_id = track_generation(params, files[index], prompts[index], cascade.sources,
+                                          cascade.from_registry, {"seed": seed + index, **settings})
+                out.print(f"generation run: {run_id} (show1 lineage {files[index]})", highlight=False)
+
+
+def _generate_batch(cascade, batch, files: list[Path], steps: int | None, fps: float,
+                    params: Params) -> list[tuple[int, tuple[int, ...]]]:
+    """Generate one batch of prompts and write each video to its file: (index, (channels, frames, h, w)) each."""
+    from show1.data.video import write_video
+
     try:
-        result = pipe(prompt, seed=seed, num_inference_steps=steps, sampling=params.sampling)
+        result = cascade.pipeline(batch.prompts if len(batch.prompts) > 1 else batch.prompts[0], seed=batch.seeds,
+                                  num_inference_steps=steps, sampling=params.sampling)
     except ValueError as exc:  # settings the stages cannot run with (e.g. too few sr2 steps for its strength)
         fail(str(exc), code=2)
-    write_video(result.frames[0].permute(1, 0, 2, 3), out_path, fps=fps)  # (3, F, H, W) -> (F, 3, H, W)
-    _, _, frames, height, width = result.frames.shape
-    out.print(f"wrote {out_path} ({frames} frames, {width}x{height}, stages {','.join(chosen)})", highlight=False)
-    if track:
-        from show1.registry.generation import track_generation
-
-        settings = {"seed": seed, "steps": steps or "published", "dtype": DTYPES[dtype], "device": device,
-                    "fps": fps, "from_registry": from_registry or "", **params.sampling.as_params()}
-        run_id = track_generation(params, out_path, prompt, cascade.sources, cascade.from_registry, settings)
-        out.print(f"generation run: {run_id} (show1 lineage {out_path})", highlight=False)
+    written = []
+    for offset, frames in enumerate(result.frames):
+        index = batch.start + offset
+        files[index].parent.mkdir(parents=True, exist_ok=True)
+        write_video(frames.permute(1, 0, 2, 3), files[index], fps=fps)  # (3, F, H, W) -> (F, 3, H, W)
+        written.append((index, tuple(frames.shape)))
+    return written
 
 
 @app.command()
@@ -557,13 +602,23 @@ def run_cascade(
 
 
 def _quiet_libraries() -> None:
-    """MLflow's INFO lines and transformers' weight-loading bars are noise next to show1's own status."""
+    """MLflow's INFO lines and transformers' weight-loading bars are noise next to show1's own status.
+
+    transformers is not imported for this (0.8 s, and `show1 register` needs no model library): its bars follow
+    huggingface_hub's switch, which the environment sets for a library not imported yet."""
     import logging
 
-    from transformers.utils import logging as transformers_logging
-
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    transformers_logging.disable_progress_bar()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    elif "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _check_stage(stage: str) -> None:

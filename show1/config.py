@@ -268,6 +268,9 @@ class Evaluate(_Model):
     clip: Path | None = None            # transformers CLIP folder for CLIPSIM (None: not computed)
     classifier: Path | None = None      # TorchScript classifier for the Inception Score (None: not computed)
     device: str = "cpu"
+    # Prompts generated together through the cascade, each with its own seed (seed + index): the same videos up to
+    # float rounding of batched arithmetic. 1 on CPUs (batches do not pay there); larger on GPUs.
+    batch_size: int = Field(1, ge=1)
 
     @field_validator("steps")
     @classmethod

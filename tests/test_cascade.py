@@ -24,12 +24,16 @@ from load import busy_cores, on_cores, one_core, pin_process_tree
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
-# The demo clips at quarter size, a few steps per stage, one prompt evaluated on two stages: the DAG's mechanics
-# in minutes (make demo runs the real tiny sizes).
+# The demo clips at quarter size, two steps per stage, one prompt evaluated on two stages at one step: the DAG's
+# mechanics in minutes (make demo runs the real tiny sizes). The tiny profile's own values win over the top-level
+# sections, so they are overridden there.
 SMALL = {
     "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
     "train": {"max_steps": 2, "checkpoint_every": 2, "sample_every": 0},
-    "evaluate": {"stages": ["base", "interp"], "steps": 1, "frames_per_video": 2, "max_reference_clips": 2},
+    "profiles": {"tiny": {
+        "train_per_stage": {stage: {"max_steps": 2} for stage in ("base", "interp", "sr1", "sr2")},
+        "evaluate": {"stages": ["base", "interp"], "steps": 1, "frames_per_video": 2, "max_reference_clips": 2},
+    }},
 }
 LOCK_WAIT = "waiting for it to finish"
 
@@ -123,6 +127,7 @@ def test_two_runs_at_once_one_waits_then_reuses_everything(project):
                  "show1-promote"):
         assert f"for flow '{flow}'" in first.output, flow
     assert "Finished in state Completed" in first.output
+    assert first.output.count(": 2 steps, final loss") == 4  # the small params reached every stage
     video = project.folder / "eval" / "videos" / "000.mp4"
     assert video.is_file() and (project.folder / "eval" / "report.html").is_file()
     for line in (f"video:          {video.relative_to(project.folder)}", "report:", "MLflow UI:      mlflow ui",

@@ -2,7 +2,6 @@
 exactly the stages that depend on them."""
 
 import json
-import time
 
 import pytest
 import yaml
@@ -41,10 +40,9 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     assert evaluated["fid_vid"] > 0 and evaluated["prompts"] == 1  # the tiny profile evaluates one prompt
     assert json.loads((repo / "metrics/promote.json").read_text())["base"]["promoted"] is True  # no champion yet
 
-    started = time.monotonic()
-    second = run(["dvc", "repro"], repo, env)
+    second = run(["dvc", "repro"], repo, env)  # a no-op: no stage runs (no wall-clock bound: CI machines are busy)
     assert "Running stage" not in second.stdout, second.stdout
-    assert time.monotonic() - started < 10  # a no-op is quick
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env).stdout
 
     # An sr1 parameter re-runs sr1 and what follows it, nothing else (promote waits on evaluate's metrics, which
     # do not change here: this evaluation uses base and interp only). The evaluation runs again from scratch and

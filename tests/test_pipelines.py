@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from show1.pipelines.base import MissingComponentError
-from show1.pipelines.cascade import Show1Pipeline, check_stages
+from show1.pipelines.base import MissingComponentError, PromptEmbeddings
+from show1.pipelines.cascade import Show1Pipeline, check_stages, run_stage
 from show1.pipelines.interpolation import Show1InterpolationPipeline, interpolation_condition
 from show1.pipelines.keyframes import Show1BasePipeline
+from show1.pipelines.seeding import PerVideo, Reseeding
 from show1.pipelines.sr1 import Show1SR1Pipeline, window_starts
 from show1.pipelines.weights import init_weights
 
@@ -156,3 +157,53 @@ def test_full_cascade_writes_29_frames_at_576x320(weights):
     assert result.stages["interp"].shape == (1, 3, 29, 40, 64)
     assert result.stages["sr1"].shape == (1, 3, 29, 160, 256)
     assert result.frames.shape == (1, 3, 29, 320, 576)
+
+
+def test_a_batch_of_prompts_makes_each_video_its_seed_makes_alone(weights):
+    """Prompts batched through every stage, each with its own seed (PerVideo): video i is the video of prompt i
+    generated alone with its seed. In float64, so that the comparison sees the random draws and the text, not
+    rounding: batched kernels round differently from single ones (~2e-6 of a UNet output in float32), and the first
+    step from pure noise magnifies that (~1e-3 of a frame with these random weights). Small frames: float64
+    convolutions have no fast CPU kernels."""
+    stages = Show1Pipeline.from_pretrained(weights, torch_dtype=torch.float64).stages
+    pipe = Show1Pipeline({"base": stages["base"], "interp": stages["interp"]})
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seed = ["a red kite over a beach", "Two dogs"], 11
+    batched = pipe(prompts, seed=seed, num_inference_steps=1, keyframe_size=(8, 8))
+    alone = [pipe(prompt, seed=seed + i, num_inference_steps=1, keyframe_size=(8, 8))
+             for i, prompt in enumerate(prompts)]
+    for stage, frames in batched.stages.items():
+        assert frames.shape[0] == 2
+        for i, single in enumerate(alone):
+            assert torch.allclose(frames[i], single.stages[stage][0], rtol=0, atol=1e-6), stage
+    assert not torch.allclose(batched.frames[0], batched.frames[1])  # two prompts, two seeds: two videos
+
+    # sr1 (two windows: reseeded per window) and sr2 draw per video too; sr2 at 32 x 32 instead of 576 x 320.
+    embeddings = stages["base"].encode_prompts(prompts, "")
+    per_video = PerVideo((Reseeding(seed), Reseeding(seed + 1)))
+    video = batched.frames[:, :, :9]
+    runs = {"sr1": (1, dict(height=32, width=32)), "sr2": (2, dict(height=32, width=32))}
+    for name, (steps, options) in runs.items():
+        stages[name].set_progress_bar_config(disable=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sr1's note that no IF-II-L first frame is given
+            together = run_stage(name, stages[name], prompts, video, embeddings, steps, None, per_video, **options)
+            for i in range(2):
+                one = run_stage(name, stages[name], prompts[i], video[i:i + 1], PromptEmbeddings(
+                    embeddings.positive[i:i + 1], embeddings.negative[i:i + 1]), steps, None, Reseeding(seed + i),
+                    **options)
+                assert torch.allclose(together[i], one[0], rtol=0, atol=1e-6), name
+
+
+def test_a_batch_refuses_what_would_draw_from_a_shared_stream(base):
+    seeds = PerVideo((Reseeding(1), Reseeding(2)))
+    with pytest.raises(ValueError, match=r"reference_dropout.*batch size 1"):
+        base(["a", "b"], generator=seeds, num_inference_steps=1, reference_dropout=True)
+    from diffusers import DPMSolverMultistepScheduler
+
+    sde = Show1BasePipeline(base.unet, DPMSolverMultistepScheduler.from_config(
+        {**base.scheduler.config, "algorithm_type": "sde-dpmsolver++"}), base.tokenizer, base.text_encoder)
+    with pytest.raises(ValueError, match=r"draws noise at every step.*batch size 1"):
+        sde(["a", "b"], generator=seeds, num_inference_steps=1)
+    with pytest.raises(ValueError, match="3 seeds for 2 prompts"):
+        Show1Pipeline({"base": base})(["a", "b"], seed=[1, 2, 3], num_inference_steps=1)

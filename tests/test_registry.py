@@ -349,7 +349,9 @@ def test_the_registry_is_browsable_through_a_real_mlflow_server(trained, tmp_pat
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--default-artifact-root",
          str(db.parent / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ | {"MLFLOW_TRACKING_URI": ""})
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # No job runner: its ~7 consumer processes (GenAI jobs) cost ~25 CPU-s to start and show1 has no jobs.
+        env=os.environ | {"MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

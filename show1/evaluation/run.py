@@ -3,7 +3,8 @@ videos against a curated split, and publish it all: `OUT/metrics.json`, `OUT/per
 with its videos and plots, an MLflow evaluation run, and `eval.<metric>` tags on the model versions used
 (what `show1 promote` reads).
 
-Three steps, so a flow can map the generation over prompts: `prepare` → `generate_one` per prompt → `finish`.
+Three steps, so a flow can map the generation over prompts: `prepare` → `generate_batch` per batch of prompts
+(evaluate.batch_size; `generate_one` for one) → `finish`.
 The output folder is replaced whole at the end (built beside it, then renamed), never left half-written.
 """
 
@@ -98,16 +99,33 @@ def prepare(params: Params, prompts: str | Path | None = None, from_registry: st
 
 def generate_one(plan: EvaluationPlan, index: int) -> GeneratedVideo:
     """The video of prompt `index`, seeded by evaluate.seed + index (same settings, same video)."""
+    return generate_batch(plan, [index])[0]
+
+
+def generate_batch(plan: EvaluationPlan, indices: list[int]) -> list[GeneratedVideo]:
+    """The videos of prompts `indices`, generated together through the cascade (as `show1 generate --prompts`),
+    each seeded by evaluate.seed + its index. `seconds` of each video: the batch's time shared out."""
     cfg = plan.params.evaluate
-    prompt = plan.prompts.prompts[index]
+    prompts = [plan.prompts.prompts[index] for index in indices]
     started = time.perf_counter()
-    frames = plan.cascade.pipeline(prompt, seed=cfg.seed + index, num_inference_steps=cfg.steps,
+    frames = plan.cascade.pipeline(prompts[0] if len(prompts) == 1 else prompts,
+                                   seed=[cfg.seed + index for index in indices], num_inference_steps=cfg.steps,
                                    sampling=plan.params.sampling).frames
-    video = to_uint8_frames(frames[0].permute(1, 0, 2, 3))
-    names = [f"videos/{index:03d}.webm", f"videos/{index:03d}.mp4"]
-    for name in names:
-        write_video(video, plan.staging / name, fps=cfg.fps)
-    return GeneratedVideo(index, prompt, video, names, time.perf_counter() - started)
+    seconds = (time.perf_counter() - started) / len(indices)
+    videos = []
+    for index, prompt, one in zip(indices, prompts, frames, strict=True):
+        video = to_uint8_frames(one.permute(1, 0, 2, 3))
+        names = [f"videos/{index:03d}.webm", f"videos/{index:03d}.mp4"]
+        for name in names:
+            write_video(video, plan.staging / name, fps=cfg.fps)
+        videos.append(GeneratedVideo(index, prompt, video, names, seconds))
+    return videos
+
+
+def batches(plan: EvaluationPlan) -> list[list[int]]:
+    """The prompt indices in evaluate.batch_size groups, in order."""
+    count, size = len(plan.prompts.prompts), plan.params.evaluate.batch_size
+    return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
 
 
 def finish(plan: EvaluationPlan, videos: list[GeneratedVideo], track: bool = True,
@@ -169,9 +187,10 @@ def evaluate(params: Params, prompts: str | Path | None = None, from_registry: s
     plan = prepare(params, prompts, from_registry, weights_dir, reference_split, limit, out)
     try:
         videos = []
-        for index, prompt in enumerate(plan.prompts.prompts):
-            say(f"generating {index + 1}/{len(plan.prompts.prompts)}: {prompt[:60]}")
-            videos.append(generate_one(plan, index))
+        for indices in batches(plan):
+            shown = "; ".join(plan.prompts.prompts[i][:60] for i in indices)
+            say(f"generating {indices[-1] + 1}/{len(plan.prompts.prompts)}: {shown}")
+            videos.extend(generate_batch(plan, indices))
     except BaseException:
         discard(plan)
         raise

@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from show1.models.text import MAX_LENGTH, encode_prompt, load_text_encoder, reference_text
 from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
-from show1.pipelines.seeding import RandomSource, rng_scope
+from show1.pipelines.seeding import DrawSource, RandomSource, rng_scope
 from show1.weight_files import MissingComponentError, check_folder
 
 
@@ -163,19 +163,19 @@ class Show1StagePipeline(DiffusionPipeline):
         """Around a stage run: reseeding (the reference's) leaves the caller's global random state as it was."""
         return rng_scope(source, self._execution_device)
 
-    def noise(self, shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,
+    def noise(self, shape: tuple[int, ...], generator: DrawSource,
               dtype: torch.dtype) -> torch.Tensor:
         """Standard normal noise drawn from `generator` (on the CPU when the generator is, then moved)."""
         return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
 
-    def initial_noise(self, shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,
+    def initial_noise(self, shape: tuple[int, ...], generator: DrawSource,
                       dtype: torch.dtype) -> torch.Tensor:
         """The starting sample of a denoising loop, scaled as the scheduler wants."""
         return self.noise(shape, generator, dtype) * self.scheduler.init_noise_sigma
 
     def denoise_pixels(self, sample: torch.Tensor, embeddings: torch.Tensor, guidance_scale: float,
                        num_inference_steps: int, condition: torch.Tensor | None = None,
-                       class_labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                       class_labels: torch.Tensor | None = None, generator: DrawSource = None,
                        cross_attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
         """The IF-style loop of every pixel stage.
 
@@ -217,8 +217,25 @@ class Show1StagePipeline(DiffusionPipeline):
         frames = self.scheduler.step(prediction, t, frames, **step_kwargs).prev_sample
         return frames.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
 
-    def _step_kwargs(self, generator: torch.Generator | None) -> dict[str, Any]:
+    def _step_kwargs(self, generator: DrawSource) -> dict[str, Any]:
+        """The generator for the scheduler's step, when it takes one. Per-video generators (a batch) go nowhere: the
+        step sees the frames of every video as one batch of images, so a step that draws noise is refused."""
         import inspect
 
         accepted = set(inspect.signature(self.scheduler.step).parameters)
+        if isinstance(generator, list):
+            if step_draws_noise(self.scheduler):
+                raise ValueError(f"{type(self.scheduler).__name__} ({self.scheduler.config.get('algorithm_type', '')})"
+                                 " draws noise at every step: generate these videos one at a time (batch size 1)")
+            return {}
         return {"generator": generator} if "generator" in accepted else {}
+
+
+def step_draws_noise(scheduler: Any) -> bool:
+    """Whether `scheduler.step` draws random noise: the SDE variants of DPM-Solver and DDPM-like ancestral samplers
+    do; DPM-Solver(++) and DDIM (eta 0, as show1 runs it) do not."""
+    name = type(scheduler).__name__
+    if name.startswith("DPMSolver"):
+        return str(scheduler.config.get("algorithm_type", "")).startswith("sde")
+    return name not in ("DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+                        "UniPCMultistepScheduler")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from show1.pipelines.base import MissingComponentError, PromptEmbeddings, Show1S
 from show1.pipelines.first_frame import super_resolve_first_frame
 from show1.pipelines.interpolation import Show1InterpolationPipeline
 from show1.pipelines.keyframes import Show1BasePipeline
-from show1.pipelines.seeding import RandomSource, Reseeding, draw_point
+from show1.pipelines.seeding import PerVideo, RandomSource, Reseeding, draw_point
 from show1.pipelines.sr1 import Show1SR1Pipeline
 from show1.pipelines.sr2 import NEGATIVE_PROMPT as SR2_NEGATIVE_PROMPT
 from show1.pipelines.sr2 import Show1SR2Pipeline
@@ -94,6 +95,24 @@ class Show1Pipeline:
         for pipe in self._pipelines():
             pipe.enable_model_cpu_offload(device=device)
 
+    def enable_sequential_cpu_offload(self, device: torch.device | str = "cuda") -> None:
+        for pipe in self._pipelines():
+            pipe.enable_sequential_cpu_offload(device=device)
+
+    def place(self, device: torch.device | str, offload: str = "none") -> Show1Pipeline:
+        """Put the cascade on `device`: `none` moves every stage there; `model` keeps each stage's models on the
+        CPU until its turn (one on the GPU at a time); `sequential` streams the layers of each model to the GPU one
+        by one (least memory, slowest)."""
+        if offload == "none":
+            return self.to(device)
+        if offload == "model":
+            self.enable_model_cpu_offload(device)
+        elif offload == "sequential":
+            self.enable_sequential_cpu_offload(device)
+        else:
+            raise ValueError(f"offload {offload!r} is not one of none, model, sequential")
+        return self
+
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         for pipe in self._pipelines():
             pipe.set_progress_bar_config(**kwargs)
@@ -110,17 +129,20 @@ class Show1Pipeline:
                                              draw_point(source))
 
     @torch.no_grad()
-    def __call__(self, prompt: str, generator: torch.Generator | None = None,
+    def __call__(self, prompt: str | list[str], generator: RandomSource = None,
                  num_inference_steps: int | dict[str, int] | None = None,
-                 guidance_scale: dict[str, float] | None = None, *, seed: int | None = None,
+                 guidance_scale: dict[str, float] | None = None, *, seed: int | Sequence[int] | None = None,
                  sampling: Sampling | None = None, prompt_embeds: PromptEmbeddings | None = None,
                  keyframe_size: tuple[int, int] | None = None) -> CascadeOutput:
-        """Generate a video for `prompt`. `num_inference_steps` is one number for every stage or a
-        per-stage dict; stages not named use the published defaults (75/75/125/50).
+        """Generate a video for `prompt`, or one per prompt of a list, as one batch through every stage.
+        `num_inference_steps` is one number for every stage or a per-stage dict; stages not named use the published
+        defaults (75/75/125/50).
 
         Randomness: pass `seed` and the cascade draws as `sampling.seeding` says (default: the reference's
         reseeding at every stage, segment and window; `stream`: one generator seeded with `seed`), or pass your own
-        `generator`, carried through every stage. `sampling` (default: `Sampling()`, the published behaviour) also
+        `generator`, carried through every stage. A batch of prompts takes one seed per prompt (an int `seed` means
+        seed, seed + 1, …): video i then equals the video of prompt i generated alone with its seed (`PerVideo`), up
+        to float rounding of the batched arithmetic. `sampling` (default: `Sampling()`, the published behaviour) also
         sets DPM-Solver's last step, prompt lowercasing and the base stage's reference dropout. `prompt_embeds`:
         the base stage's text embeddings computed beforehand (then `prompt` only reaches sr2's own encoder).
         `keyframe_size`: (width, height) of the keyframes instead of the published 64 × 40 (multiples of 8; the
@@ -133,7 +155,7 @@ class Show1Pipeline:
             raise ValueError("pass either seed or generator, not both")
         source: RandomSource = generator
         if seed is not None:
-            source = Reseeding(seed) if sampling.seeding == "reference" else torch.Generator("cpu").manual_seed(seed)
+            source = seeded_source(seed, 1 if isinstance(prompt, str) else len(prompt), sampling.seeding)
         steps: dict[str, int | None] = dict.fromkeys(STAGES)
         if isinstance(num_inference_steps, int):
             steps = dict.fromkeys(STAGES, num_inference_steps)
@@ -165,6 +187,19 @@ class Show1Pipeline:
                               source, **options)
             outputs[stage] = video.clamp(-1, 1)
         return CascadeOutput(frames=outputs[self.stage_names[-1]], stages=outputs)
+
+
+def seeded_source(seed: int | Sequence[int], videos: int, seeding: str) -> RandomSource:
+    """The random source of `videos` videos from `seed` (one int: seed, seed + 1, …; or one seed per video), drawn
+    as `seeding` says (`reference` | `stream`). One video: its own source; several: `PerVideo`."""
+    seeds = [seed + i for i in range(videos)] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != videos:
+        raise ValueError(f"{len(seeds)} seeds for {videos} prompts: pass one seed, or one per prompt")
+
+    def one(value: int) -> Reseeding | torch.Generator:
+        return Reseeding(value) if seeding == "reference" else torch.Generator("cpu").manual_seed(value)
+
+    return one(seeds[0]) if videos == 1 else PerVideo(tuple(one(s) for s in seeds))
 
 
 def run_stage(stage: str, pipe: Show1StagePipeline, prompt: str | list[str], video: torch.Tensor | None,

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from show1.pipelines.base import PromptEmbeddings, Show1StagePipeline, VideoPipelineOutput
-from show1.pipelines.seeding import RandomSource, draw_point
+from show1.pipelines.seeding import PerVideo, RandomSource, draw_point
 
 
 class Show1BasePipeline(Show1StagePipeline):
@@ -31,6 +31,9 @@ class Show1BasePipeline(Show1StagePipeline):
                  return_dict: bool = True) -> VideoPipelineOutput | tuple:
         if num_frames < 1 or height < 1 or width < 1 or num_inference_steps < 1:
             raise ValueError("num_frames, height, width and num_inference_steps must be positive")
+        if reference_dropout and isinstance(generator, PerVideo):
+            raise ValueError("reference_dropout draws from the global random state, which a batch of videos with "
+                             "their own seeds does not use: generate these videos one at a time (batch size 1)")
         guidance = guidance_scale > 1.0
         embeddings = self._embeddings(prompt, prompt_embeds, negative_prompt, guidance)
         batch = embeddings.positive.shape[0]

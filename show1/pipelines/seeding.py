@@ -9,7 +9,8 @@ Two ways, chosen by `sampling.seeding`:
   it used.
 - `stream`: one `torch.Generator`, carried through the whole cascade (what show1 did before; diffusers' usual way).
 
-A stage pipeline takes either as its `generator` argument (`RandomSource`).
+A stage pipeline takes either as its `generator` argument (`RandomSource`). For a batch of videos, `PerVideo` holds one
+of them per video: video i then draws exactly what it draws alone with its own source (`show1 generate --prompts`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,38 @@ class Reseeding:
         return torch.manual_seed(self.seed)
 
 
-RandomSource = torch.Generator | Reseeding | None
+@dataclass(frozen=True)
+class PerVideo:
+    """One source per video of a batch. At every draw point, video i draws from its own generator, in the order it
+    draws alone: a `Reseeding` becomes a private generator freshly seeded with its seed (the same numbers as the
+    reseeded global one), a generator is carried on. The global random state is never touched, so whatever would
+    draw from it (the base stage's reference dropout) cannot be batched."""
+
+    sources: tuple[Reseeding | torch.Generator, ...]
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("PerVideo needs one source per video, got none")
+        for source in self.sources:
+            if not isinstance(source, Reseeding | torch.Generator):
+                raise TypeError(f"PerVideo sources are Reseeding or torch.Generator, got {type(source).__name__}")
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def fresh(self) -> list[torch.Generator]:
+        return [torch.Generator("cpu").manual_seed(s.seed) if isinstance(s, Reseeding) else s for s in self.sources]
 
 
-def draw_point(source: RandomSource) -> torch.Generator | None:
-    """The generator for one reseeding point: freshly seeded under `Reseeding`, else the one generator (or None)."""
-    return source.fresh() if isinstance(source, Reseeding) else source
+RandomSource = torch.Generator | Reseeding | PerVideo | None
+# What a draw point hands to the noise draws: one generator, one per video of the batch, or None.
+DrawSource = torch.Generator | list[torch.Generator] | None
+
+
+def draw_point(source: RandomSource) -> DrawSource:
+    """The generator(s) for one reseeding point: freshly seeded under `Reseeding` (per video under `PerVideo`), else
+    the one generator (or None)."""
+    return source.fresh() if isinstance(source, Reseeding | PerVideo) else source
 
 
 @contextlib.contextmanager

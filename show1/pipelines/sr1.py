@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from show1.pipelines.base import PromptEmbeddings, Show1StagePipeline, VideoPipelineOutput, load_scheduler
-from show1.pipelines.seeding import RandomSource, draw_point
+from show1.pipelines.seeding import DrawSource, RandomSource, draw_point
 
 NO_FIRST_FRAME = ("sr1: no IF-II-L first frame is given, so window 0 is conditioned on the noised upsample (the "
                   "reference super-resolves frame 0 with DeepFloyd IF-II-L)")
@@ -78,7 +78,7 @@ class Show1SR1Pipeline(Show1StagePipeline):
 
     def super_resolve_window(self, clip: torch.Tensor, text: torch.Tensor, levels: torch.Tensor,
                              first_frame: torch.Tensor | None, height: int, width: int, num_inference_steps: int,
-                             guidance_scale: float, generator: torch.Generator | None) -> torch.Tensor:
+                             guidance_scale: float, generator: DrawSource) -> torch.Tensor:
         """One window (B, 3, f, h, w) → (B, 3, f, height, width), unclamped. Its condition is the noised upsample,
         with frame 0 replaced by `first_frame` (B, 3, height, width) when given."""
         b = clip.shape[0]
@@ -91,7 +91,7 @@ class Show1SR1Pipeline(Show1StagePipeline):
                                    class_labels=levels, generator=generator)
 
     def _noised_upsample(self, clip: torch.Tensor, height: int, width: int, levels: torch.Tensor,
-                         generator: torch.Generator | None) -> torch.Tensor:
+                         generator: DrawSource) -> torch.Tensor:
         b, c, f, h, w = clip.shape
         up = F.interpolate(clip.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w), (height, width), mode="bilinear",
                            align_corners=True)

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from show1.pipelines.base import PromptEmbeddings, Show1StagePipeline, VideoPipelineOutput, load_scheduler
-from show1.pipelines.seeding import RandomSource, draw_point
+from show1.pipelines.seeding import DrawSource, RandomSource, draw_point
 
 NEGATIVE_PROMPT = "low resolution, blur"  # what Show-1's run_inference.py passes to SR2
 
@@ -179,16 +179,27 @@ class Show1SR2Pipeline(Show1StagePipeline):
             self.scheduler.set_begin_index(t_start * self.scheduler.order)
         return timesteps
 
-    def prepare_latents(self, video: torch.Tensor, timestep: torch.Tensor,
-                        generator: torch.Generator | None) -> torch.Tensor:
+    def prepare_latents(self, video: torch.Tensor, timestep: torch.Tensor, generator: DrawSource) -> torch.Tensor:
         """Encode (B, 3, F, H, W) frames to scaled VAE latents, sampled from the posterior, and noise them to
         `timestep`. Random draws come in the reference's order (posterior sample, then noise, both over the
-        B·F frames), so a seeded generator gives the reference's latents."""
+        B·F frames), so a seeded generator gives the reference's latents. With one generator per video (a list),
+        video i draws its F frames' posterior sample, then their noise, from its own: what it draws alone."""
         b, c, f, h, w = video.shape
         frames = video.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(self._execution_device, self.vae.dtype)
-        latents = self.vae.encode(frames).latent_dist.sample(generator)
-        latents = (self.vae.config.scaling_factor * latents).to(self.unet.dtype)
-        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        posterior = self.vae.encode(frames).latent_dist
+        if isinstance(generator, list):
+            if len(generator) != b:
+                raise ValueError(f"{len(generator)} generators for {b} videos: pass one per video")
+            shape, device = (f, *posterior.mean.shape[1:]), posterior.mean.device
+            draws = [(randn_tensor(shape, generator=g, device=device, dtype=posterior.mean.dtype),
+                      randn_tensor(shape, generator=g, device=device, dtype=self.unet.dtype)) for g in generator]
+            latents = posterior.mean + posterior.std * torch.cat([sample for sample, _ in draws])
+            latents = (self.vae.config.scaling_factor * latents).to(self.unet.dtype)
+            noise = torch.cat([noise for _, noise in draws])
+        else:
+            latents = posterior.sample(generator)
+            latents = (self.vae.config.scaling_factor * latents).to(self.unet.dtype)
+            noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         latents = self.scheduler.add_noise(latents, noise, timestep.repeat(b * f))
         return latents.reshape(b, f, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
 
