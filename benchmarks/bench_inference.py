@@ -1,7 +1,7 @@
 """Per-stage inference speed and memory, side by side with baselines measured in the same run.
 
     python benchmarks/bench_inference.py [--profile tiny|paper] [--device cpu|cuda] [--dtype float32|bfloat16]
-                                         [--weights-dir DIR] [--cascade]
+                                         [--weights-dir DIR] [--cascade] [--batch-size B]
 
 For every stage: seconds per denoising step of our pipeline (from runs of two step counts, so prompt
 encoding, VAE and other fixed costs cancel) against a bare loop of UNet forwards on the same inputs
@@ -10,6 +10,8 @@ of the process's peak RSS). sr2 is also timed against diffusers' VideoToVideoSDP
 weights (speed ratio = theirs / ours; goal >= 1.0). `--cascade` runs the whole cascade once with model
 CPU offload (CUDA) and reports the peak GPU memory and the time per stage. Without --weights-dir, random
 weights of --profile are built in memory (paper sizes need a GPU and about 30 GB of host memory).
+`--batch-size B` also measures videos/hour with B prompts batched through the cascade (`show1 generate --prompts
+FILE --batch-size B`) against the same B prompts one at a time, in the same run.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--weights-dir", type=Path)
     parser.add_argument("--cascade", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="also measure videos/hour with B prompts batched through the cascade vs one at a time")
+    parser.add_argument("--throughput-stages", default="base,interp,sr1,sr2",
+                        help="the cascade prefix of the --batch-size measurement (CPU: base,interp)")
+    parser.add_argument("--throughput-steps", type=int, default=None,
+                        help="denoising steps per stage in the --batch-size measurement (default: published)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     dtype, device = getattr(torch, args.dtype), args.device
@@ -153,8 +161,40 @@ def main() -> None:
         results["cascade"] = {"frames": list(out.frames.shape), "seconds": round(time.perf_counter() - start, 1),
                               "peak_memory_mb": round(peak_memory_mb(device), 1)}
         print("cascade", json.dumps(results["cascade"]))
+    if args.batch_size:
+        from show1.config import Sampling
+        from show1.pipelines.cascade import check_stages
+
+        chosen = check_stages(args.throughput_stages.split(","))
+        results["throughput"] = throughput(Show1Pipeline({s: stages[s] for s in chosen}), args.batch_size,
+                                           args.throughput_steps, device, Sampling())
+        print("throughput", json.dumps(results["throughput"]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
+
+
+def throughput(cascade: Any, batch_size: int, steps: int, device: str, sampling: Any) -> dict[str, Any]:
+    """Videos per hour when B prompts go through the cascade together vs one at a time, measured in the same run
+    (same prompts, seeds and steps; one untimed warm-up each), and the largest difference between the two videos
+    of each prompt (float rounding of batched arithmetic)."""
+    prompts = [f"a red kite over a beach, take {i}" for i in range(batch_size)]
+    run_batch = lambda: cascade(prompts, seed=0, num_inference_steps=steps, sampling=sampling)  # noqa: E731
+    run_each = lambda: [cascade(p, seed=i, num_inference_steps=steps, sampling=sampling)  # noqa: E731
+                        for i, p in enumerate(prompts)]
+    run_batch(), run_each()  # warm-up
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    batched_s = timed(run_batch, device)
+    batched_peak = peak_memory_mb(device)
+    each_s = timed(run_each, device)
+    together, alone = run_batch().frames, [out.frames[0] for out in run_each()]
+    difference = max(float((together[i].float() - alone[i].float()).abs().max()) for i in range(batch_size))
+    return {"batch_size": batch_size, "steps": steps, "stages": list(cascade.stage_names),
+            "batched_s_per_video": round(batched_s / batch_size, 3), "one_at_a_time_s_per_video":
+            round(each_s / batch_size, 3), "batched_videos_per_hour": round(3600 * batch_size / batched_s, 1),
+            "one_at_a_time_videos_per_hour": round(3600 * batch_size / each_s, 1),
+            "speed_ratio": round(each_s / batched_s, 3), "max_frame_difference": difference,
+            "batched_peak_memory_mb": round(batched_peak, 1)}
 
 
 def compare_with_diffusers(ours: Any, video: torch.Tensor, embeddings: Any, device: str,
