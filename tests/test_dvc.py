@@ -13,13 +13,13 @@ from clone import commit_all, fresh_clone, project_env, run
 def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     env = project_env(tmp_path / "prefect-home")  # the DVC stages are CLI commands: no Prefect server starts
     repo = fresh_clone(tmp_path / "clone")
-    # Quarter-size clips, a few training steps, two stages evaluated: the DAG's mechanics in a minute or two
+    # Quarter-size clips, a few training steps, one stage evaluated: the DAG's mechanics in a minute or two
     # (make demo runs the real tiny sizes).
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["curate"]["clip"]["sizes"] = [[32, 20], [128, 80]]
     params["train"].update(max_steps=3, checkpoint_every=3, sample_every=0)
     params["profiles"]["tiny"]["train_per_stage"] = {"base": {}, "interp": {}, "sr1": {"max_steps": 1}, "sr2": {}}
-    params["profiles"]["tiny"]["evaluate"].update(stages=["base", "interp"], frames_per_video=2,
+    params["profiles"]["tiny"]["evaluate"].update(stages=["base"], frames_per_video=2,
                                                   max_reference_clips=2, steps=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     commit_all(repo, "small")
@@ -45,8 +45,8 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env).stdout
 
     # An sr1 parameter re-runs sr1 and what follows it, nothing else (promote waits on evaluate's metrics, which
-    # do not change here: this evaluation uses base and interp only). The evaluation runs again from scratch and
-    # reproduces its numbers (CPU, fixed seeds) to 1e-6.
+    # do not change here: this evaluation uses base only; test_evaluation and test_cascade evaluate two stages).
+    # The evaluation runs again from scratch and reproduces its numbers (CPU, fixed seeds) to 1e-6.
     evaluated_before = json.loads((repo / "eval/metrics.json").read_text())
     params["profiles"]["tiny"]["train_per_stage"]["sr1"]["max_steps"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
