@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -340,6 +340,8 @@ def generate(
         fail(f"--offload {offload} moves models between the CPU and a GPU: use it with --device cuda", code=2)
     if prompts_file is None:
         files = [out_path or Path("video.mp4")]
+    elif out_path is not None and out_path.suffix.lower() in VIDEO_SUFFIXES:
+        fail(f"--out {out_path}: with --prompts, --out is the folder the videos go to (000.mp4, 001.mp4, …)", code=2)
     else:
         files = [video_path(out_path or Path("videos"), i, len(prompts)) for i in range(len(prompts))]
     if files[0].suffix.lower() not in VIDEO_SUFFIXES:
@@ -369,7 +371,7 @@ def generate(
                 out.print(f"generation run: {run_id} (show1 lineage {files[index]})", highlight=False)
 
 
-def _generate_batch(cascade, batch, files: list[Path], steps: int | None, fps: float,
+def _generate_batch(cascade: Any, batch: Any, files: list[Path], steps: int | None, fps: float,
                     params: Params) -> list[tuple[int, tuple[int, ...]]]:
     """Generate one batch of prompts and write each video to its file: (index, (channels, frames, h, w)) each."""
     from show1.data.video import write_video

@@ -106,6 +106,7 @@ def test_generate_a_prompts_file_in_batches_like_one_prompt_at_a_time(weights, t
     (["--prompts", "missing.txt"], "missing.txt: file not found"),
     (["--prompts", "empty.txt"], "no prompt in it"),
     (["--prompts", "p.txt", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--prompts", "p.txt", "--out", "v.mp4"], "with --prompts, --out is the folder"),
     (["a cat", "--offload", "model"], "use it with --device cuda"),
     (["a cat", "--offload", "layers"], "--offload 'layers' is not one of none, model, sequential"),
 ])

@@ -38,7 +38,8 @@ def load_first_frame_model(folder: Path | str, torch_dtype: torch.dtype | None =
 
 @torch.no_grad()
 def super_resolve_first_frame(pipe: Any, frame: torch.Tensor, embeddings: PromptEmbeddings, height: int, width: int,
-                              generator: torch.Generator | None, **settings: Any) -> torch.Tensor:
+                              generator: torch.Generator | list[torch.Generator] | None,
+                              **settings: Any) -> torch.Tensor:
     """Frame 0 (B, 3, h, w) in [-1, 1] → (B, 3, height, width), as the reference's IF-II-L call makes it (unclamped,
     `output_type="pt"`). `settings` override FIRST_FRAME_SETTINGS."""
     if embeddings.negative is None:
