@@ -52,10 +52,10 @@ def prepare(params_path: Path, profile: str | None, prompts: str | None, alias: 
 
 
 @task(name="generate-video", cache_policy=NO_CACHE)
-def generate(plan: Any, indices: list[int]) -> list[Any]:
+def generate(plan: Any, batch: Any) -> list[Any]:
     from show1.evaluation import run as evaluation
 
-    videos = evaluation.generate_batch(plan, indices)
+    videos = evaluation.generate_batch(plan, batch)
     for video in videos:
         print(f"video {video.index}: {video.prompt!r} in {video.seconds:.1f} s")
     return videos
@@ -98,7 +98,7 @@ def _evaluate(params_path: Path, profile: str | None, prompts: str | None, alias
 
     plan = prepare(params_path, profile, prompts, alias, limit, out)
     try:
-        videos = [video for indices in evaluation.batches(plan) for video in generate(plan, indices)]
+        videos = [video for batch in evaluation.batches(plan) for video in generate(plan, batch)]
     except BaseException:
         evaluation.discard(plan)
         raise

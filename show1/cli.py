@@ -278,8 +278,8 @@ def generate(
     ctx: typer.Context,
     prompt: Annotated[str | None, typer.Argument(help="What the video shows (or --prompts FILE for many).")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
-        "--prompts", help="A text file of prompts, one per line: writes OUT/000.mp4, OUT/001.mp4, …; video i uses "
-                          "seed --seed + i.")] = None,
+        "--prompts", help="A text file of prompts, one per line ('#' starts a comment), or a shipped prompt set "
+                          "(demo, ucf101): writes OUT/000.mp4, OUT/001.mp4, …; video i uses seed --seed + i.")] = None,
     weights_dir: Annotated[Path | None, typer.Option(
         help="Folder holding show-1-base, show-1-interpolation, show-1-sr1, show-1-sr2 (published or init-weights).")]
     = None,
@@ -316,17 +316,22 @@ def generate(
     import torch
 
     from show1.data.video import VIDEO_SUFFIXES
+    from show1.evaluation.prompts import load_prompt_set
     from show1.pipelines.base import MissingComponentError
     from show1.pipelines.cascade import check_stages
-    from show1.pipelines.prompt_batches import PromptsFileError, prompt_batches, read_prompts, video_path
+    from show1.pipelines.prompt_batches import prompt_batches, video_path
     from show1.registry.resolve import RegistryLookupError, load_cascade
 
     if (prompt is None) == (prompts_file is None):
         fail("give a PROMPT or --prompts FILE (one of them)", code=2)
     try:
-        prompts = read_prompts(prompts_file) if prompts_file is not None else [prompt or ""]
+        # The prompt sets of show1 evaluate: a file, one prompt per line ('#' starts a comment), or a shipped name.
+        prompts = list(load_prompt_set(prompts_file).prompts) if prompts_file is not None else [prompt or ""]
+    except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8 or empty
+        fail(f"--prompts: {exc}", code=2)
+    try:
         batches = prompt_batches(prompts, batch_size, seed)
-    except (PromptsFileError, ValueError) as exc:
+    except ValueError as exc:
         fail(str(exc), code=2)
     if prompts_file is None and not prompts[0].strip():
         fail("the prompt is empty: describe the video to generate", code=2)
@@ -377,8 +382,8 @@ def _generate_batch(cascade: Any, batch: Any, files: list[Path], steps: int | No
     from show1.data.video import write_video
 
     try:
-        result = cascade.pipeline(batch.prompts if len(batch.prompts) > 1 else batch.prompts[0], seed=batch.seeds,
-                                  num_inference_steps=steps, sampling=params.sampling)
+        result = cascade.pipeline(batch.prompts, seed=batch.seeds, num_inference_steps=steps,
+                                  sampling=params.sampling)
     except ValueError as exc:  # settings the stages cannot run with (e.g. too few sr2 steps for its strength)
         fail(str(exc), code=2)
     written = []

@@ -74,13 +74,13 @@ def test_base_runs_in_bfloat16(weights):
 
 
 def test_generate_a_prompts_file_in_batches_like_one_prompt_at_a_time(weights, tmp_path, mlflow_store):
-    (tmp_path / "prompts.txt").write_text("a paper boat on a pond\n\n  Two dogs  \na red kite\n")
+    (tmp_path / "prompts.txt").write_text("a paper boat on a pond\n\n  Two dogs  # a comment\na red kite\n")
     common = ["--weights-dir", str(weights), "--stages", "base", "--steps", "1"]
     result = runner.invoke(app, ["generate", "--prompts", str(tmp_path / "prompts.txt"), *common, "--seed", "7",
                                  "--batch-size", "2", "--out", str(tmp_path / "videos")])
     assert result.exit_code == 0, result.output
     files = sorted((tmp_path / "videos").iterdir())
-    assert [f.name for f in files] == ["000.mp4", "001.mp4", "002.mp4"]  # the blank line is not a prompt
+    assert [f.name for f in files] == ["000.mp4", "001.mp4", "002.mp4"]  # no video for the blank line
     alone = []
     for i, prompt in enumerate(["a paper boat on a pond", "Two dogs", "a red kite"]):
         one = runner.invoke(app, ["generate", prompt, *common, "--seed", str(7 + i), "--no-track",
@@ -103,8 +103,8 @@ def test_generate_a_prompts_file_in_batches_like_one_prompt_at_a_time(weights, t
 @pytest.mark.parametrize(("args", "message"), [
     ([], "give a PROMPT or --prompts FILE"),
     (["a cat", "--prompts", "p.txt"], "give a PROMPT or --prompts FILE"),
-    (["--prompts", "missing.txt"], "missing.txt: file not found"),
-    (["--prompts", "empty.txt"], "no prompt in it"),
+    (["--prompts", "missing.txt"], "--prompts: prompt set 'missing.txt': not a file"),
+    (["--prompts", "empty.txt"], "empty.txt: no prompts"),
     (["--prompts", "p.txt", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--prompts", "p.txt", "--out", "v.mp4"], "with --prompts, --out is the folder"),
     (["a cat", "--offload", "model"], "use it with --device cuda"),

@@ -29,6 +29,7 @@ from show1.evaluation.report import HistoryPoint, plot_history, render
 from show1.evaluation.reuse import RECORD, evaluation_fingerprint, record
 from show1.evaluation.scoring import Scores, score
 from show1.pipelines.cascade import check_stages
+from show1.pipelines.prompt_batches import PromptBatch, prompt_batches
 from show1.provenance import data_version, git_commit
 from show1.registry.generation import KIND_TAG, track_generation
 from show1.registry.names import CHALLENGER
@@ -99,21 +100,21 @@ def prepare(params: Params, prompts: str | Path | None = None, from_registry: st
 
 def generate_one(plan: EvaluationPlan, index: int) -> GeneratedVideo:
     """The video of prompt `index`, seeded by evaluate.seed + index (same settings, same video)."""
-    return generate_batch(plan, [index])[0]
-
-
-def generate_batch(plan: EvaluationPlan, indices: list[int]) -> list[GeneratedVideo]:
-    """The videos of prompts `indices`, generated together through the cascade (as `show1 generate --prompts`),
-    each seeded by evaluate.seed + its index. `seconds` of each video: the batch's time shared out."""
     cfg = plan.params.evaluate
-    prompts = [plan.prompts.prompts[index] for index in indices]
+    return generate_batch(plan, PromptBatch(index, [plan.prompts.prompts[index]], [cfg.seed + index]))[0]
+
+
+def generate_batch(plan: EvaluationPlan, batch: PromptBatch) -> list[GeneratedVideo]:
+    """The videos of one batch of prompts, generated together through the cascade (as `show1 generate --prompts`),
+    prompt i seeded by evaluate.seed + i. `seconds` of each video: the batch's time shared out."""
+    cfg = plan.params.evaluate
     started = time.perf_counter()
-    frames = plan.cascade.pipeline(prompts[0] if len(prompts) == 1 else prompts,
-                                   seed=[cfg.seed + index for index in indices], num_inference_steps=cfg.steps,
+    frames = plan.cascade.pipeline(batch.prompts, seed=batch.seeds, num_inference_steps=cfg.steps,
                                    sampling=plan.params.sampling).frames
-    seconds = (time.perf_counter() - started) / len(indices)
+    seconds = (time.perf_counter() - started) / len(batch.prompts)
     videos = []
-    for index, prompt, one in zip(indices, prompts, frames, strict=True):
+    for offset, (prompt, one) in enumerate(zip(batch.prompts, frames, strict=True)):
+        index = batch.start + offset
         video = to_uint8_frames(one.permute(1, 0, 2, 3))
         names = [f"videos/{index:03d}.webm", f"videos/{index:03d}.mp4"]
         for name in names:
@@ -122,10 +123,10 @@ def generate_batch(plan: EvaluationPlan, indices: list[int]) -> list[GeneratedVi
     return videos
 
 
-def batches(plan: EvaluationPlan) -> list[list[int]]:
-    """The prompt indices in evaluate.batch_size groups, in order."""
-    count, size = len(plan.prompts.prompts), plan.params.evaluate.batch_size
-    return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+def batches(plan: EvaluationPlan) -> list[PromptBatch]:
+    """The prompt set in evaluate.batch_size groups, in order, prompt i with seed evaluate.seed + i."""
+    cfg = plan.params.evaluate
+    return prompt_batches(list(plan.prompts.prompts), cfg.batch_size, cfg.seed)
 
 
 def finish(plan: EvaluationPlan, videos: list[GeneratedVideo], track: bool = True,
@@ -187,10 +188,10 @@ def evaluate(params: Params, prompts: str | Path | None = None, from_registry: s
     plan = prepare(params, prompts, from_registry, weights_dir, reference_split, limit, out)
     try:
         videos = []
-        for indices in batches(plan):
-            shown = "; ".join(plan.prompts.prompts[i][:60] for i in indices)
-            say(f"generating {indices[-1] + 1}/{len(plan.prompts.prompts)}: {shown}")
-            videos.extend(generate_batch(plan, indices))
+        for batch in batches(plan):
+            shown = "; ".join(prompt[:60] for prompt in batch.prompts)
+            say(f"generating {batch.start + len(batch.prompts)}/{len(plan.prompts.prompts)}: {shown}")
+            videos.extend(generate_batch(plan, batch))
     except BaseException:
         discard(plan)
         raise

@@ -1,4 +1,5 @@
-"""Many prompts per load: a prompts file, the batches it is generated in, and the file each video goes to.
+"""Many prompts per load: the batches a prompt set is generated in, and the file each video goes to. (The prompts
+come from `show1.evaluation.prompts.load_prompt_set`: a text file, one prompt per line, or a shipped set.)
 
 `show1 generate --prompts FILE --out DIR --batch-size B` writes DIR/000.mp4, DIR/001.mp4, …; video i uses seed
 `--seed + i`, so it equals `show1 generate "PROMPT_i" --seed S+i` (up to float rounding of batched arithmetic).
@@ -8,26 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-
-class PromptsFileError(ValueError):
-    """A prompts file that cannot be read or holds no prompt."""
-
-
-def read_prompts(path: Path) -> list[str]:
-    """The prompts of a text file, one per line; blank lines are skipped (they do not count as videos)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PromptsFileError(f"--prompts {path}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise PromptsFileError(f"--prompts {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise PromptsFileError(f"--prompts {path}: cannot read it ({exc.strerror})") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise PromptsFileError(f"--prompts {path}: no prompt in it (one prompt per line)")
-    return prompts
 
 
 @dataclass(frozen=True)
