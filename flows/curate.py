@@ -52,11 +52,11 @@ def curate_flow(manifest: str | None = None, out: str | None = None, params_path
     manifest_path = Path(manifest) if manifest else params.paths.manifest
     out_path = Path(out) if out else params.paths.curated
 
-    def run_chunks(plan: curation.CurationPlan, indices: list[int]) -> list[curation.ChunkReport]:
-        futures = curate_chunk.map(unmapped(plan), indices, force=unmapped(force))
+    def run_chunks(plan: curation.CurationPlan, indices: list[int], again: bool) -> list[curation.ChunkReport]:
+        futures = curate_chunk.map(unmapped(plan), indices, force=unmapped(again))
         return [f.result() for f in futures]
 
-    summary = curation.curate(manifest_path, out_path, params, run_chunks=run_chunks).to_dict()
+    summary = curation.curate(manifest_path, out_path, params, force=force, run_chunks=run_chunks).to_dict()
     print(f"kept {summary['kept_sources']} of {summary['rows']} rows: {summary['clips']} clips "
           f"(rejected: {summary['rejected_by_reason']})")
     result: dict[str, Any] = {"summary": summary}

@@ -72,7 +72,7 @@ def _thumb_hashes(path: Path, every: int = 3) -> np.ndarray:
 
 
 def _match_share(a: np.ndarray, b: np.ndarray, max_distance: int = 10) -> float:
-    return float(np.mean(quality.hamming(a, b).min(axis=1) <= max_distance))
+    return float(np.mean(np.bitwise_count(a[:, None] ^ b[None, :]).min(axis=1) <= max_distance))
 
 
 def test_generated_videos_of_different_seeds_are_not_near_duplicates(library: dict[str, Path]) -> None:
@@ -337,15 +337,14 @@ def test_curate_stores_every_clip_at_every_size_in_its_shard(mixed: MixedRun) ->
         # The clip hash is sha256 over its frames' digests; a frame's digest covers it at every size, in order.
         digests = [hashlib.sha256(b"".join(f[i].tobytes() for f in at_size)).digest() for i in range(count)]
         assert clip["content_hash"] == hashlib.sha256(b"".join(digests)).hexdigest()
-    # Distinct clips have distinct content. Besides the indexed sources, shards hold only the frames of
-    # near-duplicates: those are found when the chunks are merged, after the shards were written.
+    # Distinct clips have distinct content, and the shards hold the indexed sources' frames and nothing else: the
+    # near-duplicates found when the chunks are merged (after the shards were written) leave them then.
     assert len({c["content_hash"] for c in mixed.index}) == len(mixed.index)
     used = {f"{c['tensor']}/{w}x{h}" for c in mixed.index for w, h in sizes}
-    duplicates = {f"r{q['row']:07d}/{w}x{h}" for q in mixed.quarantine if q["reason"] == "duplicate"
-                  for w, h in sizes}
     stored = {name for shard in sorted((mixed.out / "shards").glob("*.safetensors"))
               for name in load_file(str(shard))}
-    assert used <= stored <= used | duplicates
+    assert any(q["reason"] == "duplicate" for q in mixed.quarantine)
+    assert stored == used
 
 
 def _source_frames(path: Path, width: int, height: int) -> np.ndarray:

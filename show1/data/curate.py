@@ -31,7 +31,7 @@ import numpy as np
 
 from show1 import atomic
 from show1.config import Curate, Params
-from show1.data import captions, manifest, quality, shards, sources, video
+from show1.data import captions, dedupe, manifest, quality, shards, sources, video
 from show1.data.errors import Rejected
 from show1.data.manifest import ManifestRow
 from show1.faults import fault_point
@@ -402,10 +402,48 @@ def _val_by_hash(source_hash: str, fraction: float, seed: int) -> bool:
     return value / 16**15 < fraction
 
 
+class FramesDropped(RuntimeError):
+    """Kept sources whose frames an earlier finalize dropped from their shards (they were duplicates then)."""
+
+    def __init__(self, chunks: list[int]) -> None:
+        super().__init__(f"chunks {chunks} must be curated again: a source now kept was dropped as a duplicate")
+        self.chunks = chunks
+
+
+def _source_frames(source: dict[str, Any]) -> dedupe.SourceFrames:
+    return dedupe.SourceFrames(
+        row=source["row"], label=source["source_id"], source_hash=source["source_hash"],
+        span=(float(source["span"][0]), float(source["span"][1])),
+        hashes=np.array([int(h, 16) for h in source["frame_hashes"]], dtype=np.uint64))
+
+
+def _drop_duplicate_frames(plan: CurationPlan, parts: list[dict[str, Any]], duplicates: dict[int, set[str]]) -> None:
+    """Remove the frames of rejected duplicates from their shards (a shard left empty goes away).
+
+    Each part records what was dropped from its shard (`dropped`) before the shard is rewritten, so a run killed
+    in between leaves a shard with frames it no longer needs (dropped again next time), never an index row whose
+    frames are gone; a later run that keeps one of those sources curates its chunk again (`FramesDropped`)."""
+    for index, part in enumerate(parts):
+        drop = duplicates.get(index, set())
+        if not part["shard"] or not (drop or part.get("dropped")):
+            continue
+        empty = drop == {s["source_key"] for s in part["sources"]}
+        updated = part | {"dropped": sorted(drop)} | ({"shard": None} if empty else {})
+        if updated != part:
+            atomic.write_json(plan.part_path(index), updated)
+            parts[index] = updated
+        shard = plan.out / part["shard"]
+        if empty:
+            shard.unlink(missing_ok=True)
+        elif drop and shard.is_file():
+            shards.drop_sources(shard, drop)
+
+
 def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
     """Assemble index, quarantine and summary from the part files, in manifest order.
 
-    Near-duplicate search runs here, sequentially, so its result does not depend on how chunks ran.
+    Near-duplicate search runs here, over every kept source at once (`dedupe`), so its result does not depend on
+    how or where chunks ran; the frames of the duplicates it rejects leave the shards.
     """
     parts = []
     for index in range(plan.chunk_count):
@@ -413,21 +451,23 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
             raise RuntimeError(f"chunk {index} of {plan.out} is not curated yet; run the curation again")
         parts.append(json.loads(plan.part_path(index).read_text()))
     cfg = plan.settings
-    dedup = quality.Deduplicator(cfg.filters.dedup_max_distance, cfg.filters.dedup_min_match)
+    listed = [(index, source) for index, part in enumerate(parts) for source in part["sources"]]
+    reasons = dedupe.find_duplicates([_source_frames(source) for _, source in listed],
+                                     cfg.filters.dedup_max_distance, cfg.filters.dedup_min_match)
+    missing = sorted({index for (index, source), reason in zip(listed, reasons, strict=True)
+                      if reason is None and source["source_key"] in parts[index].get("dropped", ())})
+    if missing:
+        raise FramesDropped(missing)
     rows_by_number = {r.row: r for r in plan.rows}
     quarantine = [q for p in parts for q in p["rejected"]]
     kept: list[tuple[dict[str, Any], str]] = []
-    for part in parts:
-        for source in part["sources"]:
-            hashes = np.array([int(h, 16) for h in source["frame_hashes"]], dtype=np.uint64)
-            span = (float(source["span"][0]), float(source["span"][1]))
-            duplicate_of = dedup.find(source["source_hash"], span, hashes)
-            if duplicate_of:
-                quarantine.append(quarantine_row(rows_by_number[source["row"]],
-                                                 Rejected("duplicate", duplicate_of)))
-                continue
-            dedup.add(source["row"], source["source_id"], source["source_hash"], span, hashes)
-            kept.append((source, part["shard"]))
+    duplicates: dict[int, set[str]] = {}
+    for (index, source), reason in zip(listed, reasons, strict=True):
+        if reason:
+            quarantine.append(quarantine_row(rows_by_number[source["row"]], Rejected("duplicate", reason)))
+            duplicates.setdefault(index, set()).add(source["source_key"])
+        else:
+            kept.append((source, parts[index]["shard"]))
 
     explicit: dict[str, str] = {}
     for source, _ in kept:
@@ -451,6 +491,7 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
     quarantine.sort(key=lambda q: q["row"])
     atomic.write_jsonl(plan.out / INDEX, index_rows)
     atomic.write_jsonl(plan.out / QUARANTINE, quarantine)
+    _drop_duplicate_frames(plan, parts, duplicates)  # after the index: it never lists a dropped source
     _remove_stale(plan, {p["shard"] for p in parts if p["shard"]})
 
     splits = Counter(r["split"] for r in index_rows)
@@ -494,30 +535,37 @@ class NothingKept(RuntimeError):
     """Every manifest row was rejected."""
 
 
-ChunkRunner = Callable[[CurationPlan, list[int]], list[ChunkReport]]
+ChunkRunner = Callable[[CurationPlan, list[int], bool], list[ChunkReport]]
 
 
 def curate(manifest_path: Path | str, out: Path | str, params: Params, workers: int = 1, force: bool = False,
            on_row: Callable[[], None] | None = None, run_chunks: ChunkRunner | None = None) -> CurationSummary:
     """Curate a manifest into `out`. Resumable: chunks already done with the same inputs are skipped.
 
-    `run_chunks` lets an orchestrator (the Prefect flow) run the chunks as its own tasks; by default they
-    run here, on `workers` threads.
+    `run_chunks(plan, indices, force)` lets an orchestrator (the Prefect flow, a Dask cluster) run the chunks as
+    its own tasks; by default they run here, on `workers` threads.
     """
     plan = plan_curation(manifest_path, out, params)
+
+    def run(indices: list[int], again: bool) -> list[ChunkReport]:
+        if run_chunks is not None:
+            return run_chunks(plan, indices, again)
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                return list(pool.map(lambda i: run_chunk(plan, i, on_row, again), indices))
+        return [run_chunk(plan, i, on_row, again) for i in indices]
+
     with exclusive(plan.out):
         for folder in (plan.out / PARTS, plan.out / SHARDS):
             atomic.remove_stale_temporaries(folder)
-        indices = list(range(plan.chunk_count))
-        if run_chunks is not None:
-            reports = run_chunks(plan, indices)
-        elif workers > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                reports = list(pool.map(lambda i: run_chunk(plan, i, on_row, force), indices))
-        else:
-            reports = [run_chunk(plan, i, on_row, force) for i in indices]
+        reports = run(list(range(plan.chunk_count)), force)
         fault_point("curate.before_finalize")
-        summary = finalize(plan, chunks_skipped=sum(r.skipped for r in reports))
+        try:
+            summary = finalize(plan, chunks_skipped=sum(r.skipped for r in reports))
+        except FramesDropped as dropped:  # an earlier run's duplicates are kept now: their frames are needed again
+            again = set(dropped.chunks)
+            run(dropped.chunks, True)
+            summary = finalize(plan, chunks_skipped=sum(r.skipped and r.index not in again for r in reports))
     if summary.clips == 0:
         raise NothingKept(f"nothing valid remains: all {summary.rows} manifest rows of {plan.manifest} were "
                           f"rejected ({summary.rejected_by_reason}); see {plan.out / QUARANTINE}")

@@ -1,8 +1,6 @@
-"""Content checks on sampled frames: perceptual hashes, near-duplicate search, static detection."""
+"""Content checks on sampled frames: perceptual hashes and static detection (near-duplicate search: dedupe)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,12 +28,6 @@ def phash(thumbnail: np.ndarray) -> int:
     return int(np.sum(_BITS[bits], dtype=np.uint64))
 
 
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Hamming distances between two uint64 hash arrays: shape (len(a), len(b))."""
-    xor = np.bitwise_xor(a[:, None], b[None, :])
-    return np.unpackbits(xor.view(np.uint8).reshape(*xor.shape, 8), axis=-1).sum(axis=-1)
-
-
 def mean_motion(thumbnails: np.ndarray) -> float:
     """Mean absolute difference of consecutive gray thumbnails, in 0–255 units."""
     if len(thumbnails) < 2:
@@ -47,43 +39,3 @@ def mean_motion(thumbnails: np.ndarray) -> float:
 def pick_evenly(count: int, wanted: int) -> np.ndarray:
     """Indices of up to `wanted` items spread evenly over `count`."""
     return np.unique(np.linspace(0, count - 1, num=min(count, wanted)).round().astype(int))
-
-
-@dataclass
-class _Kept:
-    row: int
-    label: str
-    source_hash: str
-    span: tuple[float, float]
-    hashes: np.ndarray
-
-
-@dataclass
-class Deduplicator:
-    """Remembers kept sources; tells whether a new one is a near-duplicate of any of them.
-
-    Windows of the same file that do not overlap in time are intentional and never compared.
-    """
-
-    max_distance: int
-    min_match: float
-    kept: list[_Kept] = field(default_factory=list)
-
-    def find(self, source_hash: str, span: tuple[float, float], hashes: np.ndarray) -> str | None:
-        """A description of the kept source this one duplicates, or None."""
-        for other in self.kept:
-            if other.source_hash == source_hash:
-                if span[0] < other.span[1] and other.span[0] < span[1]:
-                    return (f"same file as row {other.row} ({other.label}) with an overlapping time span "
-                            f"{span[0]:.2f}-{span[1]:.2f}s vs {other.span[0]:.2f}-{other.span[1]:.2f}s")
-                continue
-            distances = hamming(hashes, other.hashes).min(axis=1)
-            share = float(np.mean(distances <= self.max_distance))
-            if share >= self.min_match:
-                return (f"near-duplicate of row {other.row} ({other.label}): {share:.0%} of sampled frames "
-                        f"within Hamming distance {self.max_distance}")
-        return None
-
-    def add(self, row: int, label: str, source_hash: str, span: tuple[float, float],
-            hashes: np.ndarray) -> None:
-        self.kept.append(_Kept(row, label, source_hash, span, hashes))

@@ -28,6 +28,30 @@ def write_shard(path: Path, tensors: dict[str, np.ndarray]) -> None:
                   metadata={"format": FORMAT})
 
 
+def source_of(tensor: str) -> str:
+    """The source key of a tensor name (`<source_key>/<W>x<H>`)."""
+    return tensor.rsplit("/", 1)[0]
+
+
+def tensor_names(path: Path) -> list[str]:
+    with safe_open(str(path), framework="np") as handle:
+        return list(handle.keys())
+
+
+def drop_sources(path: Path, sources: set[str]) -> bool:
+    """Rewrite the shard at `path` without the tensors of `sources` (atomically); False when it had none of them.
+
+    The caller removes a shard that would be left empty."""
+    names = tensor_names(path)
+    keep = [name for name in names if source_of(name) not in sources]
+    if len(keep) == len(names):
+        return False
+    with safe_open(str(path), framework="np") as handle:
+        tensors = {name: handle.get_tensor(name) for name in keep}
+    write_shard(path, tensors)
+    return True
+
+
 class ShardReader:
     """Lazily opened shards; reads only the frames a clip needs."""
 
