@@ -1,17 +1,25 @@
 """Prefect flow: curate a manifest (chunks mapped as tasks, retried on IO errors), then validate.
 
+`curate.executor` says where the chunk tasks run: on this flow's threads (`local`), or through prefect-dask's
+DaskTaskRunner (`dask`) on the worker processes of a LocalCluster started for the run, or of the running
+cluster at `curate.executor.address`.
+
 Runs with no server configured (Prefect's ephemeral API). `python -m flows.curate --help`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
+from show1.config import DEFAULT_PARAMS, CurateExecutor, apply_environment_defaults, load_params
 from show1.data import curate as curation
 
 
@@ -28,8 +36,39 @@ def _io_error(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(name="curate-chunk", retries=2, retry_delay_seconds=1, retry_condition_fn=_io_error,
       cache_policy=NO_CACHE)
-def curate_chunk(plan: curation.CurationPlan, index: int, force: bool = False) -> curation.ChunkReport:
-    return curation.run_chunk(plan, index, force=force)
+def curate_chunk(job: curation.ChunkJob, force: bool = False) -> curation.ChunkReport:
+    return curation.run_chunk(job, force=force)
+
+
+@contextlib.contextmanager
+def api_for_workers() -> Iterator[None]:
+    """Point the Dask worker processes at this flow's Prefect API. With no server configured, the flow runs on a
+    temporary local server that only this process knows; each worker would start one of its own (seconds of CPU,
+    and the chunk task runs would be recorded there, out of the flow's sight)."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url).rstrip("/")
+    os.environ["PREFECT_API_URL"] = url  # the worker processes are started with this process's environment
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):  # and the flow's settings travel with each task
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def dask_task_runner(executor: CurateExecutor) -> Any:
+    from prefect_dask import DaskTaskRunner
+
+    if executor.address:
+        return DaskTaskRunner(address=executor.address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": executor.workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None,
+                                          "silence_logs": logging.ERROR})
 
 
 @task(name="validate-contracts", cache_policy=NO_CACHE)
@@ -52,9 +91,14 @@ def curate_flow(manifest: str | None = None, out: str | None = None, params_path
     manifest_path = Path(manifest) if manifest else params.paths.manifest
     out_path = Path(out) if out else params.paths.curated
 
+    executor = params.curate.executor
+
     def run_chunks(plan: curation.CurationPlan, indices: list[int], again: bool) -> list[curation.ChunkReport]:
-        futures = curate_chunk.map(unmapped(plan), indices, force=unmapped(again))
-        return [f.result() for f in futures]
+        jobs = [plan.job(i) for i in indices]  # each task is sent its own chunk's rows, not the whole manifest
+        if executor.kind == "dask":  # the chunk tasks of this flow run, on a Dask cluster's worker processes
+            with api_for_workers(), dask_task_runner(executor) as runner:
+                return [f.result() for f in runner.map(curate_chunk, {"job": jobs, "force": unmapped(again)})]
+        return [f.result() for f in curate_chunk.map(jobs, force=unmapped(again))]
 
     summary = curation.curate(manifest_path, out_path, params, force=force, run_chunks=run_chunks).to_dict()
     print(f"kept {summary['kept_sources']} of {summary['rows']} rows: {summary['clips']} clips "

@@ -81,7 +81,15 @@ def curate(
         help="CSV/TSV/JSONL manifest (video, caption[, id, start, end, split]). Default: paths.manifest.")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Output folder for shards, index.jsonl, quarantine.jsonl. Default: paths.curated.")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Chunks curated in parallel (threads).")] = 1,
+    executor: Annotated[str | None, typer.Option(
+        help="Where chunks run: local (threads here) or dask (Dask worker processes). Default: "
+             "curate.executor.kind.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="local: threads; dask: worker processes of the LocalCluster started for the run. Default: "
+                    "curate.executor.workers.")] = None,
+    dask_address: Annotated[str | None, typer.Option(
+        help="A running Dask cluster's scheduler (tcp://HOST:PORT) to run the chunks on (implies --executor "
+             "dask); its workers must see the manifest's files and the output folder.")] = None,
     force: Annotated[bool, typer.Option(help="Redo every chunk, even those already curated.")] = False,
     metrics: Annotated[Path | None, typer.Option(
         help="Also write the summary JSON here (a DVC metrics file).")] = None,
@@ -89,29 +97,40 @@ def curate(
 ) -> None:
     """Probe, filter, clip and shard the videos of a manifest. Rejected rows go to quarantine.jsonl.
 
-    Resumable: a rerun skips the chunks already curated with the same rows and settings.
+    Resumable: a rerun skips the chunks already curated with the same rows and settings. The chunks run on
+    threads here or on a Dask cluster (--executor dask): the outputs are the same either way.
     Exits 0 with a summary unless no valid clip remains.
     """
+    from pydantic import ValidationError
     from tqdm import tqdm
 
     from show1 import atomic
+    from show1.config import CurateExecutor
     from show1.data.curate import NothingKept, plan_curation
     from show1.data.curate import curate as run_curation
     from show1.data.errors import ManifestError
+    from show1.data.executors import chunk_runner
 
     params = ctx.obj.params()
     manifest = manifest or params.paths.manifest
     out_dir = out_dir or params.paths.curated
+    chosen = {"kind": executor or ("dask" if dask_address else None), "workers": workers, "address": dask_address}
+    try:
+        settings = CurateExecutor.model_validate(
+            params.curate.executor.model_dump() | {k: v for k, v in chosen.items() if v is not None})
+    except ValidationError as exc:
+        fail(f"--executor/--workers/--dask-address: {exc.errors()[0]['msg']}", code=2)
     try:
         rows = len(plan_curation(manifest, out_dir, params).rows)
-        with tqdm(total=rows, unit="row", desc="curating", disable=quiet or None, file=sys.stderr) as bar:
-            summary = run_curation(manifest, out_dir, params, workers=workers, force=force,
-                                   on_row=lambda: bar.update(1))
+        with tqdm(total=rows, unit="row", desc="curating", disable=quiet or None, file=sys.stderr) as bar, \
+                chunk_runner(settings, on_row=lambda: bar.update(1)) as run_chunks:
+            summary = run_curation(manifest, out_dir, params, workers=settings.workers, force=force,
+                                   on_row=lambda: bar.update(1), run_chunks=run_chunks)
     except ManifestError as exc:
         fail(str(exc), code=2)
     except NothingKept as exc:
         fail(str(exc))
-    except RuntimeError as exc:  # e.g. another process holds the folder
+    except RuntimeError as exc:  # e.g. another process holds the folder, no Dask scheduler at the address
         fail(str(exc))
     data = summary.to_dict()
     if metrics:

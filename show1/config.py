@@ -39,12 +39,17 @@ OFFLINE_ENV = {
 PREFECT_ENV = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
 }
+# The Dask clusters curation starts: their schedulers, nannies and workers say only what went wrong (Dask's INFO
+# lines, a dozen per worker, drown a flow's own log). Worker processes inherit the setting.
+DASK_ENV = {
+    "DASK_LOGGING__DISTRIBUTED": "warning",
+}
 
 
 def apply_environment_defaults() -> None:
-    """Switch off telemetry and hub access for every library show1 uses, and set show1's Prefect defaults (user
-    settings win). Call before Prefect is imported: it reads its settings once, at import."""
-    for key, value in (OFFLINE_ENV | PREFECT_ENV).items():
+    """Switch off telemetry and hub access for every library show1 uses, and set show1's Prefect and Dask defaults
+    (user settings win). Call before Prefect is imported: it reads its settings once, at import."""
+    for key, value in (OFFLINE_ENV | PREFECT_ENV | DASK_ENV).items():
         os.environ.setdefault(key, value)
 
 
@@ -170,6 +175,22 @@ class Split(_Model):
     seed: int = 0
 
 
+class CurateExecutor(_Model):
+    """Where curation's chunks run. `local`: threads of this process. `dask`: Dask worker processes (decoding is
+    CPU-bound), on a LocalCluster of `workers` processes started for the run, or on the running cluster at
+    `address` (its scheduler, `tcp://HOST:PORT`), whose workers may be on other machines."""
+
+    kind: Literal["local", "dask"] = "local"
+    workers: int = Field(1, ge=1)  # local: threads; dask without an address: LocalCluster worker processes
+    address: str | None = None
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> CurateExecutor:
+        if self.address and self.kind != "dask":
+            raise ValueError(f"address {self.address!r} is a Dask scheduler's: set kind: dask to use it")
+        return self
+
+
 class Curate(_Model):
     columns: Columns = Columns()
     allowed_roots: list[Path] = []
@@ -180,6 +201,7 @@ class Curate(_Model):
     clip: Clip = Clip()
     split: Split = Split()
     rows_per_shard: int = Field(64, ge=1)
+    executor: CurateExecutor = CurateExecutor()  # where chunks run; never changes what they produce
 
 
 class Contracts(_Model):
@@ -328,6 +350,13 @@ def train_processes() -> int:
 def fault_injection() -> str | None:
     """SHOW1_FAULT=POINT[@N]: the crash tests' request to be killed at a named point (see show1.faults)."""
     return os.environ.get("SHOW1_FAULT") or None
+
+
+def fault_once_marker() -> Path | None:
+    """SHOW1_FAULT_ONCE=PATH: only the first process to reach the fault point dies there (the one that creates
+    PATH); for workers that all inherit SHOW1_FAULT, such as a Dask cluster's and the ones restarted after it."""
+    value = os.environ.get("SHOW1_FAULT_ONCE")
+    return Path(value) if value else None
 
 
 class Paths(_Model):

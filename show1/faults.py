@@ -3,7 +3,8 @@
 Code that must survive a kill -9 at a precise moment (between writing a checkpoint and publishing it, between
 creating a logged model and registering a version, …) marks that moment with `fault_point("name")`. It does
 nothing unless the environment says `SHOW1_FAULT=name` (or `name@N`: the N-th time the point is reached):
-then the process sends itself SIGKILL there, exactly as an OOM killer or a lost node would stop it. The
+then the process sends itself SIGKILL there, exactly as an OOM killer or a lost node would stop it
+(`SHOW1_FAULT_ONCE=PATH`: only the first of many processes that inherit the setting). The
 reliability tests run show1 commands in subprocesses with each point set, then rerun them and check that
 nothing is lost, duplicated or half-written.
 """
@@ -14,7 +15,7 @@ import os
 import signal
 from collections import Counter
 
-from show1.config import fault_injection
+from show1.config import fault_injection, fault_once_marker
 
 POINTS = (
     "curate.chunk.after_shard",        # a chunk's shard is written, its part file (the commit) is not
@@ -39,5 +40,12 @@ def fault_point(name: str) -> None:
     if point != name:
         return
     _reached[name] += 1
-    if _reached[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _reached[name] < int(nth or 1):
+        return
+    marker = fault_once_marker()
+    if marker is not None:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # another process has died here already
+    os.kill(os.getpid(), signal.SIGKILL)

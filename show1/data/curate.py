@@ -67,7 +67,7 @@ class CurationPlan:
     @cached_property
     def fingerprints(self) -> tuple[str, ...]:
         """Per chunk: changes whenever the chunk's rows, their files or a setting that shapes the output do."""
-        settings = self.settings.model_dump(mode="json", exclude={"split", "rows_per_shard"})
+        settings = self.settings.model_dump(mode="json", exclude={"split", "rows_per_shard", "executor"})
         manifest_dir = self.manifest.parent
         prints = []
         for index in range(self.chunk_count):
@@ -88,8 +88,35 @@ class CurationPlan:
     def part_path(self, index: int) -> Path:
         return self.out / PARTS / f"part-{index:05d}.json"
 
-    def shard_name(self, index: int) -> str:
-        return f"{SHARDS}/shard-{index:05d}.safetensors"
+    def job(self, index: int) -> ChunkJob:
+        """Everything a worker needs to curate chunk `index`, and nothing of the other chunks (a plan of a
+        WebVid-size manifest holds millions of rows; a chunk's job holds `rows_per_chunk`)."""
+        rows = self.chunk(index)
+        return ChunkJob(index=index, rows=rows, fingerprint=self.fingerprint(index), out=self.out,
+                        manifest_dir=self.manifest.parent, cache=self.cache, settings=self.settings,
+                        source_ids={r.row: self.source_ids[r.row] for r in rows if r.row in self.source_ids})
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """One chunk's work: its manifest rows, where its shard and part file go, and the fingerprint that commits it."""
+
+    index: int
+    rows: tuple[ManifestRow, ...]
+    fingerprint: str
+    out: Path
+    manifest_dir: Path
+    cache: Path
+    settings: Curate
+    source_ids: dict[int, str]
+
+    @property
+    def part_path(self) -> Path:
+        return self.out / PARTS / f"part-{self.index:05d}.json"
+
+    @property
+    def shard_name(self) -> str:
+        return f"{SHARDS}/shard-{self.index:05d}.safetensors"
 
 
 def _file_stamp(row: ManifestRow, manifest_dir: Path, cfg: Curate) -> list[int] | None:
@@ -332,46 +359,43 @@ class ChunkReport:
     rejected: int
 
 
-def chunk_done(plan: CurationPlan, index: int) -> bool:
-    part = plan.part_path(index)
+def chunk_done(part: Path, fingerprint: str) -> bool:
+    """Whether the part file at `part` commits a chunk curated with this fingerprint."""
     if not part.is_file():
         return False
     try:
-        return json.loads(part.read_text())["fingerprint"] == plan.fingerprint(index)
+        return json.loads(part.read_text())["fingerprint"] == fingerprint
     except (ValueError, KeyError):
         return False
 
 
-def run_chunk(plan: CurationPlan, index: int, on_row: Callable[[], None] | None = None,
-              force: bool = False) -> ChunkReport:
+def run_chunk(job: ChunkJob, on_row: Callable[[], None] | None = None, force: bool = False) -> ChunkReport:
     """Curate one chunk into its shard and part file, unless an identical run already did."""
-    rows = plan.chunk(index)
-    if not force and chunk_done(plan, index):
-        for _ in rows:
+    if not force and chunk_done(job.part_path, job.fingerprint):
+        for _ in job.rows:
             on_row and on_row()
-        return ChunkReport(index, skipped=True, kept=0, rejected=0)
+        return ChunkReport(job.index, skipped=True, kept=0, rejected=0)
     kept_records, rejected_records, tensors = [], [], {}
-    manifest_dir = plan.manifest.parent
-    for row in rows:
+    for row in job.rows:
         try:
-            kept = process_row(row, manifest_dir, plan.settings, plan.cache, plan.source_ids.get(row.row))
+            kept = process_row(row, job.manifest_dir, job.settings, job.cache, job.source_ids.get(row.row))
         except Rejected as rejection:
             rejected_records.append(quarantine_row(row, rejection))
         else:
             key = f"r{row.row:07d}"
-            kept_records.append(_source_record(kept, key, plan.settings))
+            kept_records.append(_source_record(kept, key, job.settings))
             tensors.update({shards.tensor_name(key, k): v for k, v in kept.frames.items()})
         if on_row:
             on_row()
-    shard = plan.shard_name(index) if tensors else None
+    shard = job.shard_name if tensors else None
     if shard:
-        shards.write_shard(plan.out / shard, tensors)
+        shards.write_shard(job.out / shard, tensors)
         fault_point("curate.chunk.after_shard")
     # The part file commits the chunk: written only after its shard is in place.
-    atomic.write_json(plan.part_path(index), {
-        "chunk": index, "fingerprint": plan.fingerprint(index), "shard": shard,
+    atomic.write_json(job.part_path, {
+        "chunk": job.index, "fingerprint": job.fingerprint, "shard": shard,
         "sources": kept_records, "rejected": rejected_records})
-    return ChunkReport(index, skipped=False, kept=len(kept_records), rejected=len(rejected_records))
+    return ChunkReport(job.index, skipped=False, kept=len(kept_records), rejected=len(rejected_records))
 
 
 # --------------------------------------------------------------------------------------------- finalize
@@ -447,7 +471,7 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
     """
     parts = []
     for index in range(plan.chunk_count):
-        if not chunk_done(plan, index):
+        if not chunk_done(plan.part_path(index), plan.fingerprint(index)):
             raise RuntimeError(f"chunk {index} of {plan.out} is not curated yet; run the curation again")
         parts.append(json.loads(plan.part_path(index).read_text()))
     cfg = plan.settings
@@ -552,8 +576,8 @@ def curate(manifest_path: Path | str, out: Path | str, params: Params, workers: 
             return run_chunks(plan, indices, again)
         if workers > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                return list(pool.map(lambda i: run_chunk(plan, i, on_row, again), indices))
-        return [run_chunk(plan, i, on_row, again) for i in indices]
+                return list(pool.map(lambda i: run_chunk(plan.job(i), on_row, again), indices))
+        return [run_chunk(plan.job(i), on_row, again) for i in indices]
 
     with exclusive(plan.out):
         for folder in (plan.out / PARTS, plan.out / SHARDS):

@@ -42,6 +42,9 @@ class Rejected(Exception):
         self.reason = reason
         self.message = message
 
+    def __reduce__(self) -> tuple[type[Rejected], tuple[str, str]]:  # pickles (to Dask workers) with both fields
+        return Rejected, (self.reason, self.message)
+
 
 class ManifestError(ValueError):
     """The manifest as a whole is unusable (missing file, unknown format, missing columns)."""
