@@ -1,11 +1,17 @@
 """Curation throughput against a bare PyAV decode of the same files, measured side by side.
 
     python benchmarks/bench_curate.py [--manifest M] [--params params.yaml] [--repeats 3] [--workers 1]
+    python benchmarks/bench_curate.py --executor dask --workers 2 [--copies 8] [--rows-per-chunk 1]
 
-Prints clips/s and source-seconds/s for `show1.data.curate.curate` (probe, filters, resample to the clip
-fps, resize+crop to every size, hashes, shards, index) and for a plain `for frame in decode(): pass` over
+Local (default): clips/s and source-seconds/s for `show1.data.curate.curate` (probe, filters, resample to the
+clip fps, resize+crop to every size, hashes, shards, index) and for a plain `for frame in decode(): pass` over
 the same files, then the ratio (goal: >= 0.8). Medians over `--repeats` runs; each curation starts from an
 empty output folder.
+
+`--executor dask`: the same curation on a LocalCluster of 1 worker process and of `--workers` processes, in one
+run (each cluster started before its timing): sources/hour per worker and the speed-up of N workers over 1.
+`--copies K` lists every manifest row K times (distinct ids, the same files: every copy is decoded; the
+copies are then rejected as duplicates), so that there are enough chunks to share out.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from pathlib import Path
 
 import av
 
-from show1.config import apply_environment_defaults, load_params
+from show1.config import CurateExecutor, Params, apply_environment_defaults, load_params
 from show1.data.curate import curate, plan_curation
 from show1.data.errors import Rejected
+from show1.data.executors import chunk_runner
+from show1.data.manifest import read_manifest
 from show1.data.sources import resolve_local
 
 
@@ -46,10 +54,15 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=root / "params.yaml")
     parser.add_argument("--profile", choices=["tiny", "paper"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="local: threads; dask: worker processes")
+    parser.add_argument("--executor", choices=["local", "dask"], default="local")
+    parser.add_argument("--copies", type=int, default=1, help="dask: list each manifest row this many times")
+    parser.add_argument("--rows-per-chunk", type=int, default=1, help="dask: curate.rows_per_shard")
     args = parser.parse_args()
 
     params = load_params(args.params, args.profile)
+    if args.executor == "dask":
+        return compare_workers(args, params)
     plan = plan_curation(args.manifest, Path(tempfile.mkdtemp()), params)
     paths = []
     for row in plan.rows:
@@ -86,6 +99,49 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     print(f"curation runs at {result['ratio_vs_decode']:.2f}x the bare decode rate (goal >= 0.8)")
+
+
+def copied_manifest(manifest: Path, copies: int, folder: Path, params: Params) -> Path:
+    """The manifest's rows `copies` times, with distinct ids (paths made absolute, so it can live elsewhere)."""
+    import csv
+
+    rows = read_manifest(manifest, params.curate.columns)
+    path = folder / "copies.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "video", "caption"])
+        for copy in range(copies):
+            for row in rows:
+                video = row.video or ""
+                local = manifest.parent / video
+                writer.writerow([f"c{copy}-r{row.row}", str(local.resolve()) if local.exists() else video,
+                                 row.caption])
+    return path
+
+
+def compare_workers(args: argparse.Namespace, params: Params) -> None:
+    params = params.model_copy(update={"curate": params.curate.model_copy(
+        update={"rows_per_shard": args.rows_per_chunk, "allowed_roots": [Path("/")]})})
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = copied_manifest(args.manifest, args.copies, Path(tmp), params)
+        sources = len(plan_curation(manifest, Path(tmp) / "out", params).rows)
+        seconds = {}
+        for workers in sorted({1, args.workers}):
+            with chunk_runner(CurateExecutor(kind="dask", workers=workers)) as run:
+                times = []
+                for repeat in range(args.repeats):
+                    start = time.perf_counter()
+                    curate(manifest, Path(tmp) / f"out-{workers}-{repeat}", params, run_chunks=run)
+                    times.append(time.perf_counter() - start)
+            seconds[workers] = statistics.median(times)
+    result = {
+        "sources": sources, "chunks": -(-sources // args.rows_per_chunk),
+        **{f"seconds_{w}_workers": round(t, 3) for w, t in seconds.items()},
+        **{f"sources_per_hour_per_worker_{w}": round(sources / t * 3600 / w) for w, t in seconds.items()},
+        "speedup": round(seconds[1] / seconds[args.workers], 3),
+    }
+    print(json.dumps(result, indent=2))
+    print(f"{args.workers} Dask workers curate {result['speedup']:.2f}x as fast as 1 worker")
 
 
 if __name__ == "__main__":

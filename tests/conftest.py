@@ -47,7 +47,8 @@ CLIPS_PER_GOOD_VIDEO = 2
 # cascades: they count as `slow`, so `make check` (-m "not slow and not soak") leaves them to `make test`.
 LONGEST_FILES = ("test_cascade.py", "test_dvc.py", "test_evaluation.py", "test_store_concurrency.py",
                  "test_registry.py", "test_training_ddp.py", "test_faults_training.py", "test_pipelines.py",
-                 "test_training_overfit.py", "test_pipelines_orchestration.py", "test_faults.py", "test_curate_dask.py", "test_training.py",
+                 "test_training_overfit.py", "test_pipelines_orchestration.py", "test_faults.py", "test_curate_dask.py",
+                 "test_training.py",
                  "test_sampling.py", "test_golden.py", "test_cli_generate.py", "test_first_frame.py")
 
 
