@@ -44,16 +44,17 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     assert "Running stage" not in second.stdout, second.stdout
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env).stdout
 
-    # An sr1 parameter re-runs sr1 and what follows it, nothing else (promote waits on evaluate's metrics, which
+    # An sr2 parameter re-runs sr2 and what follows it, nothing else (promote waits on evaluate's metrics, which
     # do not change here: this evaluation uses base only; test_evaluation and test_cascade evaluate two stages).
     # The evaluation runs again from scratch and reproduces its numbers (CPU, fixed seeds) to 1e-6.
     evaluated_before = json.loads((repo / "eval/metrics.json").read_text())
-    params["profiles"]["tiny"]["train_per_stage"]["sr1"]["max_steps"] = 2
+    params["profiles"]["tiny"]["train_per_stage"]["sr2"]["max_steps"] = 2  # sr2 trains fastest of the upsamplers
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run(["dvc", "repro"], repo, env, timeout=600)
     ran = {line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train@sr1", "register@sr1", "evaluate"}, ran
-    assert json.loads((repo / "metrics/register-sr1.json").read_text())["version"] == 2
+    assert ran == {"train@sr2", "register@sr2", "evaluate"}, ran
+    assert json.loads((repo / "metrics/train-sr2.json").read_text())["steps"] == 2
+    assert json.loads((repo / "metrics/register-sr2.json").read_text())["version"] == 2
     evaluated_after = json.loads((repo / "eval/metrics.json").read_text())
     for key in ("fid_vid", "temporal_consistency"):
         assert evaluated_after[key] == pytest.approx(evaluated_before[key], rel=1e-6), key
