@@ -4,7 +4,10 @@ the frames of rejected duplicates leave the shards."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,6 +64,20 @@ def test_a_query_with_more_neighbours_than_slots_gets_all_of_them() -> None:
     stored = np.array([(1 << 40) | (1 << bit) for bit in range(30)] + [1 << 40], dtype=np.uint64)
     found = HammingIndex(stored).search(np.array([1 << 40], dtype=np.uint64), 1)
     assert found.stored.tolist() == list(range(31))
+
+
+def test_a_search_leaves_torch_on_its_own_thread_count() -> None:
+    # numba's OpenMP layer would set the OpenMP thread count that torch shares: a curation in a training process
+    # (or an xdist worker) made torch run on every core despite OMP_NUM_THREADS=1.
+    code = ("import numpy as np, torch\n"
+            "from show1.data.hamming_index import HammingIndex\n"
+            "before = torch.get_num_threads()\n"
+            "HammingIndex(np.arange(5000, dtype=np.uint64)).search(np.arange(500, dtype=np.uint64), 10)\n"
+            "print(before, torch.get_num_threads())")
+    done = subprocess.run([sys.executable, "-c", code], env=os.environ | {"OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1"]
 
 
 def test_a_bad_radius_is_refused() -> None:

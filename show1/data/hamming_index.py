@@ -21,11 +21,19 @@ substring it probes, so equal substrings read the same buckets from cache (10x f
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from itertools import combinations
 
+import numba
 import numpy as np
 from numba import njit, prange
+
+# numba's own pool of threads, never the OpenMP runtime: torch shares that runtime in the same process, and numba's
+# OpenMP layer sets its thread count for everyone (torch then ran on every core even with OMP_NUM_THREADS=1).
+# That pool takes one parallel launch at a time: the lock keeps concurrent searches (threads of one process) apart.
+numba.config.THREADING_LAYER = "workqueue"
+_LAUNCH = threading.Lock()
 
 BLOCKS = 4
 BLOCK_BITS = 16
@@ -163,6 +171,7 @@ class HammingIndex:
             keys = ((queries >> np.uint64(block * BLOCK_BITS)) & _LOW16).astype(np.int64)
             order = np.argsort(keys, kind="stable")
             masks = _masks_within(BLOCK_BITS, int(block_radius))
-            _search_substring(block, order, queries, np.int64(radius), radii, masks, self.offsets, self.values,
-                              self.members, counts, slots)
+            with _LAUNCH:
+                _search_substring(block, order, queries, np.int64(radius), radii, masks, self.offsets, self.values,
+                                  self.members, counts, slots)
         return counts, slots
