@@ -44,7 +44,8 @@ def curate_chunk(job: curation.ChunkJob, force: bool = False) -> curation.ChunkR
 def api_for_workers() -> Iterator[None]:
     """Point the Dask worker processes at this flow's Prefect API. With no server configured, the flow runs on a
     temporary local server that only this process knows; each worker would start one of its own (seconds of CPU,
-    and the chunk task runs would be recorded there, out of the flow's sight)."""
+    and the chunk task runs would be recorded there, out of the flow's sight). Workers on other machines cannot
+    reach that local server: with `curate.executor.address`, set PREFECT_API_URL to a Prefect server they reach."""
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -90,7 +91,6 @@ def curate_flow(manifest: str | None = None, out: str | None = None, params_path
     params = load_params(params_path, profile)
     manifest_path = Path(manifest) if manifest else params.paths.manifest
     out_path = Path(out) if out else params.paths.curated
-
     executor = params.curate.executor
 
     def run_chunks(plan: curation.CurationPlan, indices: list[int], again: bool) -> list[curation.ChunkReport]:
