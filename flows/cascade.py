@@ -19,7 +19,7 @@ from flows.curate import curate_flow
 from flows.generate_evaluate import generate_evaluate_flow
 from flows.register import promote_flow, register_flow
 from flows.train import train_flow
-from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
+from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params, prefect_api_url
 from show1.models.configs import STAGES
 from show1.run_lock import RunLockedError, project_run_lock
 from show1.store import ui_command
@@ -40,7 +40,15 @@ def cascade_flow(params_path: str = str(DEFAULT_PARAMS), profile: str | None = N
     out = Path(evaluation["report"]).parent
     return {"curation": curated["summary"], "training": trained, "registered": registered, "evaluation": evaluation,
             "promotion": promotion, "video": str(out / "videos" / "000.mp4"), "report": evaluation["report"],
-            "mlflow_ui": ui_command(params.tracking), "prefect_ui": "prefect server start  (then re-run to watch it)"}
+            "mlflow_ui": ui_command(params.tracking), "prefect_ui": prefect_ui()}
+
+
+def prefect_ui() -> str:
+    """Where this run's flow runs can be browsed."""
+    api = prefect_api_url()
+    if api:
+        return f"open {api.removesuffix('/').removesuffix('/api')} (the Prefect server's UI)"
+    return "prefect server start  (then re-run to watch it)"
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

@@ -435,7 +435,7 @@ def register(
     lineage: training run, git commit, data version, params hash, content hash. Registering the same
     checkpoint again returns the existing version.
     """
-    from show1.registry.register import RegistrationError, register_stage
+    from show1.registry.register import ArtifactStoreError, RegistrationError, register_stage
     from show1.store import ui_command
 
     params = ctx.obj.params()
@@ -446,6 +446,8 @@ def register(
         with err.status("registering") as status:
             version = register_stage(params, stage, checkpoint, text_encoder, run_id, alias,
                                      on_status=lambda msg: status.update(msg))
+    except ArtifactStoreError as exc:  # a service failed, not the input: exit code 1
+        fail(str(exc))
     except (RegistrationError, StoreError) as exc:
         fail(str(exc), code=2)
     if metrics:
@@ -625,6 +627,108 @@ def run_cascade(
     except RunLockedError as exc:
         fail(str(exc))
     out.print("\n" + "\n".join(summary_lines(result)), highlight=False)
+
+
+stack_app = typer.Typer(
+    help="A team's stack on this machine: PostgreSQL, an S3 store (moto), an MLflow tracking server on them, a "
+         "Prefect server and a worker on each work pool. `show1 stack up`, then `eval \"$(show1 stack env)\"` "
+         "points show1, MLflow, Prefect and DVC at it.",
+    no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+StackDir = Annotated[Path, typer.Option("--dir", help="The stack's folder: state, logs, databases, saved bucket.")]
+
+
+def _stack_state(folder: Path) -> Any:
+    from show1.stack.processes import StackError
+    from show1.stack.stack import read_state
+
+    try:
+        state = read_state(folder)
+    except StackError as exc:
+        fail(str(exc))
+    if state is None:
+        fail(f"no stack runs in {folder} (show1 stack up --dir {folder})")
+    return state
+
+
+@stack_app.command("up")
+def stack_up(
+    folder: StackDir = Path(".stack"),
+    host: Annotated[str, typer.Option(help="Where MLflow, Prefect and S3 listen: 0.0.0.0 serves other machines "
+                                           "(PostgreSQL always listens on 127.0.0.1 only).")] = "127.0.0.1",
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds each service may take to become healthy.")] = 300.0,
+    mlflow_workers: Annotated[int, typer.Option(min=1, help="Worker processes of the MLflow server.")] = 2,
+    workers: Annotated[bool, typer.Option(help="Start a Prefect worker on each work pool (cpu, gpu) in this "
+                                               "folder.")] = True,
+) -> None:
+    """Start the stack (or leave it as it is when it already runs) and print its URLs.
+
+    Each service is waited for until healthy; a failure stops what was started and shows the end of its log.
+    The workers run deployments' flows in this folder. `show1 stack down` stops it all.
+    """
+    from show1.stack.processes import StackError
+    from show1.stack.stack import StackSettings, up
+
+    try:
+        state = up(StackSettings(folder=folder, host=host, timeout=timeout, mlflow_workers=mlflow_workers,
+                                 workers=workers), say=lambda line: err.print(line, highlight=False, soft_wrap=True))
+    except StackError as exc:
+        fail(str(exc))
+    _print_stack(state)
+
+
+def _print_stack(state: Any) -> None:
+    env = state.client_env()
+    out.print(f"MLflow:   {env['MLFLOW_TRACKING_URI']}  (runs and registry in PostgreSQL, artifacts in "
+              f"s3://{state.bucket}/mlflow)", highlight=False)
+    out.print(f"Prefect:  {env['PREFECT_API_URL'].removesuffix('/api')}  (API {env['PREFECT_API_URL']})",
+              highlight=False)
+    out.print(f"S3:       {env['AWS_ENDPOINT_URL']}  bucket {state.bucket}; DVC remote: dvc remote add -d stack "
+              f"{state.dvc_remote()}", highlight=False)
+    out.print(f"Use it:   eval \"$(show1 stack env --dir {state.folder})\"", highlight=False)
+
+
+@stack_app.command("env")
+def stack_env(folder: StackDir = Path(".stack")) -> None:
+    """Print `export` lines that point show1, MLflow, Prefect and DVC at the stack: eval "$(show1 stack env)"."""
+    from show1.stack.stack import export_lines
+
+    out.print("\n".join(export_lines(_stack_state(folder))), highlight=False)
+
+
+@stack_app.command("status")
+def stack_status(folder: StackDir = Path(".stack")) -> None:
+    """Each service's URL and health; exit code 1 unless every one is healthy."""
+    from show1.stack.stack import health
+
+    state = _stack_state(folder)
+    healthy = health(state)
+    table = Table(title=f"stack in {state.folder}", header_style="bold")
+    for column in ("service", "pid", "url", "health", "log"):
+        table.add_column(column, overflow="fold")
+    for name, service in state.services.items():
+        table.add_row(name, str(service.pid), service.url, "ok" if healthy[name] else "DOWN", service.log)
+    out.print(table)
+    if not all(healthy.values()):
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def stack_down(
+    folder: StackDir = Path(".stack"),
+    purge: Annotated[bool, typer.Option(help="Also delete the stack's data (databases, saved bucket, Prefect "
+                                             "home); logs stay.")] = False,
+) -> None:
+    """Stop the stack, workers first and PostgreSQL last. The bucket is saved into the stack folder and loaded
+    again by the next `up` (the S3 server keeps objects in memory); the databases stay unless --purge."""
+    from show1.stack.processes import StackError
+    from show1.stack.stack import down
+
+    try:
+        stopped = down(folder, purge=purge, say=lambda line: err.print(line, highlight=False, soft_wrap=True))
+    except StackError as exc:
+        fail(str(exc))
+    out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}", highlight=False)
 
 
 def _quiet_libraries() -> None:

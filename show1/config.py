@@ -347,6 +347,11 @@ def train_processes() -> int:
     return int(value)
 
 
+def prefect_api_url() -> str | None:
+    """The Prefect server flows report to (PREFECT_API_URL), or None: each command's temporary local API."""
+    return os.environ.get("PREFECT_API_URL") or None
+
+
 def fault_injection() -> str | None:
     """SHOW1_FAULT=POINT[@N]: the crash tests' request to be killed at a named point (see show1.faults)."""
     return os.environ.get("SHOW1_FAULT") or None

@@ -8,6 +8,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
@@ -53,3 +56,25 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> s
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
     return result
+
+
+# The demo clips at quarter size, two steps per stage, one prompt evaluated on two stages at one step: the DAG's
+# mechanics in minutes (make demo runs the real tiny sizes). The tiny profile's own values win over the top-level
+# sections, so they are overridden there.
+SMALL_CASCADE: dict[str, Any] = {
+    "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
+    "train": {"max_steps": 2, "checkpoint_every": 2, "sample_every": 0},
+    "profiles": {"tiny": {
+        "train_per_stage": {stage: {"max_steps": 2} for stage in ("base", "interp", "sr1", "sr2")},
+        "evaluate": {"stages": ["base", "interp"], "steps": 1, "frames_per_video": 2, "max_reference_clips": 2},
+    }},
+}
+
+
+def use_small_cascade(repo: Path) -> None:
+    """Commit SMALL_CASCADE merged over the clone's params.yaml."""
+    from conftest import deep_merge
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, SMALL_CASCADE), sort_keys=False))
+    commit_all(repo, "small")

@@ -45,7 +45,7 @@ CLIPS_PER_GOOD_VIDEO = 2
 # (xdist's default reorders files by their number of tests: the one-test DVC file ran last, alone, for 5 minutes.)
 # Ordered by CPU time measured on 2 cores. Every test in them builds trained stages, registries, servers or whole
 # cascades: they count as `slow`, so `make check` (-m "not slow and not soak") leaves them to `make test`.
-LONGEST_FILES = ("test_cascade.py", "test_dvc.py", "test_evaluation.py", "test_store_concurrency.py",
+LONGEST_FILES = ("test_cascade.py", "test_dvc.py", "test_evaluation.py", "test_stack.py", "test_store_concurrency.py",
                  "test_registry.py", "test_training_ddp.py", "test_faults_training.py", "test_pipelines.py",
                  "test_training_overfit.py", "test_pipelines_orchestration.py", "test_faults.py", "test_curate_dask.py",
                  "test_training.py",

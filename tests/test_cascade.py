@@ -17,24 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
-from clone import commit_all, fresh_clone, git, project_env
-from conftest import deep_merge
+from clone import fresh_clone, git, project_env, use_small_cascade
 from load import busy_cores, on_cores, one_core, pin_process_tree
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
-# The demo clips at quarter size, two steps per stage, one prompt evaluated on two stages at one step: the DAG's
-# mechanics in minutes (make demo runs the real tiny sizes). The tiny profile's own values win over the top-level
-# sections, so they are overridden there.
-SMALL = {
-    "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
-    "train": {"max_steps": 2, "checkpoint_every": 2, "sample_every": 0},
-    "profiles": {"tiny": {
-        "train_per_stage": {stage: {"max_steps": 2} for stage in ("base", "interp", "sr1", "sr2")},
-        "evaluate": {"stages": ["base", "interp"], "steps": 1, "frames_per_video": 2, "max_reference_clips": 2},
-    }},
-}
 LOCK_WAIT = "waiting for it to finish"
 
 
@@ -90,9 +77,7 @@ def project(tmp_path_factory) -> Project:
     run that waited and the curation flow (with their Prefect servers) share one core with 2 busy loops."""
     tmp = tmp_path_factory.mktemp("cascade")
     folder = fresh_clone(tmp / "clone")
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    (folder / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, SMALL), sort_keys=False))
-    commit_all(folder, "small")
+    use_small_cascade(folder)
     started = time.monotonic()
     runs = [start_run(folder, tmp / f"prefect-{i}") for i in range(2)]
     with ThreadPoolExecutor(3) as pool:  # read every output as it comes (a full pipe would block its writer)

@@ -5,7 +5,10 @@ import json
 
 import pytest
 import yaml
-from clone import commit_all, fresh_clone, project_env, run
+from clone import commit_all, fresh_clone, git, project_env, run
+from services import s3_store
+
+from show1.stack import object_store
 
 
 @pytest.mark.slow
@@ -43,6 +46,23 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     second = run(["dvc", "repro"], repo, env)  # a no-op: no stage runs (no wall-clock bound: CI machines are busy)
     assert "Running stage" not in second.stdout, second.stdout
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env).stdout
+
+    # A DVC remote on the stack's S3 store: `dvc push`; a new clone that pulls recomputes nothing and shows the same
+    # metrics. Its settings are the bucket URL (committed) and the store's endpoint and keys (environment).
+    with s3_store(tmp_path / "s3") as endpoint:
+        remote_env = env | object_store.client_env(endpoint)
+        run(["dvc", "remote", "add", "-d", "stack", "s3://show1/dvc"], repo, remote_env)
+        commit_all(repo, "dvc.lock and the remote")
+        assert "files pushed" in run(["dvc", "push"], repo, remote_env, timeout=600).stdout
+        pulled = tmp_path / "pulled"
+        git(tmp_path, "clone", "-q", str(repo), str(pulled))
+        assert not (pulled / "runs").exists()
+        run(["dvc", "pull"], pulled, remote_env, timeout=600)
+        assert (pulled / "runs/base/final/unet/config.json").is_file()
+        repro = run(["dvc", "repro"], pulled, remote_env)
+        assert "Running stage" not in repro.stdout, repro.stdout
+        shown_pulled = json.loads(run(["dvc", "metrics", "show", "--json"], pulled, remote_env).stdout)
+    assert next(iter(shown_pulled.values()))["data"] == next(iter(shown.values()))["data"]
 
     # An sr2 parameter re-runs sr2 and what follows it, nothing else (promote waits on evaluate's metrics, which
     # do not change here: this evaluation uses base only; test_evaluation and test_cascade evaluate two stages).

@@ -9,6 +9,7 @@ checkpoint registered twice, even by two processes at once, is one version.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -66,6 +67,10 @@ TRAINING_TAGS = ("git_commit", "data_version", "data_dvc_md5", "params_hash")
 
 class RegistrationError(ValueError):
     """A checkpoint cannot be registered as it is; the message names what and why."""
+
+
+class ArtifactStoreError(RegistrationError):
+    """The model's files could not be uploaded (the store is down or refuses): not the input's fault."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +287,13 @@ def _version_description(stage: str, folder: Path, digest: str, tags: dict[str, 
     return "\n".join(lines)
 
 
+def _mark_failed(mlflow: Any, model_id: str) -> None:
+    """Mark a logged model whose upload failed; a store that cannot take even that leaves it PENDING (an orphan the
+    next registration of the same content removes)."""
+    with contextlib.suppress(Exception):
+        mlflow.finalize_logged_model(model_id, "FAILED")
+
+
 def register_stage(params: Params, stage: str, checkpoint: Path | None = None, text_encoder: Path | None = None,
                    run_id: str | None = None, alias: str = CHALLENGER,
                    on_status: Callable[[str], None] | None = None) -> RegisteredVersion:
@@ -347,8 +359,16 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
         try:
             say("uploading the model to the artifact store")
             client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
+        except Exception as exc:
+            _mark_failed(mlflow, logged.model_id)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ArtifactStoreError(
+                f"uploading the {stage} model to the artifact store failed ({reason}); no version of {name} was "
+                f"registered, and the logged model {logged.model_id} is marked FAILED. Is the tracking server's "
+                "artifact store reachable? MLflow retries each request MLFLOW_HTTP_REQUEST_MAX_RETRIES times "
+                "(default 7, backing off MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2 s doubled) before giving up") from exc
         except BaseException:
-            mlflow.finalize_logged_model(logged.model_id, "FAILED")
+            _mark_failed(mlflow, logged.model_id)
             raise
         mlflow.finalize_logged_model(logged.model_id, "READY")
         fault_point("register.after_upload")

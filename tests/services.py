@@ -1,0 +1,22 @@
+"""Services the product starts (show1.stack), started alone for tests that need only one of them."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from show1.stack import object_store
+from show1.stack.processes import free_port, stop
+
+
+@contextlib.contextmanager
+def s3_store(folder: Path) -> Iterator[str]:
+    """The stack's S3 server (moto) with its bucket, logging into `folder`; yields its endpoint URL."""
+    service = object_store.start_server("127.0.0.1", free_port(), folder / "s3.log")
+    try:
+        object_store.wait_ready(service, timeout=300)
+        object_store.ensure_bucket(service.url)
+        yield service.url
+    finally:
+        stop(service)

@@ -1,0 +1,339 @@
+"""The team stack (`show1 stack up`): PostgreSQL, the S3 store, MLflow and Prefect servers and their workers, started
+by the real CLI, with the whole DAG (`show1 run`) pointed at it from one clone and the registry used from another.
+
+Runs alone: `pytest tests/stack`. Skipped, with the reason printed, only where PostgreSQL is not installed
+(`make test` installs it when root with apt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from clone import fresh_clone, project_env, use_small_cascade
+from mlflow.tracking import MlflowClient
+
+from show1.stack import object_store, postgres
+from show1.stack.processes import StackError, is_running
+from show1.stack.stack import read_state
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+SHOW1 = [sys.executable, "-m", "show1.cli"]
+STAGES = ("base", "interp", "sr1", "sr2")
+
+
+def _postgres_or_skip() -> None:
+    try:
+        postgres.binaries()
+    except StackError as exc:
+        pytest.skip(f"the stack needs PostgreSQL: {exc}")
+
+
+def show1(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900, ok: bool = True
+          ) -> subprocess.CompletedProcess:
+    done = subprocess.run([*SHOW1, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert done.returncode == 0, f"show1 {args}: {done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+def stack_env(folder: Path, cwd: Path, env: dict[str, str]) -> dict[str, str]:
+    """What `eval "$(show1 stack env)"` sets."""
+    lines = show1(["stack", "env", "--dir", str(folder)], cwd, env).stdout.splitlines()
+    pairs = [line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export ")]
+    return {key: value.strip("'") for key, value in pairs}
+
+
+def api(base: str, path: str, body: dict | None = None) -> dict | list:
+    request = urllib.request.Request(f"{base}{path}", data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"},
+                                     method="GET" if body is None else "POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@dataclass
+class Stack:
+    folder: Path  # the stack's folder
+    project: Path  # the first clone: the stack was started there (its workers run flows there) and ran the DAG
+    base_env: dict[str, str]  # a clone's environment, before the stack's settings
+    up: subprocess.CompletedProcess
+    run: subprocess.CompletedProcess  # `show1 run` in the project, pointed at the stack
+
+    def env(self) -> dict[str, str]:
+        """The project environment with the stack's settings (re-read: a restarted stack has new ports)."""
+        return self.base_env | stack_env(self.folder, self.project, self.base_env)
+
+    def pg(self, database: str = "mlflow") -> str:
+        state = read_state(self.folder)
+        return state.services["postgres"].url.rsplit("/", 1)[0] + f"/{database}"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`show1 stack up` in a fresh clone with small params, then `show1 run` there with the stack's settings; at the
+    end `show1 stack down --purge`, and every process the stack started is gone."""
+    _postgres_or_skip()
+    tmp = tmp_path_factory.mktemp("stack")
+    project = fresh_clone(tmp / "clone")
+    use_small_cascade(project)
+    base_env = project_env(tmp / "prefect-home")
+    base_env.pop("MLFLOW_TRACKING_URI", None)
+    # PostgreSQL runs as an unprivileged user when the tests run as root: its folder must be reachable by others,
+    # which pytest's own temporary folders are not (0700).
+    folder = Path(tempfile.mkdtemp(prefix="show1-stack-"))
+    folder.chmod(0o755)
+    pids: set[int] = set()
+    try:
+        up = show1(["stack", "up", "--dir", str(folder), "--timeout", "900", "--mlflow-workers", "1"], project,
+                   base_env)
+        state = read_state(folder)
+        pids |= {service.pid for service in state.services.values()}
+        env = base_env | stack_env(folder, project, base_env)
+        run = show1(["run", "--limit", "1"], project, env, timeout=1500)
+        yield Stack(folder, project, base_env, up, run)
+    finally:
+        state = read_state(folder) if (folder / "stack.json").is_file() else None
+        if state is not None:
+            pids |= {service.pid for service in state.services.values()}
+        subprocess.run([*SHOW1, "stack", "down", "--dir", str(folder), "--purge"], cwd=project, env=base_env,
+                       capture_output=True, timeout=600)
+        left = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        for pid in left:
+            psutil.Process(pid).kill()
+        shutil.rmtree(folder, ignore_errors=True)
+        assert not left, f"processes of the stack still running after `show1 stack down`: {left}"
+
+
+def test_stack_up_starts_every_service_healthy_and_a_second_up_changes_nothing(stack):
+    for line in ("MLflow:   http://127.0.0.1:", "Prefect:  http://127.0.0.1:", "S3:       http://127.0.0.1:",
+                 "eval \"$(show1 stack env"):
+        assert line in stack.up.stdout, stack.up.stdout
+    state = read_state(stack.folder)
+    assert set(state.services) == {"postgres", "s3", "mlflow", "prefect", "worker-cpu", "worker-gpu"}
+    status = show1(["stack", "status", "--dir", str(stack.folder)], stack.project, stack.base_env)
+    assert status.stdout.count(" ok ") == 6, status.stdout
+    for name in state.services:
+        assert (stack.folder / "logs" / f"{name}.log").is_file(), name
+
+    again = show1(["stack", "up", "--dir", str(stack.folder)], stack.project, stack.base_env)
+    assert "already running" in again.stderr
+    assert read_state(stack.folder).services == state.services  # the same processes
+
+    env = stack.env()
+    for pool in ("cpu", "gpu"):  # prefect.yaml's work pools, each with its worker online
+        pool_info = api(env["PREFECT_API_URL"], f"/work_pools/{pool}")
+        assert pool_info["type"] == "process"
+        workers = api(env["PREFECT_API_URL"], f"/work_pools/{pool}/workers/filter", {})
+        assert [w["status"] for w in workers if w["name"] == f"show1-{pool}"] == ["ONLINE"]
+
+
+def test_the_whole_dag_lands_in_postgres_s3_and_the_prefect_server(stack):
+    import psycopg
+
+    assert "Prefect UI:     open http://127.0.0.1:" in stack.run.stdout, stack.run.stdout[-2000:]
+    env = stack.env()
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    for stage in STAGES:
+        version = client.get_model_version_by_alias(f"show1-{stage}", "challenger")
+        assert version.version == "1"
+        for tag in ("training_run_id", "data_version", "git_commit", "params_hash", "content_hash"):
+            assert version.tags.get(tag), (stage, tag)
+    for stage in ("base", "interp"):  # the evaluated stages passed the gate
+        assert client.get_model_version_by_alias(f"show1-{stage}", "champion").version == "1"
+
+    # In PostgreSQL: the runs (4 trainings, the generation's and the evaluation's), versions, aliases, tags.
+    with psycopg.connect(stack.pg("mlflow")) as db:
+        def count(sql: str) -> int:
+            return db.execute(sql).fetchone()[0]
+
+        assert count("SELECT count(*) FROM runs WHERE status = 'FINISHED'") >= 5
+        assert count("SELECT count(*) FROM model_versions") == 4
+        assert count("SELECT count(*) FROM registered_model_aliases WHERE alias = 'challenger'") == 4
+        assert count("SELECT count(*) FROM model_version_tags WHERE key = 'eval.fid_vid'") == 2
+        assert count("SELECT count(*) FROM metrics WHERE key = 'fid_vid'") >= 1
+
+    # In S3: every version's weights, the evaluation's report and video, all under the tracking server's prefix.
+    keys = object_store.keys(env["AWS_ENDPOINT_URL"], prefix="mlflow/")
+    assert keys and all(key.startswith("mlflow/") for key in keys)
+    assert sum(key.endswith(".safetensors") for key in keys) >= 4, keys
+    assert any(key.endswith("report.html") for key in keys) and any(key.endswith(".mp4") for key in keys), keys
+    # On the Prefect server: the cascade and its subflows, all completed.
+    runs = api(env["PREFECT_API_URL"], "/flow_runs/filter", {})
+    flows = {flow["id"]: flow["name"] for flow in api(env["PREFECT_API_URL"], "/flows/filter", {})}
+    finished = {flows[run["flow_id"]] for run in runs if run["state_type"] == "COMPLETED"}
+    assert {"show1-cascade", "show1-curate", "show1-train", "show1-register", "show1-generate-evaluate",
+            "show1-promote"} <= finished, finished
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=stack.project, capture_output=True,
+                          text=True).stdout == ""
+
+
+def test_a_second_clone_that_knows_only_the_urls_reads_lineage_and_generates_from_the_registry(stack, tmp_path):
+    other = fresh_clone(tmp_path / "other")
+    env = stack.env()
+    video = stack.project / "eval" / "videos" / "000.mp4"
+    lineage = show1(["lineage", str(video)], other, env)
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    for stage in ("base", "interp"):
+        version = client.get_model_version_by_alias(f"show1-{stage}", "champion")
+        assert version.tags["training_run_id"] in lineage.stdout, stage
+    out = tmp_path / "from-registry.mp4"
+    generated = show1(["generate", "a red ball", "--from-registry", "champion", "--stages", "base,interp",
+                       "--steps", "1", "--out", str(out)], other, env)
+    assert out.is_file() and "29 frames" in generated.stdout, generated.stdout
+    assert not (other / "mlruns" / "mlflow.db").exists()  # nothing went to a local store
+
+
+def test_a_deployment_runs_on_the_stacks_cpu_worker(stack):
+    """prefect.yaml's `register` deployment, deployed to the stack's Prefect server and run by its long-running cpu
+    worker in the project: registration of unchanged stages returns their versions (no new one)."""
+    env = stack.env()
+    done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "register"],
+                          cwd=stack.project, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    base = env["PREFECT_API_URL"]
+    deployment = api(base, "/deployments/name/show1-register/register")
+    assert deployment["work_pool_name"] == "cpu"
+    run = api(base, f"/deployments/{deployment['id']}/create_flow_run", {})
+    deadline = time.monotonic() + 900
+    while (state := api(base, f"/flow_runs/{run['id']}")["state"])["type"] not in ("COMPLETED", "FAILED", "CRASHED"):
+        assert time.monotonic() < deadline, f"the cpu worker did not finish the run: {state}"
+        time.sleep(2)
+    log = (stack.folder / "logs" / "worker-cpu.log").read_text()
+    assert state["type"] == "COMPLETED", log[-4000:]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    for stage in STAGES:
+        assert [v.version for v in client.search_model_versions(f"name = 'show1-{stage}'")] == ["1"]
+
+
+def test_two_processes_registering_one_checkpoint_on_postgresql_make_one_version(stack, tmp_path):
+    params = yaml.safe_load((stack.project / "params.yaml").read_text())
+    params["registry"] = {"model_prefix": "race"}
+    (tmp_path / "race.yaml").write_text(yaml.safe_dump(params))
+    command = [*SHOW1, "--params", str(tmp_path / "race.yaml"), "register", "--stage", "interp", "--checkpoint",
+               "runs/interp/final"]
+    env = stack.env()
+    procs = [subprocess.Popen(command, cwd=stack.project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert all("models:/race-interp/1" in out for out, _ in outputs), outputs
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    assert [v.version for v in client.search_model_versions("name = 'race-interp'")] == ["1"]
+
+
+def test_registration_with_the_object_store_down_fails_clearly_and_registers_nothing(stack, tmp_path):
+    """The S3 store killed (its bucket saved first, as `stack down` does): registering a stage ends, after MLflow's
+    retries (here 1), with an error that names the artifact store, and no version exists. `show1 stack up` starts
+    the store again on its port with the saved bucket, and the same registration then succeeds."""
+    params = yaml.safe_load((stack.project / "params.yaml").read_text())
+    params["registry"] = {"model_prefix": "s3down"}
+    (tmp_path / "s3down.yaml").write_text(yaml.safe_dump(params))
+    command = ["--params", str(tmp_path / "s3down.yaml"), "register", "--stage", "sr1", "--checkpoint",
+               "runs/sr1/final"]
+    env = stack.env() | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    s3 = read_state(stack.folder).services["s3"]
+    object_store.save(s3.url, stack.folder / "s3")
+    os.killpg(s3.pid, signal.SIGKILL)
+    started = time.monotonic()
+    failed = show1(command, stack.project, env, timeout=900, ok=False)
+    seconds = time.monotonic() - started
+    assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-4000:]
+    message = " ".join(failed.stderr.split())
+    assert "uploading the sr1 model to the artifact store failed" in message, failed.stderr[-3000:]
+    assert "no version of s3down-sr1 was registered" in message and "Traceback" not in failed.stderr
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    assert client.search_model_versions("name = 's3down-sr1'") == []
+    print(f"registration with the object store down failed after {seconds:.1f} s")
+
+    again = show1(["stack", "up", "--dir", str(stack.folder), "--timeout", "900"], stack.project, stack.base_env)
+    assert "starting s3 again on the same ports" in again.stderr, again.stderr
+    assert "loaded" in again.stderr  # the saved bucket
+    registered = show1(command, stack.project, env, timeout=900)
+    assert "models:/s3down-sr1/1" in registered.stdout, registered.stdout
+    assert [v.version for v in client.search_model_versions("name = 's3down-sr1'")] == ["1"]
+
+
+def test_training_carries_on_through_a_killed_and_restarted_mlflow_server(stack, tmp_path):
+    """SIGKILL of the tracking server in the middle of a training run; `show1 stack up` starts it again on its port.
+    The training's MLflow client retries meanwhile: the run finishes, with each step's loss in PostgreSQL once."""
+    import psycopg
+
+    env = stack.env()
+    steps, run_dir = 8, tmp_path / "run"
+    training = subprocess.Popen([*SHOW1, "train", "--stage", "base", "--data", "data/curated", "--out", str(run_dir),
+                                 "--max-steps", str(steps), "--checkpoint-every", str(steps), "--quiet"],
+                                cwd=stack.project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with psycopg.connect(stack.pg("mlflow"), autocommit=True) as db:
+            def logged_steps() -> int:
+                if not (run_dir / "mlflow_run_id").is_file():
+                    return 0
+                run_id = (run_dir / "mlflow_run_id").read_text().strip()
+                return db.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss'",
+                                  (run_id,)).fetchone()[0]
+
+            deadline = time.monotonic() + 600
+            while logged_steps() < 1:
+                assert training.poll() is None, training.communicate()
+                assert time.monotonic() < deadline, "the training logged no step"
+                time.sleep(0.2)
+            mlflow_server = read_state(stack.folder).services["mlflow"]
+            os.killpg(mlflow_server.pid, signal.SIGKILL)
+            killed_at = logged_steps()
+        assert killed_at < steps, "the training ended before the server was killed: raise steps"
+        time.sleep(2)
+        assert not is_running(mlflow_server)
+        again = show1(["stack", "up", "--dir", str(stack.folder), "--timeout", "900"], stack.project, stack.base_env)
+        assert "starting mlflow again on the same ports" in again.stderr, again.stderr
+        assert read_state(stack.folder).services["mlflow"].url == mlflow_server.url
+        stdout, stderr = training.communicate(timeout=900)
+    finally:
+        training.kill()
+    assert training.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    with psycopg.connect(stack.pg("mlflow")) as db:
+        rows = db.execute("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss' GROUP BY step "
+                          "ORDER BY step", (run_id,)).fetchall()
+        status = db.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)).fetchone()[0]
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in rows] == logged and len(logged) == steps, (rows, logged)
+    assert all(count == 1 for _, count in rows), rows
+    assert status == "FINISHED"
+
+
+def test_down_stops_everything_and_up_brings_back_the_registry_and_its_files(stack, tmp_path, monkeypatch):
+    state = read_state(stack.folder)
+    down = show1(["stack", "down", "--dir", str(stack.folder)], stack.project, stack.base_env)
+    assert "stopped: worker-gpu, worker-cpu, prefect, mlflow, s3, postgres" in down.stdout, down.stdout
+    assert not any(is_running(service) for service in state.services.values())
+    assert not (stack.folder / "stack.json").exists()
+    saved = [p for p in (stack.folder / "s3").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in saved)
+    assert show1(["stack", "status", "--dir", str(stack.folder)], stack.project, stack.base_env, ok=False
+                 ).returncode == 1
+
+    show1(["stack", "up", "--dir", str(stack.folder), "--timeout", "900", "--mlflow-workers", "1", "--no-workers"],
+          stack.project, stack.base_env)
+    env = stack.env()
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    assert client.get_model_version_by_alias("show1-base", "champion").version == "1"  # PostgreSQL kept it
+    # and the S3 store got its files back: downloaded through the tracking server
+    from mlflow.artifacts import download_artifacts
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # models:/ URIs resolve through it
+    files = Path(download_artifacts("models:/show1-base@champion", dst_path=str(tmp_path)))
+    assert any(p.suffix == ".safetensors" for p in files.rglob("*")), list(files.rglob("*"))
