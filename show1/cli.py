@@ -661,7 +661,8 @@ def stack_up(
     workers: Annotated[bool, typer.Option(help="Start a Prefect worker on each work pool (cpu, gpu) in this "
                                                "folder.")] = True,
 ) -> None:
-    """Start the stack (or leave it as it is when it already runs) and print its URLs.
+    """Start the stack and print its URLs. A running stack is left as it is; one running in part gets its stopped
+    services started again on their own ports.
 
     Each service is waited for until healthy; a failure stops what was started and shows the end of its log.
     The workers run deployments' flows in this folder. `show1 stack down` stops it all.
@@ -719,8 +720,8 @@ def stack_down(
     purge: Annotated[bool, typer.Option(help="Also delete the stack's data (databases, saved bucket, Prefect "
                                              "home); logs stay.")] = False,
 ) -> None:
-    """Stop the stack, workers first and PostgreSQL last. The bucket is saved into the stack folder and loaded
-    again by the next `up` (the S3 server keeps objects in memory); the databases stay unless --purge."""
+    """Stop the stack, workers first and PostgreSQL last. The bucket is saved into the stack folder and loaded by the
+    next `up` (the S3 server keeps objects in memory); the databases stay unless --purge."""
     from show1.stack.processes import StackError
     from show1.stack.stack import down
 
