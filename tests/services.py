@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,3 +22,12 @@ def s3_store(folder: Path) -> Iterator[str]:
         yield service.url
     finally:
         stop(service)
+
+
+def api(base: str, path: str, body: dict | None = None) -> dict | list:
+    """GET (no body) or POST (a JSON body) a JSON API such as Prefect's REST API: the decoded answer."""
+    request = urllib.request.Request(f"{base}{path}", data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"},
+                                     method="GET" if body is None else "POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())

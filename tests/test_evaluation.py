@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from services import api
 from shared_cache import new_mlflow_store
 from typer.testing import CliRunner
 
@@ -26,6 +27,7 @@ from show1.models.text import tiny_text_encoder_dir
 from show1.pipelines.weights import init_weights
 from show1.registry.register import register_stage
 from show1.registry.resolve import parse_refs, resolve
+from show1.stack.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -236,22 +238,6 @@ def test_the_report_renders_in_headless_chromium_with_its_videos(report, tmp_pat
     assert [entry for entry in console if entry["level"] in ("SEVERE", "WARNING")] == []
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _api(base: str, path: str, body: dict | None = None) -> dict:
-    import urllib.request
-
-    request = urllib.request.Request(f"{base}{path}", data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"},
-                                     method="GET" if body is None else "POST")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
 
 
 @pytest.mark.slow
@@ -264,7 +250,7 @@ def test_nightly_deployment_on_a_real_prefect_server(project, tmp_path, store, p
     import time
 
     bin_dir = Path(sys.executable).parent
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}/api"
     home = tmp_path / "project"  # prefect.yaml and the flows, as a deployment's working directory sees them
     home.mkdir()
@@ -280,7 +266,7 @@ def test_nightly_deployment_on_a_real_prefect_server(project, tmp_path, store, p
         deadline = time.monotonic() + 180
         while True:
             try:
-                _api(base, "/health")
+                api(base, "/health")
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
@@ -295,16 +281,16 @@ def test_nightly_deployment_on_a_real_prefect_server(project, tmp_path, store, p
 
         prefect("work-pool", "create", "gpu", "--type", "process")
         prefect("--no-prompt", "deploy", "--name", "nightly-evaluate")
-        deployment = _api(base, "/deployments/name/show1-generate-evaluate/nightly-evaluate")
+        deployment = api(base, "/deployments/name/show1-generate-evaluate/nightly-evaluate")
         assert deployment["work_pool_name"] == "gpu"
         [schedule] = deployment["schedules"]
         assert schedule["schedule"]["cron"] == "0 3 * * *" and schedule["active"]
         assert deployment["parameters"]["prompts"] == "demo"
 
-        run = _api(base, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {
+        run = api(base, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {
             "params_path": str(project / "params.yaml"), "limit": 1, "out": str(tmp_path / "nightly")}})
         prefect("worker", "start", "--pool", "gpu", "--run-once", timeout=600)
-        state = _api(base, f"/flow_runs/{run['id']}")["state"]
+        state = api(base, f"/flow_runs/{run['id']}")["state"]
         assert state["type"] == "COMPLETED", state
     finally:
         server.terminate()

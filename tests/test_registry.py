@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from show1.registry import register as register_module
 from show1.registry.promote import check_gate, promote_stage, record_evaluation
 from show1.registry.register import RegistrationError, register_stage
 from show1.registry.resolve import parse_refs, resolve, stage_folder
+from show1.stack.processes import free_port
 from show1.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,12 +328,6 @@ def test_generate_refuses_unresolvable_registry_references(trained, tmp_path):
     assert malformed.exit_code == 2 and "plain references" in malformed.output
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(base: str, path: str, **query: str) -> dict:
     url = f"{base}{path}?{urllib.parse.urlencode(query)}" if query else f"{base}{path}"
     with urllib.request.urlopen(url, timeout=30) as response:
@@ -344,7 +338,7 @@ def _get(base: str, path: str, **query: str) -> dict:
 def test_the_registry_is_browsable_through_a_real_mlflow_server(trained, tmp_path, store):
     params = load_params(write_params(tmp_path, "ui"))
     registered = register_stage(params, "base", trained["base"] / "final")
-    port = _free_port()
+    port = free_port()
     db = Path(store.removeprefix("sqlite:///"))
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--default-artifact-root",

@@ -9,7 +9,6 @@ loses what was written since it last started. For a team, point the same setting
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,12 @@ def start_server(host: str, port: int, log: Path) -> Service:
     return start("s3", argv, log=log, url=f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}")
 
 
+def healthy(service: Service) -> bool:
+    return http_ok(f"{service.url}/moto-api/")
+
+
 def wait_ready(service: Service, timeout: float) -> None:
-    wait_until(service, lambda: http_ok(f"{service.url}/moto-api/"), timeout, "answering")
+    wait_until(service, lambda: healthy(service), timeout, "answering")
 
 
 def s3_client(endpoint: str) -> Any:
@@ -88,6 +91,3 @@ def load(endpoint: str, folder: Path, bucket: str = BUCKET) -> int:
         client.upload_file(str(path), bucket, path.relative_to(folder).as_posix())
     return len(files)
 
-
-def remove_saved(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)

@@ -120,15 +120,20 @@ def url(port: int, database: str = "postgres", driver: str = "") -> str:
     return f"{scheme}://{SUPERUSER}@127.0.0.1:{port}/{database}"
 
 
-def wait_ready(service: Service, port: int, timeout: float) -> None:
+def healthy(service: Service) -> bool:
+    """Whether the server accepts a connection and answers a query."""
     import psycopg
 
-    def accepts() -> bool:
-        with psycopg.connect(url(port), connect_timeout=5) as connection:
+    try:
+        with psycopg.connect(service.url, connect_timeout=5) as connection:
             connection.execute("SELECT 1")
-        return True
+    except psycopg.Error:
+        return False
+    return True
 
-    wait_until(service, accepts, timeout, "accepting connections")
+
+def wait_ready(service: Service, timeout: float) -> None:
+    wait_until(service, lambda: healthy(service), timeout, "accepting connections")
 
 
 def create_databases(port: int, names: tuple[str, ...] = DATABASES) -> None:

@@ -32,8 +32,12 @@ def start_mlflow(host: str, port: int, pg_port: int, bucket: str, workers: int, 
     return start("mlflow", argv, log=log, url=local_url(host, port), env=env)
 
 
+def mlflow_healthy(service: Service) -> bool:
+    return http_ok(f"{service.url}/health")
+
+
 def wait_mlflow(service: Service, timeout: float) -> None:
-    wait_until(service, lambda: http_ok(f"{service.url}/health"), timeout, "healthy")
+    wait_until(service, lambda: mlflow_healthy(service), timeout, "healthy")
 
 
 def start_prefect(host: str, port: int, pg_port: int, home: Path, env: Mapping[str, str], log: Path) -> Service:
@@ -45,8 +49,12 @@ def start_prefect(host: str, port: int, pg_port: int, home: Path, env: Mapping[s
     return start("prefect", argv, log=log, url=local_url(host, port), env=server_env)
 
 
+def prefect_healthy(service: Service) -> bool:
+    return http_ok(f"{service.url}/api/health")
+
+
 def wait_prefect(service: Service, timeout: float) -> None:
-    wait_until(service, lambda: http_ok(f"{service.url}/api/health"), timeout, "healthy")
+    wait_until(service, lambda: prefect_healthy(service), timeout, "healthy")
 
 
 def worker_name(pool: str) -> str:
@@ -70,5 +78,13 @@ def online_workers(api_url: str, pool: str) -> list[str]:
         return [w["name"] for w in json.loads(response.read()) if w.get("status") == "ONLINE"]
 
 
+def worker_healthy(service: Service, api_url: str, pool: str) -> bool:
+    """Whether the Prefect server sees the pool's worker ONLINE."""
+    try:
+        return worker_name(pool) in online_workers(api_url, pool)
+    except (OSError, ValueError):
+        return False
+
+
 def wait_worker(service: Service, api_url: str, pool: str, timeout: float) -> None:
-    wait_until(service, lambda: worker_name(pool) in online_workers(api_url, pool), timeout, "online")
+    wait_until(service, lambda: worker_healthy(service, api_url, pool), timeout, "online")

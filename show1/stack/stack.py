@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from show1 import atomic
 from show1.config import OFFLINE_ENV
 from show1.stack import object_store, postgres, servers
-from show1.stack.processes import Service, StackError, free_port, http_ok, is_running, stop
+from show1.stack.processes import Service, StackError, free_port, is_running, stop
 
 STATE = "stack.json"
 ORDER = ("postgres", "s3", "mlflow", "prefect", *(f"worker-{pool}" for pool in servers.WORK_POOLS))
@@ -160,7 +160,7 @@ def _start_all(state: StackState, folder: Path, timeout: float, say: Callable[[s
     pg, _ = _ensure(state, "postgres", lambda port: postgres.start_server(data, port, logs / "postgres.log"),
                     "127.0.0.1", say)
     pg_port = state.ports["postgres"]
-    postgres.wait_ready(pg, pg_port, timeout)
+    postgres.wait_ready(pg, timeout)
     postgres.create_databases(pg_port)
 
     s3, fresh = _ensure(state, "s3", lambda port: object_store.start_server(host, port, logs / "s3.log"), host, say)
@@ -227,34 +227,14 @@ def down(folder: Path, purge: bool = False, say: Callable[[str], None] = lambda 
 
 
 def health(state: StackState) -> dict[str, bool]:
-    """Each service: running and answering its health check."""
-    result = {}
-    for name, service in state.services.items():
-        alive = is_running(service)
-        if alive and name == "postgres":
-            with contextlib.suppress(Exception):
-                import psycopg
-
-                with psycopg.connect(service.url, connect_timeout=5) as connection:
-                    connection.execute("SELECT 1")
-                result[name] = True
-                continue
-            alive = False
-        elif alive and name == "s3":
-            alive = http_ok(f"{service.url}/moto-api/")
-        elif alive and name == "mlflow":
-            alive = http_ok(f"{service.url}/health")
-        elif alive and name == "prefect":
-            alive = http_ok(f"{service.url}/api/health")
-        elif alive and name.startswith("worker-"):
-            pool = name.removeprefix("worker-")
-            try:
-                alive = servers.worker_name(pool) in servers.online_workers(state.client_env()["PREFECT_API_URL"],
-                                                                            pool)
-            except Exception:
-                alive = False
-        result[name] = alive
-    return result
+    """Each service: running and answering the same health check `up` waits for."""
+    checks: dict[str, Callable[[Service], bool]] = {
+        "postgres": postgres.healthy, "s3": object_store.healthy, "mlflow": servers.mlflow_healthy,
+        "prefect": servers.prefect_healthy}
+    api = state.client_env().get("PREFECT_API_URL", "")
+    for pool in servers.WORK_POOLS:
+        checks[f"worker-{pool}"] = lambda service, pool=pool: servers.worker_healthy(service, api, pool)
+    return {name: is_running(service) and checks[name](service) for name, service in state.services.items()}
 
 
 def export_lines(state: StackState) -> list[str]:

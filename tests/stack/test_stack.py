@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 import yaml
 from clone import fresh_clone, project_env, use_small_cascade
 from mlflow.tracking import MlflowClient
+from services import api
 
 from show1.stack import object_store, postgres
 from show1.stack.processes import StackError, is_running
@@ -55,14 +55,6 @@ def stack_env(folder: Path, cwd: Path, env: dict[str, str]) -> dict[str, str]:
     lines = show1(["stack", "env", "--dir", str(folder)], cwd, env).stdout.splitlines()
     pairs = [line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export ")]
     return {key: value.strip("'") for key, value in pairs}
-
-
-def api(base: str, path: str, body: dict | None = None) -> dict | list:
-    request = urllib.request.Request(f"{base}{path}", data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"},
-                                     method="GET" if body is None else "POST")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
 
 
 @dataclass
