@@ -25,7 +25,7 @@ from pathlib import Path
 
 import av
 
-from show1.config import CurateExecutor, Params, apply_environment_defaults, load_params
+from show1.config import Executor, Params, apply_environment_defaults, load_params
 from show1.data.curate import curate, plan_curation
 from show1.data.errors import Rejected
 from show1.data.executors import chunk_runner
@@ -127,7 +127,7 @@ def compare_workers(args: argparse.Namespace, params: Params) -> None:
         sources = len(plan_curation(manifest, Path(tmp) / "out", params).rows)
         seconds = {}
         for workers in sorted({1, args.workers}):
-            with chunk_runner(CurateExecutor(kind="dask", workers=workers)) as run:
+            with chunk_runner(Executor(kind="dask", workers=workers)) as run:
                 times = []
                 for repeat in range(args.repeats):
                     start = time.perf_counter()

@@ -9,17 +9,14 @@ Runs with no server configured (Prefect's ephemeral API). `python -m flows.curat
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from show1.config import DEFAULT_PARAMS, CurateExecutor, apply_environment_defaults, load_params
+from flows.dask_runner import api_for_workers, dask_task_runner
+from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
 from show1.data import curate as curation
 
 
@@ -38,38 +35,6 @@ def _io_error(task: Any, task_run: Any, state: Any) -> bool:
       cache_policy=NO_CACHE)
 def curate_chunk(job: curation.ChunkJob, force: bool = False) -> curation.ChunkReport:
     return curation.run_chunk(job, force=force)
-
-
-@contextlib.contextmanager
-def api_for_workers() -> Iterator[None]:
-    """Point the Dask worker processes at this flow's Prefect API. With no server configured, the flow runs on a
-    temporary local server that only this process knows; each worker would start one of its own (seconds of CPU,
-    and the chunk task runs would be recorded there, out of the flow's sight). Workers on other machines cannot
-    reach that local server: with `curate.executor.address`, set PREFECT_API_URL to a Prefect server they reach."""
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if os.environ.get("PREFECT_API_URL"):
-        yield
-        return
-    with get_client(sync_client=True) as client:
-        url = str(client.api_url).rstrip("/")
-    os.environ["PREFECT_API_URL"] = url  # the worker processes are started with this process's environment
-    try:
-        with temporary_settings({PREFECT_API_URL: url}):  # and the flow's settings travel with each task
-            yield
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
-
-
-def dask_task_runner(executor: CurateExecutor) -> Any:
-    from prefect_dask import DaskTaskRunner
-
-    if executor.address:
-        return DaskTaskRunner(address=executor.address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": executor.workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None,
-                                          "silence_logs": logging.ERROR})
 
 
 @task(name="validate-contracts", cache_policy=NO_CACHE)

@@ -74,6 +74,20 @@ def _summary_table(summary: dict) -> Table:
     return table
 
 
+def _executor(configured: Any, kind: str | None, workers: int | None, address: str | None) -> Any:
+    """The configured Executor with --executor/--workers/--dask-address applied (an address implies dask); a bad
+    combination exits 2 with the reason."""
+    from pydantic import ValidationError
+
+    from show1.config import Executor
+
+    chosen = {"kind": kind or ("dask" if address else None), "workers": workers, "address": address}
+    try:
+        return Executor.model_validate(configured.model_dump() | {k: v for k, v in chosen.items() if v is not None})
+    except ValidationError as exc:
+        fail(f"--executor/--workers/--dask-address: {exc.errors()[0]['msg']}", code=2)
+
+
 @app.command()
 def curate(
     ctx: typer.Context,
@@ -101,11 +115,9 @@ def curate(
     threads here or on a Dask cluster (--executor dask): the outputs are the same either way.
     Exits 0 with a summary unless no valid clip remains.
     """
-    from pydantic import ValidationError
     from tqdm import tqdm
 
     from show1 import atomic
-    from show1.config import CurateExecutor
     from show1.data.curate import NothingKept, plan_curation
     from show1.data.curate import curate as run_curation
     from show1.data.errors import ManifestError
@@ -114,12 +126,7 @@ def curate(
     params = ctx.obj.params()
     manifest = manifest or params.paths.manifest
     out_dir = out_dir or params.paths.curated
-    chosen = {"kind": executor or ("dask" if dask_address else None), "workers": workers, "address": dask_address}
-    try:
-        settings = CurateExecutor.model_validate(
-            params.curate.executor.model_dump() | {k: v for k, v in chosen.items() if v is not None})
-    except ValidationError as exc:
-        fail(f"--executor/--workers/--dask-address: {exc.errors()[0]['msg']}", code=2)
+    settings = _executor(params.curate.executor, executor, workers, dask_address)
     try:
         rows = len(plan_curation(manifest, out_dir, params).rows)
         with tqdm(total=rows, unit="row", desc="curating", disable=quiet or None, file=sys.stderr) as bar, \
@@ -557,6 +564,15 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts of the set.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder. Default: evaluate.out.")] = None,
     track: Annotated[bool, typer.Option(help="Log to MLflow and tag the evaluated model versions.")] = True,
+    executor: Annotated[str | None, typer.Option(
+        help="Where the videos are generated: local (this process) or dask (Dask worker processes, each loading "
+             "the cascade once; same videos and metrics). Default: evaluate.executor.kind.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="dask: worker processes of the LocalCluster started for the run (one per GPU on a GPU "
+                    "machine). Default: evaluate.executor.workers.")] = None,
+    dask_address: Annotated[str | None, typer.Option(
+        help="A running Dask cluster's scheduler (tcp://HOST:PORT) to generate on (implies --executor dask); its "
+             "workers must see the model cache and the output folder.")] = None,
 ) -> None:
     """Generate a video per prompt, score them against curated clips, and write the report.
 
@@ -564,6 +580,10 @@ def evaluate(
     (evaluate.classifier), temporal consistency. Writes OUT/metrics.json, OUT/per_prompt.json and OUT/report.html;
     logs an MLflow run and puts eval.<metric> tags on the evaluated versions (read by show1 promote).
     """
+    from pydantic import ValidationError
+
+    from show1.config import Evaluate
+    from show1.dask_cluster import ClusterUnavailable
     from show1.evaluation.run import evaluate as run_evaluation
     from show1.pipelines.base import MissingComponentError
     from show1.registry.resolve import RegistryLookupError
@@ -572,11 +592,17 @@ def evaluate(
     _quiet_libraries()
     if reference is not None and reference not in ("train", "val"):
         fail(f"--reference {reference!r}: train | val", code=2)
+    settings = _executor(params.evaluate.executor, executor, workers, dask_address)
+    try:
+        chosen = Evaluate.model_validate(params.evaluate.model_dump() | {"executor": settings.model_dump()})
+    except ValidationError as exc:
+        fail(f"--executor/--workers: {exc.errors()[0]['msg']}", code=2)
+    params = params.model_copy(update={"evaluate": chosen})
     try:
         with err.status("evaluating") as status:
             result = run_evaluation(params, prompts, from_registry, weights_dir, reference, limit, out_dir, track,
                                     on_status=lambda msg: status.update(msg))
-    except RegistryLookupError as exc:
+    except (RegistryLookupError, ClusterUnavailable) as exc:
         fail(str(exc))
     except (ValueError, FileNotFoundError, MissingComponentError) as exc:
         fail(str(exc), code=2)

@@ -175,17 +175,18 @@ class Split(_Model):
     seed: int = 0
 
 
-class CurateExecutor(_Model):
-    """Where curation's chunks run. `local`: threads of this process. `dask`: Dask worker processes (decoding is
-    CPU-bound), on a LocalCluster of `workers` processes started for the run, or on the running cluster at
-    `address` (its scheduler, `tcp://HOST:PORT`), whose workers may be on other machines."""
+class Executor(_Model):
+    """Where a fanned-out job runs (curation's chunks, evaluation's videos). `local`: this process. `dask`: Dask
+    worker processes, on a LocalCluster of `workers` processes started for the run, or on the running cluster at
+    `address` (its scheduler, `tcp://HOST:PORT`), whose workers may be on other machines (and must see the same
+    files)."""
 
     kind: Literal["local", "dask"] = "local"
-    workers: int = Field(1, ge=1)  # local: threads; dask without an address: LocalCluster worker processes
+    workers: int = Field(1, ge=1)  # local curation: threads; dask without an address: LocalCluster worker processes
     address: str | None = None
 
     @model_validator(mode="after")
-    def _address_needs_dask(self) -> CurateExecutor:
+    def _address_needs_dask(self) -> Executor:
         if self.address and self.kind != "dask":
             raise ValueError(f"address {self.address!r} is a Dask scheduler's: set kind: dask to use it")
         return self
@@ -201,7 +202,7 @@ class Curate(_Model):
     clip: Clip = Clip()
     split: Split = Split()
     rows_per_shard: int = Field(64, ge=1)
-    executor: CurateExecutor = CurateExecutor()  # where chunks run; never changes what they produce
+    executor: Executor = Executor()  # where chunks run (threads or Dask workers); never changes what they produce
 
 
 class Contracts(_Model):
@@ -293,6 +294,19 @@ class Evaluate(_Model):
     # Prompts generated together through the cascade, each with its own seed (seed + index): the same videos up to
     # float rounding of batched arithmetic. 1 on CPUs (batches do not pay there); larger on GPUs.
     batch_size: int = Field(1, ge=1)
+    # How many videos: the prompt set cycled to this count (video i: prompt i mod N, seed + i); None: one per
+    # prompt. A paper-comparable FVD needs >= 2048 videos (the paper profile: UCF-101's 101 prompts, 2048 videos).
+    videos: int | None = Field(None, ge=1)
+    # Where the videos are generated: this process, or Dask worker processes that each load the cascade once and
+    # take batches of prompts as they free up (same videos, same metrics: every prompt keeps its seed).
+    executor: Executor = Executor()
+
+    @field_validator("executor")
+    @classmethod
+    def _processes_need_dask(cls, executor: Executor) -> Executor:
+        if executor.kind == "local" and executor.workers > 1:
+            raise ValueError(f"workers: {executor.workers} needs kind: dask (local generates in this process)")
+        return executor
 
     @field_validator("steps")
     @classmethod

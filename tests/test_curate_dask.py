@@ -15,9 +15,10 @@ import pytest
 import yaml
 from conftest import REPO, SMALL, deep_merge
 
-from show1.config import CurateExecutor, Params, load_params
+from show1.config import Executor, Params, load_params
+from show1.dask_cluster import dask_client
 from show1.data.curate import curate
-from show1.data.executors import chunk_runner, dask_client
+from show1.data.executors import chunk_runner
 
 DEMO = REPO / "data/manifests/demo.csv"
 OUTPUTS = ("index.jsonl", "quarantine.jsonl")
@@ -53,7 +54,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[object]:
     """A LocalCluster of 2 single-threaded worker processes, shared by the tests that need no faults."""
-    with dask_client(CurateExecutor(kind="dask", workers=2)) as client:
+    with dask_client(Executor(kind="dask", workers=2)) as client:
         yield client
 
 
@@ -89,7 +90,7 @@ def test_a_worker_killed_mid_chunk_loses_nothing(local_run, tmp_path, monkeypatc
     marker = tmp_path / "killed"
     monkeypatch.setenv("SHOW1_FAULT", "curate.chunk.after_shard")
     monkeypatch.setenv("SHOW1_FAULT_ONCE", str(marker))
-    with chunk_runner(CurateExecutor(kind="dask", workers=2)) as run:
+    with chunk_runner(Executor(kind="dask", workers=2)) as run:
         curate(DEMO, tmp_path / "out", params, run_chunks=run)
     assert marker.exists()  # a worker did die mid-chunk
     same_outputs(out, tmp_path / "out")

@@ -86,6 +86,11 @@ def test_prompt_sets_ship_with_the_repository(tmp_path):
     ucf = load_prompt_set("ucf101")
     assert len(ucf.prompts) == 101 and "apply eye makeup" in ucf.prompts and "yo yo" in ucf.prompts
     assert load_prompt_set("ucf101", limit=5).prompts == ucf.prompts[:5]
+    # A paper-comparable FVD: the paper profile generates 2048 videos, cycling UCF-101's 101 class prompts.
+    paper = load_params(ROOT / "params.yaml", "paper").evaluate
+    cycled = load_prompt_set(paper.prompts, paper.limit, paper.videos).prompts
+    assert paper.videos == len(cycled) == 2048 and cycled[:101] == cycled[101:202] == ucf.prompts
+    assert load_prompt_set("demo", limit=2, videos=5).prompts == demo.prompts[:2] * 2 + demo.prompts[:1]
     own = tmp_path / "mine.txt"
     own.write_text("# a comment\n\na dog surfing a wave  # inline comment\n")
     assert load_prompt_set(own).prompts == ("a dog surfing a wave",)
@@ -162,6 +167,41 @@ def test_a_failed_evaluation_keeps_the_last_report(project, report):
     assert broken.exit_code == 1 and "show1-interp has no version '7'" in broken.output
     assert (out / "metrics.json").read_text() == before
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".eval-keep")]
+
+
+def test_on_a_dask_cluster_each_worker_loads_the_cascade_once_and_the_videos_are_the_serial_ones(
+        project, report, tmp_path, monkeypatch):
+    """`--dask-address`: the batches go to that cluster's worker (here one, in this process, so its loads can be
+    counted): it loads the cascade once for both prompts, and the videos are the serial run's, byte for byte."""
+    from distributed import LocalCluster
+
+    from show1.registry import resolve as resolving
+
+    loads = []
+    real_load = resolving.load_cascade
+    monkeypatch.setattr(resolving, "load_cascade", lambda *args, **kw: loads.append(args) or real_load(*args, **kw))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        result = cli(project, "evaluate", "--limit", "2", "--out", str(tmp_path / "eval"), "--no-track",
+                     "--dask-address", cluster.scheduler_address)
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1 and loads[0][2] == "base=1,interp=1"  # the versions pinned by number, not the alias
+    rows = json.loads((tmp_path / "eval" / "per_prompt.json").read_text())
+    assert [row["index"] for row in rows] == [0, 1] and len({row["worker"] for row in rows}) == 1
+    for row in rows:
+        assert (tmp_path / "eval" / row["video"]).read_bytes() == (report / row["video"]).read_bytes()
+    check_metrics_equal(tmp_path / "eval", report)
+
+    bad = cli(project, "evaluate", "--limit", "1", "--no-track", "--workers", "2")
+    assert bad.exit_code == 2 and "needs kind: dask" in bad.output
+
+
+def check_metrics_equal(folder: Path, serial: Path) -> None:
+    """The same videos scored twice: the same numbers (to 1e-6: Inception features and the Frechet distance's
+    matrix square root are not bit-reproducible between processes; measured 4e-8 relative)."""
+    metrics, expected = (json.loads((f / "metrics.json").read_text()) for f in (folder, serial))
+    assert metrics["prompts"] == expected["prompts"] and metrics["skipped"] == expected["skipped"]
+    for name in ("fid_vid", "temporal_consistency"):
+        assert metrics[name] == pytest.approx(expected[name], rel=1e-6), name
 
 
 class TinyVideoNet(torch.nn.Module):
@@ -241,15 +281,21 @@ def test_the_report_renders_in_headless_chromium_with_its_videos(report, tmp_pat
 
 
 @pytest.mark.slow
-def test_nightly_deployment_on_a_real_prefect_server(project, tmp_path, store, prefect_home):
+def test_nightly_deployment_on_a_real_prefect_server(project, report, tmp_path, store, prefect_home):
     """prefect.yaml's nightly-evaluate deployment, deployed to a real server: its work pool and cron schedule
-    are there, and a run triggered through the API is executed by a worker and logs to MLflow."""
+    are there, and a run triggered through the API is executed by a worker, generates on 2 Dask worker processes
+    with the serial run's numbers, and logs to MLflow."""
     import os
     import subprocess
     import sys
     import time
 
     bin_dir = Path(sys.executable).parent
+    # The nightly evaluation fans its prompts out over 2 Dask worker processes (prefect-dask's task runner).
+    doc = yaml.safe_load((project / "params.yaml").read_text())
+    doc["evaluate"]["executor"] = {"kind": "dask", "workers": 2}
+    fanned_out = tmp_path / "params.yaml"
+    fanned_out.write_text(yaml.safe_dump(doc))
     port = free_port()
     base = f"http://127.0.0.1:{port}/api"
     home = tmp_path / "project"  # prefect.yaml and the flows, as a deployment's working directory sees them
@@ -288,7 +334,7 @@ def test_nightly_deployment_on_a_real_prefect_server(project, tmp_path, store, p
         assert deployment["parameters"]["prompts"] == "demo"
 
         run = api(base, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {
-            "params_path": str(project / "params.yaml"), "limit": 1, "out": str(tmp_path / "nightly")}})
+            "params_path": str(fanned_out), "limit": 2, "out": str(tmp_path / "nightly")}})
         prefect("worker", "start", "--pool", "gpu", "--run-once", timeout=600)
         state = api(base, f"/flow_runs/{run['id']}")["state"]
         assert state["type"] == "COMPLETED", state
@@ -299,6 +345,10 @@ def test_nightly_deployment_on_a_real_prefect_server(project, tmp_path, store, p
         except subprocess.TimeoutExpired:
             server.kill()
     metrics = json.loads((tmp_path / "nightly" / "metrics.json").read_text())
+    # Both workers generated (each loaded the cascade for its batch); the numbers are the serial run's.
+    rows = json.loads((tmp_path / "nightly" / "per_prompt.json").read_text())
+    assert [row["index"] for row in rows] == [0, 1] and len({row["worker"] for row in rows}) == 2, rows
+    check_metrics_equal(tmp_path / "nightly", report)
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="tags.`show1.kind` = 'evaluation'")

@@ -13,39 +13,13 @@ No address: a LocalCluster of `workers` processes is started for the run and sto
 from __future__ import annotations
 
 import contextlib
-import logging
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from show1.config import CurateExecutor
+from show1.config import Executor
+from show1.dask_cluster import dask_client
 from show1.data.curate import ChunkReport, ChunkRunner, CurationPlan, run_chunk
-
-CONNECT_TIMEOUT_S = 30
-
-
-class ClusterUnavailable(RuntimeError):
-    """The Dask scheduler at the configured address could not be reached."""
-
-
-@contextlib.contextmanager
-def dask_client(executor: CurateExecutor) -> Iterator[Any]:
-    """A `distributed.Client` of the cluster at `executor.address`, or of a new LocalCluster of `executor.workers`
-    single-threaded worker processes (closed on exit)."""
-    from distributed import Client, LocalCluster
-
-    if executor.address:
-        try:
-            client = Client(executor.address, timeout=CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError) as exc:
-            raise ClusterUnavailable(f"no Dask scheduler answered at {executor.address} (curate.executor.address) "
-                                     f"within {CONNECT_TIMEOUT_S} s: {exc}") from None
-        with client:
-            yield client
-        return
-    with LocalCluster(n_workers=executor.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-        yield client
 
 
 def run_on_dask(client: Any, plan: CurationPlan, indices: list[int], force: bool,
@@ -73,11 +47,11 @@ def run_on_dask(client: Any, plan: CurationPlan, indices: list[int], force: bool
 
 
 @contextlib.contextmanager
-def chunk_runner(executor: CurateExecutor, on_row: Callable[[], None] | None = None) -> Iterator[ChunkRunner | None]:
+def chunk_runner(executor: Executor, on_row: Callable[[], None] | None = None) -> Iterator[ChunkRunner | None]:
     """The `run_chunks` that `curate()` takes for this executor: None for `local` (curate's own threads), a Dask
     runner (its cluster up for the duration) for `dask`."""
     if executor.kind == "local":
         yield None
         return
-    with dask_client(executor) as client:
+    with dask_client(executor, "curate.executor.address") as client:
         yield lambda plan, indices, force: run_on_dask(client, plan, indices, force, on_row)

@@ -19,8 +19,9 @@ def available() -> list[str]:
     return sorted(p.stem for p in SHIPPED.glob("*.txt"))
 
 
-def load_prompt_set(spec: str | Path, limit: int | None = None) -> PromptSet:
-    """A shipped set by name (`demo`, `ucf101`) or a text file; `limit` keeps the first N prompts."""
+def load_prompt_set(spec: str | Path, limit: int | None = None, videos: int | None = None) -> PromptSet:
+    """A shipped set by name (`demo`, `ucf101`) or a text file; `limit` keeps the first N prompts; `videos` then
+    cycles them to that many (video i gets prompt i mod N: 2048 videos of UCF-101's 101 class prompts)."""
     path = Path(spec)
     if not path.is_file():
         named = SHIPPED / f"{spec}.txt"
@@ -32,4 +33,9 @@ def load_prompt_set(spec: str | Path, limit: int | None = None) -> PromptSet:
     prompts = tuple(line for line in lines if line)
     if not prompts:
         raise ValueError(f"{path}: no prompts (one per line; '#' starts a comment)")
-    return PromptSet(path.stem, prompts[:limit] if limit else prompts, path)
+    prompts = prompts[:limit] if limit else prompts
+    if videos is not None:
+        if videos < 1:
+            raise ValueError(f"evaluate.videos must be at least 1, got {videos}")
+        prompts = tuple(prompts[i % len(prompts)] for i in range(videos))
+    return PromptSet(path.stem, prompts, path)

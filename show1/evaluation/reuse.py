@@ -35,7 +35,8 @@ def evaluation_fingerprint(params: Params, prompts: tuple[str, ...], versions: d
                            reference_split: str) -> dict[str, Any]:
     """What an evaluation of registry `versions` (stage -> StageVersion) is made from."""
     cfg = params.evaluate
-    settings = cfg.model_dump(mode="json", exclude={"out", "limit", "prompts", "device", *METRIC_MODELS})
+    settings = cfg.model_dump(mode="json", exclude={"out", "limit", "prompts", "videos", "device", "executor",
+                                                    *METRIC_MODELS})
     return {
         "models": {stage: [v.name, str(v.version), v.content_hash] for stage, v in versions.items()},
         "prompts": list(prompts),

@@ -4,7 +4,8 @@ with its videos and plots, an MLflow evaluation run, and `eval.<metric>` tags on
 (what `show1 promote` reads).
 
 Three steps, so a flow can map the generation over prompts: `prepare` → `generate_batch` per batch of prompts
-(evaluate.batch_size; `generate_one` for one) → `finish`.
+(evaluate.batch_size; `generate_one` for one) → `finish`. With evaluate.executor `dask`, the batches run on Dask
+worker processes instead (`jobs`, `show1.evaluation.videos`), each worker loading the cascade once.
 The output folder is replaced whole at the end (built beside it, then renamed), never left half-written.
 """
 
@@ -18,37 +19,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from show1 import atomic
 from show1.config import Params
-from show1.data.video import to_uint8_frames, write_video
 from show1.evaluation.prompts import PromptSet, load_prompt_set
 from show1.evaluation.reference import reference_videos
 from show1.evaluation.report import HistoryPoint, plot_history, render
 from show1.evaluation.reuse import RECORD, evaluation_fingerprint, record
 from show1.evaluation.scoring import Scores, score
+from show1.evaluation.videos import CascadeSpec, GeneratedVideo, GenerationJob, generate_on_dask, render_batch
 from show1.pipelines.cascade import check_stages
 from show1.pipelines.prompt_batches import PromptBatch, prompt_batches
 from show1.provenance import data_version, git_commit
 from show1.registry.generation import KIND_TAG, track_generation
 from show1.registry.names import CHALLENGER
 from show1.registry.promote import record_evaluation
-from show1.registry.resolve import LoadedCascade, load_cascade
+from show1.registry.resolve import LoadedCascade, load_cascade, locate_cascade
 from show1.store import connect, experiment_id
 
 DEFAULT_ALIAS = CHALLENGER  # evaluation comes before promotion: the challenger is what needs scoring
 REPORT = "report.html"
 PLOT = "plots/metrics_by_version.png"
-
-
-@dataclass
-class GeneratedVideo:
-    index: int
-    prompt: str
-    frames: np.ndarray  # uint8 (F, H, W, 3)
-    files: list[str]  # relative to the output folder: webm (plays everywhere) then mp4
-    seconds: float
 
 
 @dataclass
@@ -59,6 +49,7 @@ class EvaluationPlan:
     staging: Path
     out: Path
     reference_split: str
+    spec: CascadeSpec  # what a Dask worker loads to generate with the same models
     fingerprint: dict[str, Any] | None = None  # what it is made from (registry versions only): evaluation.json
 
 
@@ -78,16 +69,18 @@ class EvaluationResult:
 
 def prepare(params: Params, prompts: str | Path | None = None, from_registry: str | None = None,
             weights_dir: Path | None = None, reference_split: str | None = None, limit: int | None = None,
-            out: Path | None = None) -> EvaluationPlan:
+            out: Path | None = None, load: bool = True) -> EvaluationPlan:
     """Load the prompt set and the cascade (default: the registry's challenger of every stage in
-    evaluate.stages); make the staging folder."""
+    evaluate.stages); make the staging folder. `load=False`: only locate the cascade (Dask workers load it)."""
     cfg = params.evaluate
-    prompt_set = load_prompt_set(prompts or cfg.prompts, limit or cfg.limit)
+    prompt_set = load_prompt_set(prompts or cfg.prompts, limit or cfg.limit, cfg.videos)
     if from_registry is None and weights_dir is None:
         from_registry = DEFAULT_ALIAS
-    cascade = load_cascade(params, check_stages(cfg.stages), from_registry, weights_dir)
-    cascade.pipeline.set_progress_bar_config(disable=True)
-    cascade.pipeline.to(cfg.device)
+    stages = check_stages(cfg.stages)
+    cascade = (load_cascade if load else locate_cascade)(params, stages, from_registry, weights_dir)
+    if load:
+        cascade.pipeline.set_progress_bar_config(disable=True)
+        cascade.pipeline.to(cfg.device)
     out = Path(out or cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = atomic.staging_folder(out)
@@ -95,7 +88,8 @@ def prepare(params: Params, prompts: str | Path | None = None, from_registry: st
     split = reference_split or cfg.reference_split
     fingerprint = (evaluation_fingerprint(params, prompt_set.prompts, cascade.versions, split)
                    if cascade.from_registry else None)
-    return EvaluationPlan(params, prompt_set, cascade, staging, out, split, fingerprint)
+    spec = CascadeSpec(params, stages, cascade.pinned, str(Path(weights_dir).resolve()) if weights_dir else None)
+    return EvaluationPlan(params, prompt_set, cascade, staging, out, split, spec, fingerprint)
 
 
 def generate_one(plan: EvaluationPlan, index: int) -> GeneratedVideo:
@@ -105,22 +99,14 @@ def generate_one(plan: EvaluationPlan, index: int) -> GeneratedVideo:
 
 
 def generate_batch(plan: EvaluationPlan, batch: PromptBatch) -> list[GeneratedVideo]:
-    """The videos of one batch of prompts, generated together through the cascade (as `show1 generate --prompts`),
-    prompt i seeded by evaluate.seed + i. `seconds` of each video: the batch's time shared out."""
-    cfg = plan.params.evaluate
-    started = time.perf_counter()
-    frames = plan.cascade.pipeline(batch.prompts, seed=batch.seeds, num_inference_steps=cfg.steps,
-                                   sampling=plan.params.sampling).frames
-    seconds = (time.perf_counter() - started) / len(batch.prompts)
-    videos = []
-    for offset, (prompt, one) in enumerate(zip(batch.prompts, frames, strict=True)):
-        index = batch.start + offset
-        video = to_uint8_frames(one.permute(1, 0, 2, 3))
-        names = [f"videos/{index:03d}.webm", f"videos/{index:03d}.mp4"]
-        for name in names:
-            write_video(video, plan.staging / name, fps=cfg.fps)
-        videos.append(GeneratedVideo(index, prompt, video, names, seconds))
-    return videos
+    """The videos of one batch of prompts, with the plan's loaded cascade, in this process."""
+    return render_batch(plan.cascade.pipeline, plan.params, batch, plan.staging)
+
+
+def jobs(plan: EvaluationPlan) -> list[GenerationJob]:
+    """The batches as Dask tasks (`show1.evaluation.videos`)."""
+    staging = plan.staging.resolve()
+    return [GenerationJob(plan.spec, batch, staging) for batch in batches(plan)]
 
 
 def batches(plan: EvaluationPlan) -> list[PromptBatch]:
@@ -141,7 +127,7 @@ def finish(plan: EvaluationPlan, videos: list[GeneratedVideo], track: bool = Tru
         scores = score([v.frames for v in videos], [v.prompt for v in videos], reference, cfg, key,
                        cache=params.paths.cache, on_status=on_status)
         per_prompt = [{"index": v.index, "prompt": v.prompt, "video": v.files[-1], "seconds": round(v.seconds, 3),
-                       **row} for v, row in zip(videos, scores.per_prompt, strict=True)]
+                       "worker": v.worker, **row} for v, row in zip(videos, scores.per_prompt, strict=True)]
         label = _label(plan.cascade)
         client = connect(params.tracking) if track else None
         history = (_history(client, params) if client else []) + [HistoryPoint(label, scores.metrics, current=True)]
@@ -183,15 +169,26 @@ def evaluate(params: Params, prompts: str | Path | None = None, from_registry: s
              weights_dir: Path | None = None, reference_split: str | None = None, limit: int | None = None,
              out: Path | None = None, track: bool = True,
              on_status: Callable[[str], None] | None = None) -> EvaluationResult:
-    """prepare → generate every prompt → finish."""
+    """prepare → generate every prompt (here, or on the Dask workers of evaluate.executor) → finish."""
     say = on_status or (lambda _: None)
-    plan = prepare(params, prompts, from_registry, weights_dir, reference_split, limit, out)
+    executor = params.evaluate.executor
+    plan = prepare(params, prompts, from_registry, weights_dir, reference_split, limit, out,
+                   load=executor.kind == "local")
+    total = len(plan.prompts.prompts)
     try:
-        videos = []
-        for batch in batches(plan):
-            shown = "; ".join(prompt[:60] for prompt in batch.prompts)
-            say(f"generating {batch.start + len(batch.prompts)}/{len(plan.prompts.prompts)}: {shown}")
-            videos.extend(generate_batch(plan, batch))
+        videos: list[GeneratedVideo] = []
+        if executor.kind == "dask":
+            from show1.dask_cluster import dask_client
+
+            say(f"generating {total} videos on Dask workers")
+            with dask_client(executor, "evaluate.executor.address") as client:
+                videos = generate_on_dask(client, jobs(plan), on_videos=lambda done: say(
+                    f"generated {len(videos) + len(done)}/{total} (on {done[0].worker})"))
+        else:
+            for batch in batches(plan):
+                shown = "; ".join(prompt[:60] for prompt in batch.prompts)
+                say(f"generating {batch.start + len(batch.prompts)}/{total}: {shown}")
+                videos.extend(generate_batch(plan, batch))
     except BaseException:
         discard(plan)
         raise

@@ -7,7 +7,7 @@ REF is an alias for every stage (`champion`, `challenger`), versions in stage or
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,23 +130,29 @@ def stage_folder(version: StageVersion, cache: Path) -> Path:
 
 @dataclass
 class LoadedCascade:
-    pipeline: Any  # Show1Pipeline
+    pipeline: Any  # Show1Pipeline; None when only located (`locate_cascade`: Dask workers load their own)
     sources: dict[str, str]  # stage -> `name/version` (registry) or the stage folder
     versions: dict[str, StageVersion]  # empty for local folders
+    folders: dict[str, Path] = field(default_factory=dict)  # stage -> its stage folder on this machine
+    first_frame: Path | None = None  # sr1's IF-II-L first-frame model folder, when one is used
 
     @property
     def from_registry(self) -> bool:
         return bool(self.versions)
 
+    @property
+    def pinned(self) -> str | None:
+        """The registry versions as a reference that always names these versions (`base=3,interp=2`), even after
+        an alias moves: what another process loads to get the same models. None for local folders."""
+        return ",".join(f"{stage}={v.version}" for stage, v in self.versions.items()) or None
 
-def load_cascade(params: Params, stages: tuple[str, ...], from_registry: str | None = None,
-                 weights_dir: Path | None = None, torch_dtype: Any = None) -> LoadedCascade:
-    """The cascade from registry references (`champion`, `3,2,5,1`, …) or from a folder of stage folders, with
-    sr1's IF-II-L first-frame model when `sampling.first_frame_model` names one, else when the registered sr1
-    version carries one."""
+
+def locate_cascade(params: Params, stages: tuple[str, ...], from_registry: str | None = None,
+                   weights_dir: Path | None = None) -> LoadedCascade:
+    """The cascade's stage folders (registry versions downloaded into the cache), without loading a model."""
     from show1.models.configs import FIRST_FRAME_FOLDER, STAGE_FOLDERS
-    from show1.pipelines.cascade import Show1Pipeline
-    from show1.pipelines.first_frame import load_first_frame_model
+    from show1.pipelines.base import MissingComponentError
+    from show1.pipelines.cascade import check_stages
 
     if (weights_dir is None) == (from_registry is None):
         raise ValueError("give exactly one of --weights-dir DIR and --from-registry REF")
@@ -154,15 +160,33 @@ def load_cascade(params: Params, stages: tuple[str, ...], from_registry: str | N
     if from_registry is not None:
         versions = resolve(params, parse_refs(from_registry, stages))
         folders = {stage: stage_folder(v, params.paths.cache) for stage, v in versions.items()}
-        pipeline = Show1Pipeline.from_folders(folders, torch_dtype=torch_dtype)
         sources = {stage: v.label for stage, v in versions.items()}
         if first_frame is None and "sr1" in folders and (folders["sr1"] / FIRST_FRAME_FOLDER).is_dir():
             first_frame = folders["sr1"] / FIRST_FRAME_FOLDER
     else:
         assert weights_dir is not None
-        pipeline = Show1Pipeline.from_pretrained(weights_dir, stages, torch_dtype=torch_dtype)
-        sources = {s: str((Path(weights_dir) / STAGE_FOLDERS[s]).resolve()) for s in stages}
+        weights_dir = Path(weights_dir)
+        if not weights_dir.is_dir():
+            raise FileNotFoundError(f"{weights_dir}: weights folder not found")
+        folders = {stage: (weights_dir / STAGE_FOLDERS[stage]).resolve() for stage in check_stages(list(stages))}
+        for stage, folder in folders.items():
+            if not folder.is_dir():
+                raise MissingComponentError(f"{weights_dir}: missing stage folder '{STAGE_FOLDERS[stage]}' ({stage})")
+        sources = {stage: str(folder) for stage, folder in folders.items()}
         versions = {}
-    if first_frame is not None:
-        pipeline.first_frame_model = load_first_frame_model(first_frame, torch_dtype)
-    return LoadedCascade(pipeline, sources, versions)
+    return LoadedCascade(None, sources, versions, folders, first_frame)
+
+
+def load_cascade(params: Params, stages: tuple[str, ...], from_registry: str | None = None,
+                 weights_dir: Path | None = None, torch_dtype: Any = None) -> LoadedCascade:
+    """The cascade from registry references (`champion`, `3,2,5,1`, …) or from a folder of stage folders, with
+    sr1's IF-II-L first-frame model when `sampling.first_frame_model` names one, else when the registered sr1
+    version carries one."""
+    from show1.pipelines.cascade import Show1Pipeline
+    from show1.pipelines.first_frame import load_first_frame_model
+
+    cascade = locate_cascade(params, stages, from_registry, weights_dir)
+    cascade.pipeline = Show1Pipeline.from_folders(cascade.folders, torch_dtype=torch_dtype)
+    if cascade.first_frame is not None:
+        cascade.pipeline.first_frame_model = load_first_frame_model(cascade.first_frame, torch_dtype)
+    return cascade

@@ -239,11 +239,11 @@ def test_every_manifest_row_is_in_exactly_one_of_index_or_quarantine(corpus: Cor
 
 
 def test_two_dask_workers_curate_the_hostile_corpus_like_the_cli_did(corpus: Corpus, tmp_path: Path) -> None:
-    from show1.config import CurateExecutor
+    from show1.config import Executor
     from show1.data.curate import curate
     from show1.data.executors import chunk_runner
 
-    with chunk_runner(CurateExecutor(kind="dask", workers=2)) as run:  # a LocalCluster of 2 worker processes
+    with chunk_runner(Executor(kind="dask", workers=2)) as run:  # a LocalCluster of 2 worker processes
         curate(corpus.root / "manifest.csv", tmp_path / "out", corpus.params, run_chunks=run)
     for name in ("index.jsonl", "quarantine.jsonl"):
         assert (tmp_path / "out" / name).read_bytes() == (corpus.out / name).read_bytes(), name
