@@ -9,7 +9,8 @@ encoding, VAE and other fixed costs cancel) against a bare loop of UNet forwards
 of the process's peak RSS). sr2 is also timed against diffusers' VideoToVideoSDPipeline on the same
 weights (speed ratio = theirs / ours; goal >= 1.0). `--cascade` runs the whole cascade once with model
 CPU offload (CUDA) and reports the peak GPU memory and the time per stage. Without --weights-dir, random
-weights of --profile are built in memory (paper sizes need a GPU and about 30 GB of host memory).
+weights of --profile are built on --device in --dtype, text encoders included (paper: T5-XXL- and
+OpenCLIP-H-shaped, tokenizers trained here; no download): `--profile paper --device cuda` needs nothing else.
 `--batch-size B` also measures videos/hour with B prompts batched through the cascade (`show1 generate --prompts
 FILE --batch-size B`) against the same B prompts one at a time, in the same run.
 """
@@ -82,20 +83,18 @@ def main() -> None:
 
     from show1.models.text import load_text_encoder, tiny_text_encoder_dir
     from show1.pipelines.cascade import Show1Pipeline
-    from show1.pipelines.weights import build_stage
+    from show1.pipelines.weights import build_stage, random_paper_text
 
     if args.weights_dir:
         cascade = Show1Pipeline.from_pretrained(args.weights_dir, torch_dtype=dtype)
         stages = cascade.stages
-    else:
-        text = load_text_encoder(tiny_text_encoder_dir()) if args.profile == "tiny" else None
-        dim = text[1].config.hidden_size if text else 4096
-        stages = {s: build_stage(s, args.profile, dim, text if s == "base" else None) for s in
+    else:  # random weights built on the device in the benchmark's dtype (paper: random T5-XXL and OpenCLIP-H too)
+        texts = random_paper_text(dtype, device) if args.profile == "paper" else \
+            {"base": load_text_encoder(tiny_text_encoder_dir())}
+        dim = texts["base"][1].config.hidden_size
+        stages = {s: build_stage(s, args.profile, dim, texts.get(s), device=device, dtype=dtype) for s in
                   ("base", "interp", "sr1", "sr2")}
         cascade = Show1Pipeline(stages)
-        if text is None:
-            raise SystemExit("paper-size random weights need --weights-dir with a text encoder in show-1-base "
-                             "(show1 init-weights --profile paper --text-encoder T5_DIR)")
     for pipe in stages.values():
         pipe.to(device, dtype)
         pipe.set_progress_bar_config(disable=True)

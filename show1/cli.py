@@ -255,11 +255,16 @@ def init_weights(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for show-1-base, show-1-interpolation, …")],
     profile: Annotated[str, typer.Option(help="tiny (CPU, seconds) | paper (published sizes).")] = "tiny",
     text_encoder: Annotated[Path | None, typer.Option(
-        help="Text encoder folder for the base stage (paper: a local T5-XXL). Default for tiny: MiniLM.")] = None,
+        help="Text encoder folder for the base stage (paper: a local T5-XXL). Default: tiny, the packaged MiniLM; "
+             "paper, a random T5-XXL-shaped encoder with a tokenizer trained here (no download).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace stage folders that exist.")] = False,
 ) -> None:
-    """Write randomly initialised weights for the four stages, in the layout of the published checkpoints."""
+    """Write randomly initialised weights for the four stages, in the layout of the published checkpoints.
+
+    --profile paper writes the published sizes in bfloat16 (~20 GB with the random T5-XXL; sr2 gets a random
+    OpenCLIP-H-shaped text encoder): a cascade that runs end to end with no download, for timing and memory.
+    """
     from show1.pipelines.weights import init_weights as write_weights
 
     if profile not in PROFILES:
