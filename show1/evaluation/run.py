@@ -181,9 +181,14 @@ def evaluate(params: Params, prompts: str | Path | None = None, from_registry: s
             from show1.dask_cluster import dask_client
 
             say(f"generating {total} videos on Dask workers")
+            finished = [0]
+
+            def progress(done: list[GeneratedVideo]) -> None:
+                finished[0] += len(done)
+                say(f"generated {finished[0]}/{total} (the last on {done[0].worker})")
+
             with dask_client(executor, "evaluate.executor.address") as client:
-                videos = generate_on_dask(client, jobs(plan), on_videos=lambda done: say(
-                    f"generated {len(videos) + len(done)}/{total} (on {done[0].worker})"))
+                videos = generate_on_dask(client, jobs(plan), on_videos=progress)
         else:
             for batch in batches(plan):
                 shown = "; ".join(prompt[:60] for prompt in batch.prompts)

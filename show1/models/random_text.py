@@ -81,7 +81,7 @@ def random_text_encoder(kind: str, dtype: Any = None, device: Any = None,
     else:
         raise ValueError(f"unknown text encoder kind {kind!r} (t5 | clip)")
     with torch.device(device or "cpu"):
-        encoder = cls._from_config(config, torch_dtype=dtype or torch.float32)
+        encoder = cls._from_config(config, dtype=dtype or torch.float32)
     return build_tokenizer(kind), encoder.eval()
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+from diffusers.utils import logging as diffusers_logging
 
 from show1 import atomic, integrity
 from show1.models.configs import (
@@ -58,7 +59,12 @@ def build_stage(stage: str, profile: str, text_dim: int, text: tuple | None = No
             parts = {"unet": ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, profile, text_dim)),
                      "vae": None}
     if dtype is not None:
-        parts = {name: part.to(dtype) if isinstance(part, torch.nn.Module) else part for name, part in parts.items()}
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its note on modules to keep in float32 (none here) on every cast
+        try:
+            parts = {name: p.to(dtype) if isinstance(p, torch.nn.Module) else p for name, p in parts.items()}
+        finally:
+            diffusers_logging.set_verbosity(level)
     return assemble_stage(stage, parts["unet"], parts["vae"], tokenizer, encoder)
 
 
