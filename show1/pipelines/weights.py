@@ -94,14 +94,14 @@ def init_weights(out: Path | str, profile: str = "tiny", stages: list[str] | tup
     if existing and not overwrite:
         raise FileExistsError(f"{out}: {', '.join(existing)} already exist (pass --overwrite to replace them)")
     dtype = torch.bfloat16 if profile == "paper" else None
+    if text_encoder_dir is None and profile == "tiny":
+        text_encoder_dir = tiny_text_encoder_dir()
+    texts: dict[str, tuple] = {}
+    if text_encoder_dir is not None:
+        texts["base"] = load_text_encoder(text_encoder_dir, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if text_encoder_dir is None and profile == "tiny":
-            text_encoder_dir = tiny_text_encoder_dir()
-        texts: dict[str, tuple] = {}
-        if text_encoder_dir is not None:
-            texts["base"] = load_text_encoder(text_encoder_dir, dtype)
-        if profile == "paper":
+        if profile == "paper":  # random encoders, seeded like the stages
             from show1.models.random_text import random_text_encoder
 
             if "base" in stages and "base" not in texts:
