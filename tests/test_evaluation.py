@@ -4,8 +4,10 @@ run and the versions get eval.* tags, and the promotion gate reads them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +71,23 @@ def cli(project: Path, *args: str):
     return runner.invoke(app, ["--params", str(project / "params.yaml"), *args])
 
 
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch on one thread here, as in Dask's worker processes (distributed starts them with OMP_NUM_THREADS=1):
+    CPU kernels sum in another order on another number of threads (measured: fid_vid 5e-7 relative apart)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def report(project, tmp_path_factory, store) -> Path:
-    """An untracked evaluation of two prompts: its folder (metrics.json, report.html, videos/)."""
+    """An untracked evaluation of two prompts, on one thread: its folder (metrics.json, report.html, videos/)."""
     out = tmp_path_factory.mktemp("report") / "eval"
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, single_threaded():
         patch.setenv("MLFLOW_TRACKING_URI", store)  # the module's registry (a module fixture runs outside any test)
         result = cli(project, "evaluate", "--limit", "2", "--out", str(out), "--no-track")
     assert result.exit_code == 0, result.output
@@ -180,7 +194,8 @@ def test_on_a_dask_cluster_each_worker_loads_the_cascade_once_and_the_videos_are
     loads = []
     real_load = resolving.load_cascade
     monkeypatch.setattr(resolving, "load_cascade", lambda *args, **kw: loads.append(args) or real_load(*args, **kw))
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            single_threaded():
         result = cli(project, "evaluate", "--limit", "2", "--out", str(tmp_path / "eval"), "--no-track",
                      "--dask-address", cluster.scheduler_address)
     assert result.exit_code == 0, result.output
@@ -196,12 +211,13 @@ def test_on_a_dask_cluster_each_worker_loads_the_cascade_once_and_the_videos_are
 
 
 def check_metrics_equal(folder: Path, serial: Path) -> None:
-    """The same videos scored twice: the same numbers (to 1e-6: Inception features and the Frechet distance's
-    matrix square root are not bit-reproducible between processes; measured 4e-8 relative)."""
+    """The same videos, the same numbers: frames received from a worker are scored as the same bytes in the same
+    layout as frames made here. Only the last digits of the Frechet distance's matrix square root (LAPACK, its own
+    threads) may differ between processes: measured 6e-13 relative."""
     metrics, expected = (json.loads((f / "metrics.json").read_text()) for f in (folder, serial))
-    assert metrics["prompts"] == expected["prompts"] and metrics["skipped"] == expected["skipped"]
-    for name in ("fid_vid", "temporal_consistency"):
-        assert metrics[name] == pytest.approx(expected[name], rel=1e-6), name
+    assert metrics.keys() == expected.keys()
+    for name, value in metrics.items():
+        assert value == (pytest.approx(expected[name], rel=1e-9) if isinstance(value, float) else expected[name]), name
 
 
 class TinyVideoNet(torch.nn.Module):
@@ -304,7 +320,8 @@ def test_nightly_deployment_on_a_real_prefect_server(project, report, tmp_path, 
     shutil.copytree(ROOT / "flows", home / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(prefect_home),
                         "PREFECT_API_URL": base, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
-                        "SHOW1_HOME": str(home), "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(home)}
+                        "SHOW1_HOME": str(home), "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(home),
+                        "OMP_NUM_THREADS": "1"}  # the flow scores on one thread, as `report` did
     server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=env | {"PREFECT_API_URL": ""}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)

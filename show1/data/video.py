@@ -283,13 +283,15 @@ def convert_all(frames: Iterable[av.VideoFrame], convert: FrameConverter,
 
 
 def to_uint8_frames(frames: Any) -> np.ndarray:
-    """(F, 3, H, W) float in [-1, 1] (torch or numpy) or (F, H, W, 3) uint8 → (F, H, W, 3) uint8."""
+    """(F, 3, H, W) float in [-1, 1] (torch or numpy) or (F, H, W, 3) uint8 → (F, H, W, 3) uint8, C-contiguous
+    (the same memory layout whether made here or received from another process: metrics computed on a strided
+    view round differently, by ~1e-7)."""
     array = frames.detach().float().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
     if array.dtype == np.uint8 and array.shape[-1] == 3:
         return array
     if array.ndim != 4 or array.shape[1] != 3:
         raise ValueError(f"frames must be (frames, 3, height, width) in [-1, 1], got {array.shape}")
-    return ((array.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(((array.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
