@@ -81,16 +81,17 @@ def main() -> None:
     args = parser.parse_args()
     dtype, device = getattr(torch, args.dtype), args.device
 
+    from show1.models.random_text import random_text_encoder
     from show1.models.text import load_text_encoder, tiny_text_encoder_dir
     from show1.pipelines.cascade import Show1Pipeline
-    from show1.pipelines.weights import build_stage, random_paper_text
+    from show1.pipelines.weights import build_stage
 
     if args.weights_dir:
         cascade = Show1Pipeline.from_pretrained(args.weights_dir, torch_dtype=dtype)
         stages = cascade.stages
     else:  # random weights built on the device in the benchmark's dtype (paper: random T5-XXL and OpenCLIP-H too)
-        texts = random_paper_text(dtype, device) if args.profile == "paper" else \
-            {"base": load_text_encoder(tiny_text_encoder_dir())}
+        texts = {"base": random_text_encoder("t5", dtype, device), "sr2": random_text_encoder("clip", dtype, device)} \
+            if args.profile == "paper" else {"base": load_text_encoder(tiny_text_encoder_dir())}
         dim = texts["base"][1].config.hidden_size
         stages = {s: build_stage(s, args.profile, dim, texts.get(s), device=device, dtype=dtype) for s in
                   ("base", "interp", "sr1", "sr2")}

@@ -36,6 +36,20 @@ def check_stages(stages: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return stages
 
 
+def stage_folders(weights_dir: str | Path, stages: list[str] | tuple[str, ...] = STAGES) -> dict[str, Path]:
+    """`weights_dir/show-1-base`, … for `stages` (the published layout, as `show1 init-weights` writes it), each
+    checked to exist."""
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise FileNotFoundError(f"{weights_dir}: weights folder not found")
+    folders = {}
+    for stage in check_stages(stages):
+        folders[stage] = weights_dir / STAGE_FOLDERS[stage]
+        if not folders[stage].is_dir():
+            raise MissingComponentError(f"{weights_dir}: missing stage folder '{STAGE_FOLDERS[stage]}' ({stage})")
+    return folders
+
+
 @dataclass
 class CascadeOutput:
     """`frames`: the last stage's video (B, 3, F, H, W) in [-1, 1]; `stages`: every stage's output."""
@@ -60,15 +74,7 @@ class Show1Pipeline:
                         torch_dtype: torch.dtype | None = None) -> Show1Pipeline:
         """Load `weights_dir/show-1-base`, `show-1-interpolation`, `show-1-sr1`, `show-1-sr2` (as published
         or as written by `show1 init-weights`)."""
-        weights_dir = Path(weights_dir)
-        if not weights_dir.is_dir():
-            raise FileNotFoundError(f"{weights_dir}: weights folder not found")
-        folders = {}
-        for stage in check_stages(stages):
-            folders[stage] = weights_dir / STAGE_FOLDERS[stage]
-            if not folders[stage].is_dir():
-                raise MissingComponentError(f"{weights_dir}: missing stage folder '{STAGE_FOLDERS[stage]}' ({stage})")
-        return cls.from_folders(folders, torch_dtype)
+        return cls.from_folders(stage_folders(weights_dir, stages), torch_dtype)
 
     @classmethod
     def from_folders(cls, folders: dict[str, Path], torch_dtype: torch.dtype | None = None) -> Show1Pipeline:

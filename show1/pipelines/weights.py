@@ -68,14 +68,6 @@ def build_stage(stage: str, profile: str, text_dim: int, text: tuple | None = No
     return assemble_stage(stage, parts["unet"], parts["vae"], tokenizer, encoder)
 
 
-def random_paper_text(dtype: torch.dtype = torch.bfloat16, device: Any = None) -> dict[str, tuple]:
-    """Random text encoders at the published shapes (no download): T5-XXL for the pixel stages, OpenCLIP-H's
-    text tower for sr2 (`show1.models.random_text`)."""
-    from show1.models.random_text import random_text_encoder
-
-    return {"base": random_text_encoder("t5", dtype, device), "sr2": random_text_encoder("clip", dtype, device)}
-
-
 def init_weights(out: Path | str, profile: str = "tiny", stages: list[str] | tuple[str, ...] = STAGES,
                  text_encoder_dir: Path | str | None = None, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
     """Write `out/show-1-base`, … with random weights (safetensors) for `profile`.

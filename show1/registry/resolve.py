@@ -150,9 +150,8 @@ class LoadedCascade:
 def locate_cascade(params: Params, stages: tuple[str, ...], from_registry: str | None = None,
                    weights_dir: Path | None = None) -> LoadedCascade:
     """The cascade's stage folders (registry versions downloaded into the cache), without loading a model."""
-    from show1.models.configs import FIRST_FRAME_FOLDER, STAGE_FOLDERS
-    from show1.pipelines.base import MissingComponentError
-    from show1.pipelines.cascade import check_stages
+    from show1.models.configs import FIRST_FRAME_FOLDER
+    from show1.pipelines.cascade import stage_folders
 
     if (weights_dir is None) == (from_registry is None):
         raise ValueError("give exactly one of --weights-dir DIR and --from-registry REF")
@@ -165,13 +164,7 @@ def locate_cascade(params: Params, stages: tuple[str, ...], from_registry: str |
             first_frame = folders["sr1"] / FIRST_FRAME_FOLDER
     else:
         assert weights_dir is not None
-        weights_dir = Path(weights_dir)
-        if not weights_dir.is_dir():
-            raise FileNotFoundError(f"{weights_dir}: weights folder not found")
-        folders = {stage: (weights_dir / STAGE_FOLDERS[stage]).resolve() for stage in check_stages(list(stages))}
-        for stage, folder in folders.items():
-            if not folder.is_dir():
-                raise MissingComponentError(f"{weights_dir}: missing stage folder '{STAGE_FOLDERS[stage]}' ({stage})")
+        folders = {stage: folder.resolve() for stage, folder in stage_folders(weights_dir, stages).items()}
         sources = {stage: str(folder) for stage, folder in folders.items()}
         versions = {}
     return LoadedCascade(None, sources, versions, folders, first_frame)
