@@ -38,7 +38,7 @@ def curate_chunk(job: curation.ChunkJob, force: bool = False) -> curation.ChunkR
 
 
 @task(name="validate-contracts", cache_policy=NO_CACHE)
-def validate(curated: Path, params_path: Path, profile: str | None, manifest: Path) -> dict[str, Any]:
+def validate(curated: Path | str, params_path: Path, profile: str | None, manifest: Path) -> dict[str, Any]:
     from show1.data.contracts import validate_data
 
     params = load_params(params_path, profile)
@@ -55,7 +55,7 @@ def curate_flow(manifest: str | None = None, out: str | None = None, params_path
     apply_environment_defaults()
     params = load_params(params_path, profile)
     manifest_path = Path(manifest) if manifest else params.paths.manifest
-    out_path = Path(out) if out else params.paths.curated
+    out_path = out or params.paths.curated  # a folder or an fsspec URL (s3://bucket/prefix)
     executor = params.curate.executor
 
     def run_chunks(plan: curation.CurationPlan, indices: list[int], again: bool) -> list[curation.ChunkReport]:

@@ -74,15 +74,22 @@ def write_jsonl(target: Path | str, rows: Iterable[dict[str, Any]]) -> None:
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     """Read a JSONL file; a line that does not parse is an error naming the file and line."""
-    rows = []
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        return parse_jsonl(handle, path)
+
+
+def parse_jsonl(lines: Iterable[str] | str, name: Path | str) -> list[dict[str, Any]]:
+    """Parse JSON lines (an iterable of lines, or one text); a line that does not parse is an error naming
+    `name` and the line."""
+    rows = []
+    # split on "\n" only, as a file iterates: str.splitlines would also cut at U+2028 inside a JSON string
+    for number, line in enumerate(lines.split("\n") if isinstance(lines, str) else lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name}:{number}: not valid JSON ({exc.msg})") from None
     return rows
 
 

@@ -93,8 +93,10 @@ def curate(
     ctx: typer.Context,
     manifest: Annotated[Path | None, typer.Argument(
         help="CSV/TSV/JSONL manifest (video, caption[, id, start, end, split]). Default: paths.manifest.")] = None,
-    out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="Output folder for shards, index.jsonl, quarantine.jsonl. Default: paths.curated.")] = None,
+    out_dir: Annotated[str | None, typer.Option(
+        "--out", help="Output folder for shards, index.jsonl, quarantine.jsonl: a path or an fsspec URL "
+                      "(s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the environment). Default: "
+                      "paths.curated.")] = None,
     executor: Annotated[str | None, typer.Option(
         help="Where chunks run: local (threads here) or dask (Dask worker processes). Default: "
              "curate.executor.kind.")] = None,
@@ -103,7 +105,7 @@ def curate(
                     "curate.executor.workers.")] = None,
     dask_address: Annotated[str | None, typer.Option(
         help="A running Dask cluster's scheduler (tcp://HOST:PORT) to run the chunks on (implies --executor "
-             "dask); its workers must see the manifest's files and the output folder.")] = None,
+             "dask); its workers must see the manifest's files, and the output folder (or its URL).")] = None,
     force: Annotated[bool, typer.Option(help="Redo every chunk, even those already curated.")] = False,
     metrics: Annotated[Path | None, typer.Option(
         help="Also write the summary JSON here (a DVC metrics file).")] = None,
@@ -122,16 +124,17 @@ def curate(
     from show1.data.curate import curate as run_curation
     from show1.data.errors import ManifestError
     from show1.data.executors import chunk_runner
+    from show1.data.folder import DataFolder
 
     params = ctx.obj.params()
     manifest = manifest or params.paths.manifest
-    out_dir = out_dir or params.paths.curated
+    folder = DataFolder(out_dir or params.paths.curated)
     settings = _executor(params.curate.executor, executor, workers, dask_address)
     try:
-        rows = len(plan_curation(manifest, out_dir, params).rows)
+        rows = len(plan_curation(manifest, folder, params).rows)
         with tqdm(total=rows, unit="row", desc="curating", disable=quiet or None, file=sys.stderr) as bar, \
                 chunk_runner(settings, on_row=lambda: bar.update(1)) as run_chunks:
-            summary = run_curation(manifest, out_dir, params, workers=settings.workers, force=force,
+            summary = run_curation(manifest, folder, params, workers=settings.workers, force=force,
                                    on_row=lambda: bar.update(1), run_chunks=run_chunks)
     except ManifestError as exc:
         fail(str(exc), code=2)
@@ -139,17 +142,20 @@ def curate(
         fail(str(exc))
     except RuntimeError as exc:  # e.g. another process holds the folder, no Dask scheduler at the address
         fail(str(exc))
+    except OSError as exc:  # a folder or store that refuses a write, a bucket that does not exist
+        fail(f"--out {folder}: {exc}")
     data = summary.to_dict()
     if metrics:
         atomic.write_json(metrics, data)
     out.print(_summary_table(data))
-    out.print(f"index: {out_dir / 'index.jsonl'}\nquarantine: {out_dir / 'quarantine.jsonl'}", highlight=False)
+    out.print(f"index: {folder.name('index.jsonl')}\nquarantine: {folder.name('quarantine.jsonl')}", highlight=False)
 
 
 @app.command()
 def validate(
     ctx: typer.Context,
-    curated: Annotated[Path | None, typer.Option(help="Curated folder. Default: paths.curated.")] = None,
+    curated: Annotated[str | None, typer.Option(
+        help="Curated folder, or its fsspec URL (s3://bucket/prefix). Default: paths.curated.")] = None,
     manifest: Annotated[Path | None, typer.Option(
         help="Also check this manifest. Default: paths.manifest; pass --no-manifest to skip.")] = None,
     no_manifest: Annotated[bool, typer.Option("--no-manifest", help="Skip the manifest suite.")] = False,

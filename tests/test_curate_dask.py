@@ -1,6 +1,7 @@
 """Curation on a Dask cluster (real LocalClusters of worker processes): the same bytes as the local executor, a
-worker killed with SIGKILL mid-chunk loses nothing, and the CLI and the Prefect flow (prefect-dask's
-DaskTaskRunner) run the chunks there when asked."""
+worker killed with SIGKILL mid-chunk loses nothing, the CLI and the Prefect flow (prefect-dask's
+DaskTaskRunner) run the chunks there when asked, and the workers write to an S3 store (the stack's, moto) given
+as an fsspec URL, reaching it the way workers on other machines would: through AWS_ENDPOINT_URL and keys."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, SMALL, deep_merge
+from services import s3_store
 
 from show1.config import Executor, Params, load_params
 from show1.dask_cluster import dask_client
+from show1.data.contracts import validate_data
 from show1.data.curate import curate
 from show1.data.executors import chunk_runner
+from show1.stack import object_store
 
 DEMO = REPO / "data/manifests/demo.csv"
 OUTPUTS = ("index.jsonl", "quarantine.jsonl")
@@ -52,10 +56,31 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[object]:
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The stack's S3 server. Its endpoint and keys are in this module's environment, so the Dask workers started
+    after it, and the CLI, find the store only through the environment."""
+    with s3_store(tmp_path_factory.mktemp("s3")) as endpoint, pytest.MonkeyPatch.context() as env:
+        for name, value in object_store.client_env(endpoint).items():
+            env.setenv(name, value)
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def cluster(s3: str) -> Iterator[object]:
     """A LocalCluster of 2 single-threaded worker processes, shared by the tests that need no faults."""
     with dask_client(Executor(kind="dask", workers=2)) as client:
         yield client
+
+
+def bucket_folder(endpoint: str, prefix: str, into: Path) -> Path:
+    """The objects under `prefix`/ downloaded into a folder; every one must be an output curation writes (no
+    temporary, no lock)."""
+    names = [key[len(prefix) + 1:] for key in object_store.keys(endpoint, prefix=prefix + "/")]
+    expected = ("index.jsonl", "quarantine.jsonl", "summary.json")
+    assert set(expected) <= set(names), names
+    assert all(n in expected or n.startswith(("shards/shard-", "parts/part-")) for n in names), names
+    object_store.save(endpoint, into)
+    return into / prefix
 
 
 def test_two_dask_workers_write_what_the_local_executor_writes(local_run, cluster, tmp_path) -> None:
@@ -72,14 +97,37 @@ def test_two_dask_workers_write_what_the_local_executor_writes(local_run, cluste
     assert all(count > 0 for count in ran.values()), ran
 
 
-def test_the_cli_runs_the_chunks_on_the_cluster_at_an_address(local_run, cluster, tmp_path) -> None:
+def test_the_cli_runs_the_chunks_on_the_cluster_at_an_address_writing_to_s3(local_run, cluster, s3, tmp_path) -> None:
     out, _ = local_run
     result = subprocess.run(
         [sys.executable, "-m", "show1.cli", "--params", str(out.parent / "params.yaml"), "curate", str(DEMO), "--out",
-         str(tmp_path / "out"),
-         "--dask-address", cluster.scheduler.address, "--quiet"],
+         "s3://show1/cli/", "--dask-address", cluster.scheduler.address, "--quiet"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "index: s3://show1/cli/index.jsonl" in result.stdout
+    same_outputs(out, bucket_folder(s3, "cli", tmp_path / "bucket"))
+    ran = cluster.run(lambda dask_worker: len(dask_worker.state.log))
+    assert all(count > 0 for count in ran.values()), ran  # both workers wrote to the store
+
+
+def test_an_s3_output_resumes_and_validates_like_a_folder(local_run, s3, tmp_path) -> None:
+    out, params = local_run
+    first = curate(DEMO, "s3://show1/resume", params)
+    assert first.out == "s3://show1/resume" and first.chunks_skipped == 0
+    lost = "resume/parts/part-00001.json"  # a lost part file: its chunk is curated again, the other is skipped
+    object_store.s3_client(s3).delete_object(Bucket=object_store.BUCKET, Key=lost)
+    again = curate(DEMO, "s3://show1/resume", params)
+    assert again.chunks_skipped == 1 and again.to_dict() | {"chunks_skipped": 0} == first.to_dict()
+    same_outputs(out, bucket_folder(s3, "resume", tmp_path / "bucket"))
+    report = validate_data("s3://show1/resume", params, tmp_path / "validation")
+    assert report.success, report.failed_expectations()
+    assert json.loads(report.result_path.read_text())["curated_dir"] == "s3://show1/resume"
+
+
+def test_a_file_url_is_the_folder_it_names(local_run, tmp_path) -> None:
+    out, params = local_run
+    summary = curate(DEMO, f"file://{tmp_path}/out", params)
+    assert summary.out == str(tmp_path / "out")
     same_outputs(out, tmp_path / "out")
 
 

@@ -27,6 +27,7 @@ from show1 import atomic
 from show1.config import Params, apply_environment_defaults
 from show1.data.curate import INDEX
 from show1.data.errors import ManifestError
+from show1.data.folder import DataFolder
 from show1.data.manifest import SPLITS, read_manifest
 
 if TYPE_CHECKING:
@@ -81,14 +82,16 @@ class ContractReport:
         return lines
 
 
-def validate_data(curated_dir: Path, params: Params, out_dir: Path, manifest: Path | None = None) -> ContractReport:
-    """Run the contract suites on `curated_dir` (and `manifest`, when given) and record the outcome.
+def validate_data(curated_dir: Path | str, params: Params, out_dir: Path,
+                  manifest: Path | None = None) -> ContractReport:
+    """Run the contract suites on `curated_dir` (a folder or an fsspec URL such as `s3://bucket/curated`; and
+    `manifest`, when given) and record the outcome.
 
     Writes `out_dir/result.json` and the Data Docs site `out_dir/data_docs/`. A failed expectation is a
     report with `success=False`; an index or manifest that cannot be read raises `ContractError`.
     """
     apply_environment_defaults()  # before great_expectations is imported
-    curated_dir, out_dir = Path(curated_dir), Path(out_dir).resolve()  # GX wants absolute paths
+    curated_dir, out_dir = DataFolder(curated_dir), Path(out_dir).resolve()  # GX wants absolute paths
     clips = clips_frame(read_index(curated_dir))
     frames = {"clips": clips, "splits": splits_frame(clips)}
     suites = {"clips": clip_expectations(params), "splits": split_expectations(params)}
@@ -125,13 +128,14 @@ def validate_data(curated_dir: Path, params: Params, out_dir: Path, manifest: Pa
                           docs_path=docs_path if docs_path.is_file() else None)
 
 
-def read_index(curated_dir: Path) -> list[dict[str, Any]]:
+def read_index(curated_dir: Path | str | DataFolder) -> list[dict[str, Any]]:
     """The rows of `curated_dir/index.jsonl`; `ContractError` when it is missing or not JSON lines."""
-    path = curated_dir / INDEX
-    if not path.is_file():
+    folder = DataFolder(curated_dir)
+    path = folder.name(INDEX)
+    if not folder.exists(INDEX):
         raise ContractError(f"{path}: clip index not found (run `show1 curate` first)")
     try:
-        rows = atomic.read_jsonl(path)
+        rows = atomic.parse_jsonl(folder.read_text(INDEX), path)
     except UnicodeDecodeError:
         raise ContractError(f"{path}: not UTF-8 text, so not a clip index") from None
     except ValueError as exc:

@@ -9,17 +9,17 @@ the chunks already done. `finalize` then assembles, in manifest order, the outpu
   OUT/quarantine.jsonl  one row per rejected manifest row, with `reason` and `error`
   OUT/summary.json      counts (also the DVC metrics of the curate stage)
   OUT/shards/, OUT/parts/
+
+OUT is a local folder or any fsspec URL (`s3://bucket/prefix`): every file goes through `DataFolder`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -29,10 +29,10 @@ from typing import Any
 import av
 import numpy as np
 
-from show1 import atomic
 from show1.config import Curate, Params
 from show1.data import captions, dedupe, manifest, quality, shards, sources, video
 from show1.data.errors import Rejected
+from show1.data.folder import DataFolder
 from show1.data.manifest import ManifestRow
 from show1.faults import fault_point
 
@@ -49,7 +49,7 @@ class CurationPlan:
     """What a curation run will do: the manifest's rows, cut into chunks, and the settings hash."""
 
     manifest: Path
-    out: Path
+    out: DataFolder
     cache: Path
     settings: Curate
     rows: tuple[ManifestRow, ...]
@@ -85,8 +85,8 @@ class CurationPlan:
     def fingerprint(self, index: int) -> str:
         return self.fingerprints[index]
 
-    def part_path(self, index: int) -> Path:
-        return self.out / PARTS / f"part-{index:05d}.json"
+    def part_name(self, index: int) -> str:
+        return part_name(index)
 
     def job(self, index: int) -> ChunkJob:
         """Everything a worker needs to curate chunk `index`, and nothing of the other chunks (a plan of a
@@ -104,19 +104,24 @@ class ChunkJob:
     index: int
     rows: tuple[ManifestRow, ...]
     fingerprint: str
-    out: Path
+    out: DataFolder
     manifest_dir: Path
     cache: Path
     settings: Curate
     source_ids: dict[int, str]
 
     @property
-    def part_path(self) -> Path:
-        return self.out / PARTS / f"part-{self.index:05d}.json"
+    def part_name(self) -> str:
+        return part_name(self.index)
 
     @property
     def shard_name(self) -> str:
         return f"{SHARDS}/shard-{self.index:05d}.safetensors"
+
+
+def part_name(index: int) -> str:
+    """The name, in the output folder, of chunk `index`'s part file."""
+    return f"{PARTS}/part-{index:05d}.json"
 
 
 def _file_stamp(row: ManifestRow, manifest_dir: Path, cfg: Curate) -> list[int] | None:
@@ -148,7 +153,7 @@ def assign_source_ids(rows: tuple[ManifestRow, ...] | list[ManifestRow]) -> dict
     return ids
 
 
-def plan_curation(manifest_path: Path | str, out: Path | str, params: Params) -> CurationPlan:
+def plan_curation(manifest_path: Path | str, out: Path | str | DataFolder, params: Params) -> CurationPlan:
     """Read the manifest and mark the rows that are rejected before any IO (bad fields, repeated ids)."""
     manifest_path = Path(manifest_path)
     rows = manifest.read_manifest(manifest_path, params.curate.columns)
@@ -164,7 +169,7 @@ def plan_curation(manifest_path: Path | str, out: Path | str, params: Params) ->
                 seen[row.id] = row.row
         checked.append(row)
     usable = [r for r in checked if r.rejection is None]
-    return CurationPlan(manifest=manifest_path, out=Path(out), cache=params.paths.cache,
+    return CurationPlan(manifest=manifest_path, out=DataFolder(out), cache=params.paths.cache,
                         settings=params.curate, rows=tuple(checked), rows_per_chunk=params.curate.rows_per_shard,
                         source_ids=assign_source_ids(usable))
 
@@ -359,19 +364,20 @@ class ChunkReport:
     rejected: int
 
 
-def chunk_done(part: Path, fingerprint: str) -> bool:
-    """Whether the part file at `part` commits a chunk curated with this fingerprint."""
-    if not part.is_file():
-        return False
+def read_part(out: DataFolder, part: str, fingerprint: str) -> dict[str, Any] | None:
+    """The part file `part` of `out` when it commits a chunk curated with this fingerprint, else None."""
+    if not out.exists(part):
+        return None
     try:
-        return json.loads(part.read_text())["fingerprint"] == fingerprint
-    except (ValueError, KeyError):
-        return False
+        committed = out.read_json(part)
+    except (ValueError, FileNotFoundError):
+        return None
+    return committed if isinstance(committed, dict) and committed.get("fingerprint") == fingerprint else None
 
 
 def run_chunk(job: ChunkJob, on_row: Callable[[], None] | None = None, force: bool = False) -> ChunkReport:
     """Curate one chunk into its shard and part file, unless an identical run already did."""
-    if not force and chunk_done(job.part_path, job.fingerprint):
+    if not force and read_part(job.out, job.part_name, job.fingerprint) is not None:
         for _ in job.rows:
             on_row and on_row()
         return ChunkReport(job.index, skipped=True, kept=0, rejected=0)
@@ -389,10 +395,10 @@ def run_chunk(job: ChunkJob, on_row: Callable[[], None] | None = None, force: bo
             on_row()
     shard = job.shard_name if tensors else None
     if shard:
-        shards.write_shard(job.out / shard, tensors)
+        shards.write_shard(job.out, shard, tensors)
         fault_point("curate.chunk.after_shard")
     # The part file commits the chunk: written only after its shard is in place.
-    atomic.write_json(job.part_path, {
+    job.out.write_json(job.part_name, {
         "chunk": job.index, "fingerprint": job.fingerprint, "shard": shard,
         "sources": kept_records, "rejected": rejected_records})
     return ChunkReport(job.index, skipped=False, kept=len(kept_records), rejected=len(rejected_records))
@@ -454,13 +460,12 @@ def _drop_duplicate_frames(plan: CurationPlan, parts: list[dict[str, Any]], dupl
         empty = drop == {s["source_key"] for s in part["sources"]}
         updated = part | {"dropped": sorted(drop)} | ({"shard": None} if empty else {})
         if updated != part:
-            atomic.write_json(plan.part_path(index), updated)
+            plan.out.write_json(plan.part_name(index), updated)
             parts[index] = updated
-        shard = plan.out / part["shard"]
         if empty:
-            shard.unlink(missing_ok=True)
-        elif drop and shard.is_file():
-            shards.drop_sources(shard, drop)
+            plan.out.remove(part["shard"])
+        elif drop and plan.out.exists(part["shard"]):
+            shards.drop_sources(plan.out, part["shard"], drop)
 
 
 def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
@@ -471,9 +476,10 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
     """
     parts = []
     for index in range(plan.chunk_count):
-        if not chunk_done(plan.part_path(index), plan.fingerprint(index)):
+        part = read_part(plan.out, plan.part_name(index), plan.fingerprint(index))
+        if part is None:
             raise RuntimeError(f"chunk {index} of {plan.out} is not curated yet; run the curation again")
-        parts.append(json.loads(plan.part_path(index).read_text()))
+        parts.append(part)
     cfg = plan.settings
     listed = [(index, source) for index, part in enumerate(parts) for source in part["sources"]]
     reasons = dedupe.find_duplicates([_source_frames(source) for _, source in listed],
@@ -513,8 +519,8 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
                 "frame_start": clip["frame_start"], "content_hash": clip["content_hash"], "split": split,
             })
     quarantine.sort(key=lambda q: q["row"])
-    atomic.write_jsonl(plan.out / INDEX, index_rows)
-    atomic.write_jsonl(plan.out / QUARANTINE, quarantine)
+    plan.out.write_jsonl(INDEX, index_rows)
+    plan.out.write_jsonl(QUARANTINE, quarantine)
     _drop_duplicate_frames(plan, parts, duplicates)  # after the index: it never lists a dropped source
     _remove_stale(plan, {p["shard"] for p in parts if p["shard"]})
 
@@ -527,32 +533,20 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
         frames=len(index_rows) * cfg.clip.frames,
         source_seconds=round(sum(s["span"][1] - s["span"][0] for s, _ in kept), 3),
         chunks_skipped=chunks_skipped)
-    atomic.write_json(plan.out / SUMMARY, summary.to_dict())
+    plan.out.write_json(SUMMARY, summary.to_dict())
     return summary
 
 
 def _remove_stale(plan: CurationPlan, live_shards: set[str]) -> None:
     """Drop parts/shards of chunks that no longer exist and shards no part refers to."""
-    for part in (plan.out / PARTS).glob("part-*.json"):
-        if int(part.stem.split("-")[1]) >= plan.chunk_count:
-            part.unlink()
-    for shard in (plan.out / SHARDS).glob("shard-*.safetensors"):
-        if f"{SHARDS}/{shard.name}" not in live_shards:
-            shard.unlink()
-    for folder in (plan.out / PARTS, plan.out / SHARDS):
-        atomic.remove_stale_temporaries(folder)
-
-
-@contextlib.contextmanager
-def exclusive(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the output folder; a second curation of it fails fast."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"{out} is being curated by another process") from None
-        yield
+    for part in plan.out.glob(f"{PARTS}/part-*.json"):
+        if int(Path(part).stem.split("-")[1]) >= plan.chunk_count:
+            plan.out.remove(part)
+    for shard in plan.out.glob(f"{SHARDS}/shard-*.safetensors"):
+        if shard not in live_shards:
+            plan.out.remove(shard)
+    for folder in (PARTS, SHARDS):
+        plan.out.remove_stale_temporaries(folder)
 
 
 class NothingKept(RuntimeError):
@@ -562,8 +556,9 @@ class NothingKept(RuntimeError):
 ChunkRunner = Callable[[CurationPlan, list[int], bool], list[ChunkReport]]
 
 
-def curate(manifest_path: Path | str, out: Path | str, params: Params, workers: int = 1, force: bool = False,
-           on_row: Callable[[], None] | None = None, run_chunks: ChunkRunner | None = None) -> CurationSummary:
+def curate(manifest_path: Path | str, out: Path | str | DataFolder, params: Params, workers: int = 1,
+           force: bool = False, on_row: Callable[[], None] | None = None,
+           run_chunks: ChunkRunner | None = None) -> CurationSummary:
     """Curate a manifest into `out`. Resumable: chunks already done with the same inputs are skipped.
 
     `run_chunks(plan, indices, force)` lets an orchestrator (the Prefect flow, a Dask cluster) run the chunks as
@@ -579,9 +574,9 @@ def curate(manifest_path: Path | str, out: Path | str, params: Params, workers: 
                 return list(pool.map(lambda i: run_chunk(plan.job(i), on_row, again), indices))
         return [run_chunk(plan.job(i), on_row, again) for i in indices]
 
-    with exclusive(plan.out):
-        for folder in (plan.out / PARTS, plan.out / SHARDS):
-            atomic.remove_stale_temporaries(folder)
+    with plan.out.lock(plan.cache):
+        for folder in (PARTS, SHARDS):
+            plan.out.remove_stale_temporaries(folder)
         reports = run(list(range(plan.chunk_count)), force)
         fault_point("curate.before_finalize")
         try:
@@ -592,5 +587,5 @@ def curate(manifest_path: Path | str, out: Path | str, params: Params, workers: 
             summary = finalize(plan, chunks_skipped=sum(r.skipped and r.index not in again for r in reports))
     if summary.clips == 0:
         raise NothingKept(f"nothing valid remains: all {summary.rows} manifest rows of {plan.manifest} were "
-                          f"rejected ({summary.rejected_by_reason}); see {plan.out / QUARANTINE}")
+                          f"rejected ({summary.rejected_by_reason}); see {plan.out.name(QUARANTINE)}")
     return summary

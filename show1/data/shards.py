@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import load, save, save_file
 
 from show1 import atomic
+from show1.data.folder import DataFolder
 
 FORMAT = "show1-clips-v1"
 
@@ -21,11 +22,14 @@ def tensor_name(source_key: str, size_key: str) -> str:
     return f"{source_key}/{size_key}"
 
 
-def write_shard(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """Write `tensors` atomically (temp file, fsync, rename)."""
-    with atomic.atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": FORMAT})
+def write_shard(folder: DataFolder, name: str, tensors: dict[str, np.ndarray]) -> None:
+    """Write `tensors` as the shard `name` of `folder`, whole (a local temporary renamed into place, or one upload)."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    if folder.local:  # streamed to the temporary: no second copy of the frames in memory
+        with atomic.atomic_path(folder.local / name) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    else:
+        folder.write_bytes(name, save(tensors, metadata={"format": FORMAT}))
 
 
 def source_of(tensor: str) -> str:
@@ -33,22 +37,27 @@ def source_of(tensor: str) -> str:
     return tensor.rsplit("/", 1)[0]
 
 
-def tensor_names(path: Path) -> list[str]:
-    with safe_open(str(path), framework="np") as handle:
-        return list(handle.keys())
+def _kept_tensors(folder: DataFolder, name: str, sources: set[str]) -> dict[str, np.ndarray] | None:
+    """The shard's tensors that do not belong to `sources`; None when it holds none of `sources`."""
+    if folder.local:
+        with safe_open(str(folder.local / name), framework="np") as handle:
+            names = list(handle.keys())
+            if not any(source_of(n) in sources for n in names):
+                return None
+            return {n: handle.get_tensor(n) for n in names if source_of(n) not in sources}
+    tensors = load(folder.read_bytes(name))
+    if not any(source_of(n) in sources for n in tensors):
+        return None
+    return {n: t for n, t in tensors.items() if source_of(n) not in sources}
 
 
-def drop_sources(path: Path, sources: set[str]) -> bool:
-    """Rewrite the shard at `path` without the tensors of `sources` (atomically); False when it had none of them.
-
-    The caller removes a shard that would be left empty."""
-    names = tensor_names(path)
-    keep = [name for name in names if source_of(name) not in sources]
-    if len(keep) == len(names):
+def drop_sources(folder: DataFolder, name: str, sources: set[str]) -> bool:
+    """Rewrite the shard `name` of `folder` without the tensors of `sources` (whole, as `write_shard` writes);
+    False when it had none of them. The caller removes a shard that would be left empty."""
+    kept = _kept_tensors(folder, name, sources)
+    if kept is None:
         return False
-    with safe_open(str(path), framework="np") as handle:
-        tensors = {name: handle.get_tensor(name) for name in keep}
-    write_shard(path, tensors)
+    write_shard(folder, name, kept)
     return True
 
 

@@ -29,6 +29,9 @@ def start_mlflow(host: str, port: int, pg_port: int, bucket: str, workers: int, 
     argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.url(pg_port, "mlflow", "psycopg"),
             "--artifacts-destination", f"s3://{bucket}/{ARTIFACTS_PREFIX}", "--host", host, "--port", str(port),
             "--workers", str(workers)]
+    # MLflow's job runner (GenAI scorers, prompt optimisation, trace roll-ups: nothing show1 uses) would start 8
+    # huey consumer processes beside the server, ~250 MB each; a user who wants it sets the variable to true.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env}
     return start("mlflow", argv, log=log, url=local_url(host, port), env=env)
 
 
