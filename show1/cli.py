@@ -199,7 +199,8 @@ def train(
     stage: Annotated[str, typer.Option(help="base | interp | sr1 | sr2.")],
     profile: Annotated[str | None, typer.Option(help="tiny | paper (overrides params.yaml and show1 --profile).")]
     = None,
-    data: Annotated[Path | None, typer.Option(help="Curated folder (show1 curate). Default: paths.curated.")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="Curated folder (show1 curate), on this machine. Default: paths.curated.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder. Default: paths.runs/STAGE.")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.max_steps).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(min=1, help="Default: train.checkpoint_every.")] = None,
@@ -231,7 +232,10 @@ def train(
     params = ctx.obj.params()
     if stage not in TRAINABLE_STAGES:
         fail(f"--stage {stage!r}: trainable stages are {', '.join(TRAINABLE_STAGES)}", code=2)
-    data = data or params.paths.curated
+    if data and "://" in data:
+        fail(f"--data {data}: training reads a curated folder on this machine; copy the curated data down first "
+             f"(aws s3 sync {data} DIR, or dvc pull)", code=2)
+    data = Path(data) if data else params.paths.curated
     out_dir = out_dir or params.paths.runs / stage
     try:
         result = run_training(stage, data, out_dir, params, max_steps=max_steps, checkpoint_every=checkpoint_every,

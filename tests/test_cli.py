@@ -88,3 +88,11 @@ def test_validate_passes_on_demo_and_fails_naming_expectations_on_a_corrupted_in
 def test_validate_without_curated_data_is_a_usage_error(tmp_path):
     result = invoke("validate", "--curated", str(tmp_path / "none"), "--no-manifest", "--out", str(tmp_path / "v"))
     assert result.exit_code == 2 and "show1 curate" in result.output
+
+
+def test_an_output_url_fsspec_cannot_open_and_training_from_a_url_are_clear_errors(tmp_path):
+    result = invoke("curate", str(ROOT / "data/manifests/demo.csv"), "--out", "nosuchfs://bucket/curated", "--quiet")
+    assert result.exit_code == 1 and "nosuchfs://bucket/curated: cannot open this URL with fsspec" in result.output
+    result = invoke("train", "--stage", "base", "--data", "s3://bucket/curated", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "training reads a curated folder on this machine" in result.output
+    assert not (tmp_path / "run").exists()

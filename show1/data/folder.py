@@ -164,6 +164,7 @@ class DataFolder:
             self.local.mkdir(parents=True, exist_ok=True)
             path = self.local / LOCK
         else:
+            self.fs  # noqa: B018 (a URL fsspec cannot open fails here, before anything is written)
             path = Path(cache) / "locks" / f"{hashlib.sha256(str(self).encode()).hexdigest()[:24]}.lock"
             path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as handle:
