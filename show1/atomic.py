@@ -64,12 +64,22 @@ def write_text(target: Path | str, text: str) -> None:
     write_bytes(target, text.encode("utf-8"))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """How show1 writes a JSON file: indented, keys sorted, UTF-8, a final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def jsonl_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
+    """How show1 writes JSON lines: one object per line, keys sorted, UTF-8."""
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
+
+
 def write_json(target: Path | str, obj: Any) -> None:
-    write_text(target, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    write_bytes(target, json_bytes(obj))
 
 
 def write_jsonl(target: Path | str, rows: Iterable[dict[str, Any]]) -> None:
-    write_text(target, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+    write_bytes(target, jsonl_bytes(rows))
 
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:

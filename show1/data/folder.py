@@ -140,11 +140,10 @@ class DataFolder:
             self.fs.pipe_file(self._remote(relative), data)
 
     def write_json(self, relative: str, obj: Any) -> None:
-        self.write_bytes(relative, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+        self.write_bytes(relative, atomic.json_bytes(obj))
 
     def write_jsonl(self, relative: str, rows: Iterable[dict[str, Any]]) -> None:
-        self.write_bytes(relative, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
-                                           for r in rows).encode())
+        self.write_bytes(relative, atomic.jsonl_bytes(rows))
 
     def remove(self, relative: str) -> None:
         if self.local:

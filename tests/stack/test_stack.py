@@ -120,6 +120,9 @@ def test_stack_up_starts_every_service_healthy_and_a_second_up_changes_nothing(s
     assert status.stdout.count(" ok ") == 6, status.stdout
     for name in state.services:
         assert (stack.folder / "logs" / f"{name}.log").is_file(), name
+    # The MLflow server runs without MLflow's job runner: no huey consumer processes beside it.
+    mlflow_tree = psutil.Process(state.services["mlflow"].pid).children(recursive=True)
+    assert not [p.cmdline() for p in mlflow_tree if "huey_consumer" in " ".join(p.cmdline())]
 
     again = show1(["stack", "up", "--dir", str(stack.folder)], stack.project, stack.base_env)
     assert "already running" in again.stderr
