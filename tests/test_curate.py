@@ -659,6 +659,32 @@ def test_curate_demo_manifest_keeps_three_sources_and_drops_the_distorted_copy(t
     assert all(r["resolutions"] == [s.key for s in clip.sizes] and r["num_frames"] == clip.frames for r in index)
 
 
+def test_curate_to_an_fsspec_url_writes_what_a_folder_gets(tmp_path: Path) -> None:
+    """fsspec's in-memory filesystem stands in for an object store here (tests/test_curate_dask.py uses the
+    stack's S3 server): the generic fsspec path (exists, cat, pipe, glob, rm) writes the folder's bytes."""
+    from show1.data.folder import DataFolder
+
+    params = load_params(REPO / "params.yaml")
+    params = params.model_copy(update={"paths": params.paths.model_copy(update={"cache": tmp_path / "cache"})})
+    manifest = REPO / params.paths.manifest
+    curate(manifest, tmp_path / "out", params)
+    url = f"memory://show1-{tmp_path.name}/curated"
+    remote = DataFolder(url)
+    try:
+        summary = curate(manifest, url, params)
+        assert summary.out == url and summary.chunks_skipped == 0
+        local = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")
+                       if p.is_file() and p.name != ".lock")
+        assert remote.glob("*") + remote.glob("*/*") == sorted(n for n in local if "/" not in n) + sorted(
+            n for n in local if "/" in n)  # the same files, and no temporary or lock among them
+        for name in local:
+            if name != "summary.json":  # it names its output folder
+                assert remote.read_bytes(name) == (tmp_path / "out" / name).read_bytes(), name
+        assert curate(manifest, url, params).chunks_skipped == summary.chunks_skipped + 1  # every chunk, from the URL
+    finally:
+        remote.fs.rm(remote._remote(""), recursive=True)
+
+
 def test_curate_rerun_picks_up_a_replaced_video(
         root: Path, stage: Callable[..., str], make_params: Callable[..., Params], tmp_path: Path) -> None:
     video = stage("good0", as_name="clip.mp4")

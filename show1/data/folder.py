@@ -128,7 +128,8 @@ class DataFolder:
             return sorted(str(p.relative_to(self.local)) for p in self.local.glob(pattern) if p.is_file())
         base = self._remote("")
         self.fs.invalidate_cache()
-        return sorted(posixpath.relpath(p, base) for p in self.fs.glob(self._remote(pattern)))
+        found = self.fs.glob(self._remote(pattern), detail=True)  # folders match too: keep the files
+        return sorted(posixpath.relpath(p, base) for p, info in found.items() if info.get("type") == "file")
 
     # ------------------------------------------------------------------------------------------------- writing
 
