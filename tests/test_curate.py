@@ -461,6 +461,16 @@ def test_curate_with_parallel_workers_matches_a_sequential_run(mixed: MixedRun, 
     assert tree_bytes(tmp_path / "out") == tree_bytes(mixed.out)
 
 
+def test_curate_one_row_at_a_time_matches_the_rows_decoded_ahead(mixed: MixedRun, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from show1.data import curate as curation
+
+    assert curation.ROWS_IN_FLIGHT > 1  # the mixed run decoded each chunk's next row while storing the last
+    monkeypatch.setattr(curation, "ROWS_IN_FLIGHT", 1)
+    curate(mixed.manifest, tmp_path / "out", mixed.params)
+    assert tree_bytes(tmp_path / "out") == tree_bytes(mixed.out)
+
+
 # ----------------------------------------------------------------------------------- other manifests
 
 
