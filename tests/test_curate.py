@@ -692,7 +692,7 @@ def test_curate_to_an_fsspec_url_writes_what_a_folder_gets(tmp_path: Path) -> No
                 assert remote.read_bytes(name) == (tmp_path / "out" / name).read_bytes(), name
         assert curate(manifest, url, params).chunks_skipped == summary.chunks_skipped + 1  # every chunk, from the URL
     finally:
-        remote.fs.rm(remote._remote(""), recursive=True)
+        remote.fs.rm(f"/show1-{tmp_path.name}", recursive=True)
 
 
 def test_curate_rerun_picks_up_a_replaced_video(

@@ -132,10 +132,10 @@ def read_index(curated_dir: Path | str | DataFolder) -> list[dict[str, Any]]:
     """The rows of `curated_dir/index.jsonl`; `ContractError` when it is missing or not JSON lines."""
     folder = DataFolder(curated_dir)
     path = folder.name(INDEX)
-    if not folder.exists(INDEX):
-        raise ContractError(f"{path}: clip index not found (run `show1 curate` first)")
     try:
         rows = atomic.parse_jsonl(folder.read_text(INDEX), path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ContractError(f"{path}: clip index not found (run `show1 curate` first)") from None
     except UnicodeDecodeError:
         raise ContractError(f"{path}: not UTF-8 text, so not a clip index") from None
     except ValueError as exc:

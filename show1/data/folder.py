@@ -35,17 +35,13 @@ class FolderUnavailable(RuntimeError):
     """The folder's URL names a filesystem fsspec cannot open here (unknown protocol, its package missing)."""
 
 
-def is_url(location: str | Path) -> bool:
-    return isinstance(location, str) and "://" in location
-
-
 class DataFolder:
     """One folder of files addressed by names relative to it (`index.jsonl`, `shards/shard-00000.safetensors`)."""
 
     def __init__(self, location: str | Path | DataFolder) -> None:
         if isinstance(location, DataFolder):
             location = location.location
-        if is_url(location):
+        if isinstance(location, str) and "://" in location:
             protocol = str(location).split("://", 1)[0]
             self.location: str | Path = str(location).rstrip("/")
             if protocol == "file":
@@ -67,12 +63,6 @@ class DataFolder:
 
     def __repr__(self) -> str:
         return f"DataFolder({str(self.location)!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DataFolder) and str(self) == str(other)
-
-    def __hash__(self) -> int:
-        return hash(str(self))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (DataFolder, (self.location,))  # a worker opens the store itself, with its own credentials
