@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from show1.config import Params
-from show1.data.curate import curate
+from show1.data.curate import curate, plan_curation, run_chunk
 from show1.data.dedupe import SourceFrames, find_duplicates
 from show1.data.hamming_index import HammingIndex, substring_radii
 
@@ -185,3 +185,69 @@ def test_a_duplicate_dropped_from_its_shard_comes_back_when_it_is_kept_again(
     assert {row["row"] for row in index} == {0, 1}
     assert {row["tensor"] for row in index} == {name.split("/")[0] for name in _stored_tensors(out)}
     assert not json.loads((out / "parts" / "part-00001.json").read_text()).get("dropped")
+
+
+def _part(out: Path, index: int) -> dict:
+    return json.loads((out / "parts" / f"part-{index:05d}.json").read_text())
+
+
+def test_a_duplicate_of_a_source_of_its_own_chunk_is_never_written(
+        root: Path, stage: Callable[..., str], make_params: Callable[..., Params], tmp_path: Path) -> None:
+    manifest = media.write_manifest_csv(root / "m.csv", [
+        {"video": stage("good0"), "caption": "The red square."},
+        {"video": stage("reencoded"), "caption": "The red square again, re-encoded."},
+        {"video": stage("good1"), "caption": "Something else."},
+    ])
+    params = make_params()  # 4 rows per chunk: one chunk
+    out = tmp_path / "out"
+    run_chunk(plan_curation(manifest, out, params).job(0))  # the chunk alone, before any finalize
+    assert _part(out, 0)["dropped"] == ["r0000001"]
+    assert {name.split("/")[0] for name in _stored_tensors(out)} == {"r0000000", "r0000002"}
+
+    summary = curate(manifest, out, params)  # the chunk is committed: only finalize runs
+    assert summary.chunks_skipped == 1 and summary.kept_sources == 2
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["row"], q["reason"]) for q in quarantine] == [(1, "duplicate")]
+
+    # The same shard, byte for byte, as writing every source's frames and dropping the copy's afterwards.
+    everything = tmp_path / "everything"
+    plan = plan_curation(manifest, everything, params).keeping_duplicates([0])
+    run_chunk(plan.job(0))
+    assert "dropped" not in _part(everything, 0)
+    assert len(_stored_tensors(everything)) == 3 * len(params.curate.clip.sizes)
+    curate(manifest, everything, params)
+    for name in ("shards/shard-00000.safetensors", "index.jsonl", "quarantine.jsonl"):
+        assert (everything / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_a_source_dropped_within_its_chunk_is_written_after_all_when_an_earlier_chunk_drops_what_it_repeats(
+        root: Path, stage: Callable[..., str], make_params: Callable[..., Params], tmp_path: Path) -> None:
+    # Three windows of one 4 s video: A (0-2 s) in chunk 0, B (1-3 s) and C (2.5-3.5 s) in chunk 1. B overlaps A,
+    # C overlaps B but not A. Within chunk 1, C repeats B; over the manifest B repeats A and is dropped, so C is
+    # kept: its frames, left out of chunk 1's shard, are needed, and chunk 1 is curated again with them.
+    (root / "videos").mkdir()
+    video = media.write_video(root / "videos" / "four-seconds.mp4", frames=96, seed=5)
+    manifest = media.write_manifest_csv(root / "m.csv", [
+        {"video": "videos/four-seconds.mp4", "caption": "Window A.", "start": 0.0, "end": 2.0},
+        {"video": stage("good1"), "caption": "Another video.", "start": "", "end": ""},
+        {"video": "videos/four-seconds.mp4", "caption": "Window B.", "start": 1.0, "end": 3.0},
+        {"video": "videos/four-seconds.mp4", "caption": "Window C.", "start": 2.5, "end": 3.5},
+    ])
+    assert video.is_file()
+    out = tmp_path / "out"
+    summary = curate(manifest, out, make_params({"curate": {"rows_per_shard": 2}}))
+    assert summary.kept_sources == 3
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["row"], q["reason"]) for q in quarantine] == [(2, "duplicate")]
+    assert _part(out, 1)["dropped"] == ["r0000002"]
+    stored = {name.split("/")[0] for name in _stored_tensors(out)}
+    assert stored == {"r0000000", "r0000001", "r0000003"}
+
+    # What one chunk per row (no chunk holds two sources) gives: the same clips, the same content.
+    alone = tmp_path / "alone"
+    curate(manifest, alone, make_params({"curate": {"rows_per_shard": 1}}))
+    clips = [{k: r[k] for k in ("clip_id", "content_hash", "row", "start", "end")}
+             for r in (json.loads(line) for line in (out / "index.jsonl").read_text().splitlines())]
+    clips_alone = [{k: r[k] for k in ("clip_id", "content_hash", "row", "start", "end")}
+                   for r in (json.loads(line) for line in (alone / "index.jsonl").read_text().splitlines())]
+    assert clips == clips_alone and {c["row"] for c in clips} == {0, 1, 3}

@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,9 @@ class CurationPlan:
     rows_per_chunk: int
     # Clip-id prefix per manifest row, unique across the manifest (see `assign_source_ids`).
     source_ids: dict[int, str] = field(default_factory=dict)
+    # Chunks that store every kept source's frames, even those that repeat an earlier source of the chunk: a
+    # source dropped that way turned out to be kept (`FramesDropped`), so the chunk is curated again with them all.
+    keep_duplicates: frozenset[int] = frozenset()
 
     @property
     def chunk_count(self) -> int:
@@ -94,7 +97,15 @@ class CurationPlan:
         rows = self.chunk(index)
         return ChunkJob(index=index, rows=rows, fingerprint=self.fingerprint(index), out=self.out,
                         manifest_dir=self.manifest.parent, cache=self.cache, settings=self.settings,
-                        source_ids={r.row: self.source_ids[r.row] for r in rows if r.row in self.source_ids})
+                        source_ids={r.row: self.source_ids[r.row] for r in rows if r.row in self.source_ids},
+                        drop_duplicates=index not in self.keep_duplicates)
+
+    def keeping_duplicates(self, chunks: list[int]) -> CurationPlan:
+        """This plan, with `chunks` storing the frames of every kept source (see `keep_duplicates`)."""
+        again = replace(self, keep_duplicates=self.keep_duplicates | set(chunks))
+        if "fingerprints" in self.__dict__:  # computed already: a stat per row of the manifest, not worth twice
+            again.__dict__["fingerprints"] = self.fingerprints
+        return again
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,8 @@ class ChunkJob:
     cache: Path
     settings: Curate
     source_ids: dict[int, str]
+    # Leave out of the shard the frames of sources that repeat an earlier source of this chunk (see `run_chunk`).
+    drop_duplicates: bool = True
 
     @property
     def part_name(self) -> str:
@@ -373,20 +386,40 @@ def read_part(out: DataFolder, part: str, fingerprint: str) -> dict[str, Any] | 
     return committed if isinstance(committed, dict) and committed.get("fingerprint") == fingerprint else None
 
 
-# Rows of a chunk decoded at once: the next row decodes while this one's frames are hashed and stored. Measured
-# with benchmarks/bench_curate.py on the demo, 2 cores: 0.61x the bare decode rate one row at a time, 0.68-0.73x
-# with two, 0.72-0.75x with three (not worth a third source's frames in memory). The outputs are the same.
+# Rows of a chunk decoded at once: the next row decodes while this one's frames are hashed. Measured with
+# benchmarks/bench_curate.py on the demo, 2 cores (before the hashing moved onto the rows' threads and duplicates
+# within a chunk stopped being written): 0.61x the bare decode rate one row at a time, 0.68-0.73x with two,
+# 0.72-0.75x with three (not worth a third source's frames in memory). The outputs are the same.
 ROWS_IN_FLIGHT = 2
 
 
-def _row_outcomes(job: ChunkJob) -> Iterator[tuple[ManifestRow, KeptSource | Rejected]]:
-    """Each row of the chunk with what `process_row` made of it, in manifest order."""
+@dataclass(frozen=True)
+class CuratedRow:
+    """A kept row: its decoded source and the record the part file lists it with."""
 
-    def attempt(row: ManifestRow) -> KeptSource | Rejected:
+    source: KeptSource
+    record: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return self.record["source_key"]
+
+
+def source_key(row: ManifestRow) -> str:
+    """The name of a row's tensors in its shard (`<key>/<W>x<H>`) and of its record in the part file."""
+    return f"r{row.row:07d}"
+
+
+def _row_outcomes(job: ChunkJob) -> Iterator[tuple[ManifestRow, CuratedRow | Rejected]]:
+    """Each row of the chunk with what became of it, in manifest order."""
+
+    def attempt(row: ManifestRow) -> CuratedRow | Rejected:
         try:
-            return process_row(row, job.manifest_dir, job.settings, job.cache, job.source_ids.get(row.row))
+            kept = process_row(row, job.manifest_dir, job.settings, job.cache, job.source_ids.get(row.row))
         except Rejected as rejection:
             return rejection
+        # Hashed here, on the row's thread, while the next row decodes (not after the chunk, before its shard).
+        return CuratedRow(kept, _source_record(kept, source_key(row), job.settings))
 
     # In manifest order, whichever row finishes first. Rows decoded ahead hold no more memory than the chunk does
     # anyway: every kept source's frames stay in memory until its shard is written.
@@ -394,22 +427,37 @@ def _row_outcomes(job: ChunkJob) -> Iterator[tuple[ManifestRow, KeptSource | Rej
         yield from zip(job.rows, pool.map(attempt, job.rows), strict=True)
 
 
+def repeats_within(records: list[dict[str, Any]], cfg: Curate) -> set[str]:
+    """The source keys of the records that repeat an earlier record of the same list (the rule of `dedupe`)."""
+    reasons = dedupe.find_duplicates([_source_frames(r) for r in records], cfg.filters.dedup_max_distance,
+                                     cfg.filters.dedup_min_match)
+    return {r["source_key"] for r, reason in zip(records, reasons, strict=True) if reason}
+
+
 def run_chunk(job: ChunkJob, on_row: Callable[[], None] | None = None, force: bool = False) -> ChunkReport:
-    """Curate one chunk into its shard and part file, unless an identical run already did."""
+    """Curate one chunk into its shard and part file, unless an identical run already did.
+
+    A source that repeats an earlier source of the same chunk is a duplicate whatever the other chunks hold (unless
+    that earlier source is itself dropped for a source of an earlier chunk: rare, see `keep_duplicates`), so its
+    frames are not written at all; the part file lists it as `dropped`, as `finalize` lists the duplicates it
+    removes from a shard afterwards."""
     if not force and read_part(job.out, job.part_name, job.fingerprint) is not None:
         for _ in job.rows:
             on_row and on_row()
         return ChunkReport(job.index, skipped=True, kept=0, rejected=0)
-    kept_records, rejected_records, tensors = [], [], {}
-    for row, kept in _row_outcomes(job):
-        if isinstance(kept, Rejected):
-            rejected_records.append(quarantine_row(row, kept))
+    kept: list[CuratedRow] = []
+    rejected_records = []
+    for row, outcome in _row_outcomes(job):
+        if isinstance(outcome, Rejected):
+            rejected_records.append(quarantine_row(row, outcome))
         else:
-            key = f"r{row.row:07d}"
-            kept_records.append(_source_record(kept, key, job.settings))
-            tensors.update({shards.tensor_name(key, k): v for k, v in kept.frames.items()})
+            kept.append(outcome)
         if on_row:
             on_row()
+    records = [k.record for k in kept]
+    dropped = repeats_within(records, job.settings) if job.drop_duplicates and len(kept) > 1 else set()
+    tensors = {shards.tensor_name(k.key, size): frames
+               for k in kept if k.key not in dropped for size, frames in k.source.frames.items()}
     shard = job.shard_name if tensors else None
     if shard:
         shards.write_shard(job.out, shard, tensors)
@@ -417,8 +465,8 @@ def run_chunk(job: ChunkJob, on_row: Callable[[], None] | None = None, force: bo
     # The part file commits the chunk: written only after its shard is in place.
     job.out.write_json(job.part_name, {
         "chunk": job.index, "fingerprint": job.fingerprint, "shard": shard,
-        "sources": kept_records, "rejected": rejected_records})
-    return ChunkReport(job.index, skipped=False, kept=len(kept_records), rejected=len(rejected_records))
+        "sources": records, "rejected": rejected_records} | ({"dropped": sorted(dropped)} if dropped else {}))
+    return ChunkReport(job.index, skipped=False, kept=len(kept), rejected=len(rejected_records))
 
 
 # --------------------------------------------------------------------------------------------- finalize
@@ -583,7 +631,7 @@ def curate(manifest_path: Path | str, out: Path | str | DataFolder, params: Para
     """
     plan = plan_curation(manifest_path, out, params)
 
-    def run(indices: list[int], again: bool) -> list[ChunkReport]:
+    def run(plan: CurationPlan, indices: list[int], again: bool) -> list[ChunkReport]:
         if run_chunks is not None:
             return run_chunks(plan, indices, again)
         if workers > 1:
@@ -594,13 +642,14 @@ def curate(manifest_path: Path | str, out: Path | str | DataFolder, params: Para
     with plan.out.lock(plan.cache):
         for folder in (PARTS, SHARDS):
             plan.out.remove_stale_temporaries(folder)
-        reports = run(list(range(plan.chunk_count)), force)
+        reports = run(plan, list(range(plan.chunk_count)), force)
         fault_point("curate.before_finalize")
         try:
             summary = finalize(plan, chunks_skipped=sum(r.skipped for r in reports))
         except FramesDropped as dropped:  # an earlier run's duplicates are kept now: their frames are needed again
             again = set(dropped.chunks)
-            run(dropped.chunks, True)
+            plan = plan.keeping_duplicates(dropped.chunks)
+            run(plan, dropped.chunks, True)
             summary = finalize(plan, chunks_skipped=sum(r.skipped and r.index not in again for r in reports))
     if summary.clips == 0:
         raise NothingKept(f"nothing valid remains: all {summary.rows} manifest rows of {plan.manifest} were "
