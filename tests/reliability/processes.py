@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,24 +30,41 @@ def killed_at_random(argv: list[str], rng: random.Random, ready: str | None, win
                      env: dict[str, str] | None = None) -> int | None:
     """Start `argv`; once it prints `ready` on stderr or stdout (None: at once), SIGKILL it after a random pause in
     [0, window_s).
-    Returns the exit code (None when it was killed; an int when it finished first)."""
+    Returns None when it was killed, 0 when it finished first; a process that failed before its kill fails the
+    test with its output (it would otherwise pass for one that was killed too late to matter)."""
     environment = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     environment.pop("SHOW1_FAULT", None)
     process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=environment)
-    try:
+    output: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:  # all along: a full pipe would stop the process before its kill
         assert process.stdout is not None
-        for line in process.stdout if ready is not None else ():
-            if ready in line:
-                break
+        for line in process.stdout:
+            output.append(line)
+            if ready is not None and ready in line:
+                started.set()
+        started.set()  # the output ended: the process is gone
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if ready is not None:
+            started.wait()
         time.sleep(rng.uniform(0, window_s))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             process.wait()
             return None
-        return process.returncode
+        process.wait()
+        reader.join()
+        assert process.returncode == 0, (f"{' '.join(argv[:6])} exited with {process.returncode} before its kill:\n"
+                                         f"{''.join(output)[-4000:]}")
+        return 0
     finally:
         process.kill()
         process.wait()
+        reader.join(timeout=30)
 
 
