@@ -39,6 +39,15 @@ OFFLINE_ENV = {
 PREFECT_ENV = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
 }
+# torch's CPU threads (OpenMP) spin while they wait for work by default. On a machine whose cores are busy with
+# other processes (a CI runner, a shared box, Dask workers beside a flow) the spinning threads take the cores from
+# the ones with work: benchmarks/bench_cpu_threads.py, a tiny base+interp generation on 2 cores with 2 busy-loop
+# processes per core, ran 1.7-4.7x faster and used 2.3-6x less CPU with PASSIVE; on the idle machine it was up
+# to ~10% slower in some runs, equal in others. Read once, when torch is imported: set OMP_WAIT_POLICY=ACTIVE on a
+# dedicated CPU box to spin again.
+THREADS_ENV = {
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
 # The Dask clusters curation starts: their schedulers, nannies and workers say only what went wrong (Dask's INFO
 # lines, a dozen per worker, drown a flow's own log). Worker processes inherit the setting.
 DASK_ENV = {
@@ -47,9 +56,9 @@ DASK_ENV = {
 
 
 def apply_environment_defaults() -> None:
-    """Switch off telemetry and hub access for every library show1 uses, and set show1's Prefect and Dask defaults
-    (user settings win). Call before Prefect is imported: it reads its settings once, at import."""
-    for key, value in (OFFLINE_ENV | PREFECT_ENV | DASK_ENV).items():
+    """Switch off telemetry and hub access for every library show1 uses, and set show1's Prefect, CPU-thread and
+    Dask defaults (user settings win). Call before Prefect and torch are imported: they read them once, at import."""
+    for key, value in (OFFLINE_ENV | PREFECT_ENV | THREADS_ENV | DASK_ENV).items():
         os.environ.setdefault(key, value)
 
 

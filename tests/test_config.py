@@ -1,10 +1,13 @@
 """params.yaml → typed config: profiles, defaults, and errors that name the key and the file."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from show1.config import ConfigError, Size, load_params
+from show1.config import ConfigError, Size, apply_environment_defaults, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +84,17 @@ def test_missing_explicit_file_and_bad_yaml(tmp_path):
         load_params(write(tmp_path, "curate: [unclosed\n"))
     with pytest.raises(ConfigError, match="mapping"):
         load_params(write(tmp_path, "- a list\n"))
+
+
+def test_torch_threads_sleep_while_they_wait_unless_the_user_says_otherwise(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    apply_environment_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    apply_environment_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    # OpenMP reads it once, when torch loads: the CLI and the flows set it before anything imports torch.
+    for module in ("show1.cli", "flows"):
+        done = subprocess.run([sys.executable, "-c", f"import sys, {module}; print('torch' in sys.modules)"],
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+        assert done.stdout.strip() == "False", (module, done.stderr)
