@@ -96,5 +96,5 @@ def test_torch_threads_sleep_while_they_wait_unless_the_user_says_otherwise(monk
     # OpenMP reads it once, when torch loads: the CLI and the flows set it before anything imports torch.
     for module in ("show1.cli", "flows"):
         done = subprocess.run([sys.executable, "-c", f"import sys, {module}; print('torch' in sys.modules)"],
-                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert done.stdout.strip() == "False", (module, done.stderr)
