@@ -87,6 +87,7 @@ def test_missing_explicit_file_and_bad_yaml(tmp_path):
 
 
 def test_torch_threads_sleep_while_they_wait_unless_the_user_says_otherwise(monkeypatch):
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # every default this sets is gone after the test
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     apply_environment_defaults()
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"

@@ -103,7 +103,7 @@ class CurationPlan:
     def keeping_duplicates(self, chunks: list[int]) -> CurationPlan:
         """This plan, with `chunks` storing the frames of every kept source (see `keep_duplicates`)."""
         again = replace(self, keep_duplicates=self.keep_duplicates | set(chunks))
-        if "fingerprints" in self.__dict__:  # computed already: a stat per row of the manifest, not worth twice
+        if "fingerprints" in self.__dict__:  # the run's own fingerprints, not a second stat of every row's file
             again.__dict__["fingerprints"] = self.fingerprints
         return again
 
