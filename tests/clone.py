@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import warm
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def project_env(prefect_home: Path) -> dict[str, str]:
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `cmd`; it must succeed (the assertion shows its output)."""
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = warm.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
     return result
 

@@ -4,6 +4,7 @@ exactly the stages that depend on them."""
 import json
 
 import pytest
+import warm
 import yaml
 from clone import commit_all, fresh_clone, git, project_env, run
 from services import s3_store
@@ -14,7 +15,8 @@ from show1.stack import object_store
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the whole DAG several times, each stage a CLI process: minutes, more under xdist
 def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
-    env = project_env(tmp_path / "prefect-home")  # the DVC stages are CLI commands: no Prefect server starts
+    # The DVC stages are CLI commands (no Prefect server starts), forked from the tests' warm Python (tests/warm.py).
+    env = warm.commands_env(project_env(tmp_path / "prefect-home"), tmp_path / "bin")
     repo = fresh_clone(tmp_path / "clone")
     # Quarter-size clips, a few training steps, one stage evaluated: the DAG's mechanics in a minute or two
     # (make demo runs the real tiny sizes).

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import warm
 import yaml
 from mlflow.tracking import MlflowClient
 from shared_cache import new_mlflow_store
@@ -146,7 +147,7 @@ def test_two_processes_registering_one_checkpoint_make_one_version(trained, tmp_
     command = [sys.executable, "-m", "show1.cli", "--params", str(params_file), "register", "--stage", "interp",
                "--checkpoint", str(trained["interp"] / "final")]
     env = os.environ | {"MLFLOW_TRACKING_URI": store}
-    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [warm.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
@@ -201,7 +202,7 @@ frames = cascade("a rabbit in a meadow", seed=3, num_inference_steps=2).frames
 same = to_uint8_frames(frames[0].permute(1, 0, 2, 3)) == decode_video(keyframes.video[0])
 print("SAME AS THE CASCADE", bool(same.all()))
 """
-    done = subprocess.run([sys.executable, "-c", script], env=os.environ | {"MLFLOW_TRACKING_URI": store},
+    done = warm.run([sys.executable, "-c", script], env=os.environ | {"MLFLOW_TRACKING_URI": store},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "SHAPES (8, 40, 64, 3) (29, 40, 64, 3)" in done.stdout
@@ -384,7 +385,7 @@ def test_prefect_register_flow_registers_and_promotes(trained, tmp_path, store, 
     (tmp_path / "runs").symlink_to(trained["base"].parent)  # paths.runs: the trained run folders
     env = os.environ | {"MLFLOW_TRACKING_URI": store, "PREFECT_HOME": str(prefect_home),
                         "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "flows.register", "--stages", "base", "interp", "--params",
+    done = warm.run([sys.executable, "-m", "flows.register", "--stages", "base", "interp", "--params",
                            str(params_file), "--promote"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     output = done.stdout + done.stderr

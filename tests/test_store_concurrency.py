@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm
 from mlflow.tracking import MlflowClient
 
 from show1.pipelines.weights import init_weights
@@ -26,7 +27,7 @@ def test_eight_generate_processes_at_once_record_eight_runs(tmp_path):
     # No store yet: the eight processes also race to create it.
     store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     env = os.environ | {"MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    processes = [subprocess.Popen(
+    processes = [warm.Popen(
         [sys.executable, "-m", "show1.cli", "generate", f"a paper boat number {i}", "--weights-dir", str(weights),
          "--stages", "base", "--steps", "1", "--seed", str(i), "--out", str(tmp_path / f"{i}.mp4")],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(CLIENTS)]

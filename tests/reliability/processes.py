@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import warm
+
 REPO = Path(__file__).resolve().parents[2]
 ROUNDS = int(os.environ.get("SHOW1_SOAK_ROUNDS", "1"))  # make test: one random kill each; soak runs set more
 SEED = int(os.environ.get("SHOW1_SOAK_SEED", "8"))
@@ -22,7 +24,7 @@ def show1(params: Path, *args: str, fault: str | None = None, env: dict[str, str
     environment.pop("SHOW1_FAULT", None)
     if fault:
         environment["SHOW1_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "show1.cli", "--params", str(params), *args], cwd=REPO,
+    return warm.run([sys.executable, "-m", "show1.cli", "--params", str(params), *args], cwd=REPO,
                           capture_output=True, text=True, env=environment, timeout=timeout)
 
 
@@ -34,7 +36,7 @@ def killed_at_random(argv: list[str], rng: random.Random, ready: str | None, win
     test with its output (it would otherwise pass for one that was killed too late to matter)."""
     environment = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     environment.pop("SHOW1_FAULT", None)
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    process = warm.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=environment)
     output: list[str] = []
     started = threading.Event()
