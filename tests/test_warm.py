@@ -68,6 +68,8 @@ def test_a_command_that_could_differ_starts_cold(tmp_path: Path) -> None:
     assert forked.returncode == cold.returncode == 3
     assert forked.stdout == f"['{tmp_path / 'report.py'}'] {tmp_path} x True False\n"
     assert cold.stdout == f"['{tmp_path / 'report.py'}'] {tmp_path} x True True\n"
+    in_a_clone = warm.run(asks, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert in_a_clone.stdout.endswith(" True\n")  # `-c` imports from its directory too
 
 
 def test_the_show1_command_for_other_programs_exits_as_show1_does(tmp_path: Path) -> None:
