@@ -164,7 +164,8 @@ def serve(address: str) -> None:
         importlib.import_module(module)
     assert "prefect" not in sys.modules, "a preloaded module imported prefect"
     assert threading.active_count() == 1, "a preloaded module started a thread: a fork would copy it broken"
-    base_path = sys.path[1:]
+    own = set(os.environ.get("PYTHONPATH", "").split(os.pathsep))  # each command brings its own PYTHONPATH
+    base_path = [entry for entry in sys.path[1:] if entry not in own]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(address)
     listener.listen(64)
