@@ -1,5 +1,6 @@
 """`show1 init-weights` and `show1 generate`: the commands people run first."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from show1.cli import app
-from show1.data.video import VideoFile
+from show1.data.video import VideoFile, write_video
 from show1.pipelines.keyframes import Show1BasePipeline
 
 runner = CliRunner()
@@ -37,8 +38,27 @@ def test_generate_writes_29_frames_and_same_seed_gives_same_video(weights, tmp_p
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "b.mp4")]).exit_code == 0
     a, b = decoded(tmp_path / "a.mp4"), decoded(tmp_path / "b.mp4")
     assert a.shape == (29, 40, 64, 3) and np.array_equal(a, b)
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
     gif = runner.invoke(app, [*args, "--out", str(tmp_path / "c.gif")])
     assert gif.exit_code == 0 and (tmp_path / "c.gif").stat().st_size > 0
+
+
+def test_the_same_frames_make_the_same_mp4_on_one_core_and_on_all(tmp_path):
+    """x264 sizes its thread pool from the cores this thread may run on, and at 576x320 its bitstream depends on the
+    thread count: the project pins it, so a video's bytes (and DVC's hash of it) are the same on a laptop and on a
+    16-core runner. Here one core vs all of them (the affinity of this thread only; x264's threads inherit it)."""
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2:
+        pytest.skip("needs a machine with 2 cores or more")
+    noise = np.random.default_rng(0).integers(0, 256, (320, 576, 3), dtype=np.uint8)
+    frames = np.stack([np.roll(noise, 4 * k, axis=1) for k in range(29)])
+    write_video(frames, tmp_path / "all.mp4")
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        write_video(frames, tmp_path / "one.mp4")
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert (tmp_path / "all.mp4").read_bytes() == (tmp_path / "one.mp4").read_bytes()
 
 
 @pytest.mark.parametrize(("args", "message"), [
