@@ -11,6 +11,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_name, _threads)
 
+# show1's CLI turns huggingface_hub's progress bars off with this variable when the hub is not imported yet, so the
+# first in-process CLI test left it set in this process, and every later command inherited it: commands that
+# tests/warm.py would fork started cold (another import-time environment than its server's). Set from the start, it
+# is the one value of every process of the session.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 import json
 import shutil
 from collections.abc import Callable

@@ -251,8 +251,8 @@ _SERVER = _Server()
 
 def server_env() -> dict[str, str]:
     """The environment the server started with (it is started now if it was not): commands given this one, give or
-    take variables read after import, are forked. Tests that change the environment of the test process (in-process
-    CLI runs set HF_HUB_DISABLE_PROGRESS_BARS) make later commands that inherit it start cold."""
+    take variables read after import, are forked. A test that changes an import-time variable of the test process
+    makes later commands that inherit it start cold (conftest sets the one show1's CLI sets, from the start)."""
     _SERVER.socket_path()
     return dict(_SERVER.env)
 

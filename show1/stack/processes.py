@@ -20,6 +20,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+STOP_GRACE_S = 30.0  # how long a service may take to stop on its stop signal before it is killed
+
 
 class StackError(RuntimeError):
     """A service of the stack could not be started, reached or stopped; the message says which and why."""
@@ -55,7 +57,7 @@ def start(name: str, argv: Sequence[str], *, log: Path, url: str, env: Mapping[s
         try:
             process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
                                        env=dict(env) if env is not None else None, cwd=cwd, user=user,
-                                       start_new_session=True, close_fds=True)
+                                       start_new_session=True, close_fds=True, preexec_fn=_default_stop_signals)
         except OSError as exc:
             raise StackError(f"{name} could not be started ({argv[0]}): {exc}") from None
     try:
@@ -63,6 +65,15 @@ def start(name: str, argv: Sequence[str], *, log: Path, url: str, env: Mapping[s
     except psutil.NoSuchProcess:
         started = 0.0
     return Service(name=name, pid=process.pid, started=started, url=url, log=str(log), stop_signal=int(stop_signal))
+
+
+def _default_stop_signals() -> None:
+    """In the service's process, before it execs: the default action for the signals that stop it. A command
+    started under nohup, or in the background by a non-interactive shell (a CI step, a script's `&`), ignores SIGINT,
+    and an ignored signal stays ignored across exec: a Prefect worker, which stops its inner process with SIGINT,
+    then never stopped, and `stack down` waited out its grace and killed it."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def is_running(service: Service) -> bool:
@@ -115,25 +126,27 @@ def http_ok(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def stop(service: Service, grace: float = 30.0) -> bool:
-    """Stop the service's process group: its stop signal, then SIGKILL after `grace` seconds. Returns whether it was
-    running."""
+def stop(service: Service, grace: float = STOP_GRACE_S) -> str:
+    """Stop the service's process group: its stop signal, then SIGKILL after `grace` seconds. Returns how:
+    "not running", "stopped" (it ended on its stop signal) or "killed"."""
     if not is_running(service):
         _reap(service.pid)
-        return False
+        return "not running"
     _signal_group(service.pid, service.stop_signal)
     deadline = time.monotonic() + grace
     while is_running(service) and time.monotonic() < deadline:
         _reap(service.pid)
         time.sleep(0.1)
+    how = "stopped"
     if is_running(service):
+        how = "killed"
         _signal_group(service.pid, signal.SIGKILL)
         while is_running(service):
             _reap(service.pid)
             time.sleep(0.05)
     _signal_group(service.pid, signal.SIGKILL)  # what the service forked and left behind in its group
     _reap(service.pid)
-    return True
+    return how
 
 
 def _signal_group(pid: int, signum: int) -> None:

@@ -14,6 +14,7 @@ import fcntl
 import os
 import shlex
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pydantic import BaseModel, Field
 from show1 import atomic
 from show1.config import OFFLINE_ENV
 from show1.stack import object_store, postgres, servers
-from show1.stack.processes import Service, StackError, free_port, is_running, stop
+from show1.stack.processes import STOP_GRACE_S, Service, StackError, free_port, is_running, stop
 
 STATE = "stack.json"
 ORDER = ("postgres", "s3", "mlflow", "prefect", *(f"worker-{pool}" for pool in servers.WORK_POOLS))
@@ -200,9 +201,12 @@ def _stop_all(state: StackState, say: Callable[[str], None], save_bucket: bool) 
         if name == "s3" and save_bucket and is_running(service):
             count = object_store.save(service.url, Path(state.folder) / "s3", state.bucket)
             say(f"saved {count} objects of s3://{state.bucket} to {Path(state.folder) / 's3'}")
-        if stop(service):
+        how = stop(service)
+        if how != "not running":
             stopped.append(name)
-            say(f"stopped {name}")
+            say(f"stopped {name}" if how == "stopped" else
+                f"killed {name}: it did not stop within {STOP_GRACE_S:.0f} s of "
+                f"{signal.Signals(service.stop_signal).name} (see {service.log})")
     return stopped
 
 

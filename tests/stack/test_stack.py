@@ -42,9 +42,15 @@ def _postgres_or_skip() -> None:
         pytest.skip(f"the stack needs PostgreSQL: {exc}")
 
 
-def show1(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900, ok: bool = True
-          ) -> subprocess.CompletedProcess:
-    done = subprocess.run([*SHOW1, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def _as_a_background_job() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a non-interactive shell's `&` (a CI step) and nohup leave
+
+
+def show1(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900, ok: bool = True,
+          background: bool = False) -> subprocess.CompletedProcess:
+    """`show1 ARGS`; `background`: started as a script's background job is, ignoring SIGINT."""
+    done = subprocess.run([*SHOW1, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=_as_a_background_job if background else None)
     if ok:
         assert done.returncode == 0, f"show1 {args}: {done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
@@ -76,8 +82,9 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """`show1 stack up` in a fresh clone with small params, then `show1 run` there with the stack's settings; at the
-    end `show1 stack down --purge`, and every process the stack started is gone."""
+    """`show1 stack up` in a fresh clone with small params (started as a background job, ignoring SIGINT, as in a CI
+    step), then `show1 run` there with the stack's settings; at the end `show1 stack down --purge`, and every process
+    the stack started is gone."""
     _postgres_or_skip()
     tmp = tmp_path_factory.mktemp("stack")
     project = fresh_clone(tmp / "clone")
@@ -91,7 +98,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     pids: set[int] = set()
     try:
         up = show1(["stack", "up", "--dir", str(folder), "--timeout", "900", "--mlflow-workers", "1"], project,
-                   base_env)
+                   base_env, background=True)
         state = read_state(folder)
         pids |= {service.pid for service in state.services.values()}
         env = base_env | stack_env(folder, project, base_env)
@@ -316,6 +323,9 @@ def test_down_stops_everything_and_up_brings_back_the_registry_and_its_files(sta
     state = read_state(stack.folder)
     down = show1(["stack", "down", "--dir", str(stack.folder)], stack.project, stack.base_env)
     assert "stopped: worker-gpu, worker-cpu, prefect, mlflow, s3, postgres" in down.stdout, down.stdout
+    # each on its stop signal, although `stack up` ran as a background job (its Prefect workers stop their inner
+    # process with SIGINT, which such a job ignores): none had to be killed
+    assert "killed" not in down.stdout, down.stdout
     assert not any(is_running(service) for service in state.services.values())
     assert not (stack.folder / "stack.json").exists()
     saved = [p for p in (stack.folder / "s3").rglob("*") if p.is_file()]
