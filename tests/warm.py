@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,12 @@ def server_env() -> dict[str, str]:
     return dict(_SERVER.env)
 
 
+def _request(argv: list[str], cwd: str, path0: str, env: Mapping[str, str], new_session: bool) -> dict[str, Any]:
+    """What the server is asked to fork: the command line, its directory, its sys.path[0] (`python -m`: the
+    directory; `-c`: ''; a console script: its folder), its environment, and whether it leads a new session."""
+    return {"argv": argv, "cwd": cwd, "path0": path0, "env": dict(env), "new_session": new_session}
+
+
 def _spawn(address: str, request: dict[str, Any], fds: list[int]) -> tuple[socket.socket, int]:
     """Ask the server at `address` to fork `request` with `fds` as its stdin, stdout, stderr: (connection, pid);
     pid COLD when it will not (the caller starts the command the ordinary way)."""
@@ -301,9 +308,8 @@ class Popen(subprocess.Popen):
             super()._execute_child(*arguments)
             return
         cwd = os.fspath(given["cwd"]) if given["cwd"] is not None else os.getcwd()
-        request = {"argv": [str(arg) for arg in args], "cwd": cwd, "path0": cwd if args[1] == "-m" else "",
-                   "env": dict(os.environ if given["env"] is None else given["env"]),
-                   "new_session": bool(given["start_new_session"])}
+        request = _request([str(arg) for arg in args], cwd, cwd if args[1] == "-m" else "",
+                           os.environ if given["env"] is None else given["env"], bool(given["start_new_session"]))
         fds = [given["p2cread"] if given["p2cread"] != -1 else 0, given["c2pwrite"] if given["c2pwrite"] != -1 else 1,
                given["errwrite"] if given["errwrite"] != -1 else 2]
         try:
@@ -376,8 +382,8 @@ def command(name: str, args: list[str]) -> int:
     """Run the venv's console script `name` (show1) as this process, forked from the server at SHOW1_WARM_SOCKET;
     exec the real script when the server is not there or will not fork it."""
     real = str(Path(sys.executable).parent / name)
-    request = {"argv": [sys.executable, "-m", "show1.cli", *args], "cwd": os.getcwd(),
-               "path0": str(Path(sys.executable).parent), "env": dict(os.environ), "new_session": False}
+    request = _request([sys.executable, "-m", "show1.cli", *args], os.getcwd(), str(Path(sys.executable).parent),
+                       os.environ, new_session=False)
     try:
         connection, pid = _spawn(os.environ[SOCKET_ENV], request, [0, 1, 2])
     except (KeyError, OSError):

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -126,7 +127,7 @@ def http_ok(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def stop(service: Service, grace: float = STOP_GRACE_S) -> str:
+def stop(service: Service, grace: float = STOP_GRACE_S) -> Literal["not running", "stopped", "killed"]:
     """Stop the service's process group: its stop signal, then SIGKILL after `grace` seconds. Returns how:
     "not running", "stopped" (it ended on its stop signal) or "killed"."""
     if not is_running(service):
@@ -137,7 +138,7 @@ def stop(service: Service, grace: float = STOP_GRACE_S) -> str:
     while is_running(service) and time.monotonic() < deadline:
         _reap(service.pid)
         time.sleep(0.1)
-    how = "stopped"
+    how: Literal["stopped", "killed"] = "stopped"
     if is_running(service):
         how = "killed"
         _signal_group(service.pid, signal.SIGKILL)
