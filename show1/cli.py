@@ -252,6 +252,10 @@ def train(
         from show1 import atomic
 
         atomic.write_json(metrics, result.summary())
+    if result.processes > 1:
+        out.print(f"{result.processes} processes, " + (
+            f"FSDP (sharded by {result.sharding}): each held {result.parameters_held:.0%} of the UNet's parameters"
+            if result.sharding else "data-parallel: each held the whole UNet"), highlight=False)
     out.print(f"trained {stage} for {result.steps} steps\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
               f"final stage folder: {result.final}", highlight=False)
 

@@ -240,6 +240,9 @@ class Train(_Model):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    # Shard the UNet's parameters, gradients, EMA and optimizer state over the training processes (torch FSDP2,
+    # full shard); checkpoints stay whole stage folders. An FSDP accelerate config turns it on too.
+    fsdp: bool = False
     checkpoint_every: int = Field(20, ge=1)
     sample_every: int = Field(20, ge=0)  # a sample video from the EMA weights every N steps (0: never)
     sample_steps: int = Field(4, ge=1)

@@ -44,20 +44,6 @@ def item_generator(seed: int, step: int, micro: int, slot: int) -> torch.Generat
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
 
 
-SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate's DistributedType values that shard the parameters
-
-
-def check_data_parallel(distributed_type: Any) -> None:
-    """Refuse, with the reason, an accelerate set-up that shards parameters: the trainer's EMA and its checkpoints
-    (ordinary stage folders) need every process to hold the whole UNet."""
-    name = getattr(distributed_type, "value", str(distributed_type))
-    if name in SHARDED:
-        raise ValueError(f"accelerate is configured for {name}, which shards the UNet's parameters: show1's trainer "
-                         "runs data-parallel only (DDP: `accelerate launch --multi_gpu` or torchrun); its EMA weights "
-                         "and stage-folder checkpoints need whole parameters in every process. Use "
-                         "train.gradient_checkpointing and mixed precision to fit memory")
-
-
 @dataclass(frozen=True)
 class Ranks:
     """This process's place among the training processes (one process: rank 0 of 1)."""

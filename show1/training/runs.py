@@ -26,6 +26,9 @@ class TrainResult:
     final: Path
     losses: list[float]  # of the steps run in this call (a resumed run: only the new ones)
     main_process: bool = True  # False in the other processes of a data-parallel run (they wrote nothing)
+    processes: int = 1
+    sharding: str | None = None  # None (every process held the whole UNet), "accelerate" or "show1" (FSDP)
+    parameters_held: float = 1.0  # the fraction of the UNet's parameters the main process held
 
     def summary(self) -> dict[str, Any]:
         """Small numbers for a metrics file, from the whole run's metrics.jsonl."""

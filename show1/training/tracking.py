@@ -33,7 +33,7 @@ class TrainingRun:
     """One MLflow run per training run folder; a resumed run continues the same MLflow run."""
 
     def __init__(self, params: Params, run_dir: Path, stage: str, data_dir: Path, text_encoder: Path,
-                 world_size: int = 1):
+                 world_size: int = 1, sharding: str = "none"):
         import mlflow
 
         self.mlflow = mlflow
@@ -47,7 +47,8 @@ class TrainingRun:
             flat: dict[str, Any] = {}
             _flatten("train", params.train_for(stage).model_dump(mode="json"), flat)
             mlflow.log_params(flat | {"stage": stage, "profile": params.profile, "data": str(data_dir),
-                                      "text_encoder": str(Path(text_encoder).resolve()), "world_size": world_size})
+                                      "text_encoder": str(Path(text_encoder).resolve()), "world_size": world_size,
+                                      "sharding": sharding})
             tags = {"show1.kind": "training", "stage": stage, "git_commit": git_commit(),
                     "data_version": data_version(data_dir), "params_hash": params_hash(params, stage),
                     "run_dir": str(Path(run_dir).resolve())}

@@ -7,7 +7,9 @@ clipping, mixed precision and gradient checkpointing through accelerate/config, 
 (every N steps, last K kept) and exact resume: model, optimizer, LR schedule, EMA, RNG state and data position are
 restored, and every random draw of a clip comes from a generator keyed by (seed, step, micro-step, its slot in the
 global batch), so on the CPU a resumed run's losses equal an uninterrupted run's bit for bit. Under torchrun or
-`accelerate launch` the processes share each global batch (show1.training.ranks); only the main one writes.
+`accelerate launch` the processes share each global batch (show1.training.ranks); only the main one writes. With
+FSDP (show1.training.sharding) the UNet, its gradients, EMA and optimizer state are sharded over the processes, and
+checkpoints are gathered into the same files.
 
 RUN_DIR/metrics.jsonl      one row per optimizer step: step, loss (mean over the global batch), lr, samples_per_s
 RUN_DIR/checkpoints/step-N/ a stage folder (model_index.json, unet/, scheduler/ …) + ema.safetensors,
@@ -57,9 +59,10 @@ from show1.pipelines.sr2 import (
     tiny_sr2_components,
 )
 from show1.pipelines.weights import assemble_stage
+from show1.training import sharding
 from show1.training.captions import CaptionEmbeddings, embed_captions
 from show1.training.losses import diffusion_loss
-from show1.training.ranks import Ranks, check_data_parallel, item_generator, micro_batch
+from show1.training.ranks import Ranks, item_generator, micro_batch
 from show1.training.runs import (
     CHECKPOINTS,
     METRICS,
@@ -175,7 +178,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     # --- set-up: processes, data, captions, model, optimizer -------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
-    check_data_parallel(accelerator.distributed_type)
+    plan = sharding.plan(cfg.fsdp, cfg.mixed_precision, accelerator)
     ranks = Ranks(accelerator)
     per_process = micro_batch(cfg.batch_size, cfg.grad_accum, ranks.world_size)
     torch.manual_seed(cfg.seed)
@@ -191,14 +194,22 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                               TEXT_DTYPES.get(cfg.mixed_precision))
     model = load_model(stage, params, captions.dim, init_from, init_2d)
     unet = model.unet
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing or plan.activation_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    if plan.by == "show1":
+        sharding.shard(unet, cfg.mixed_precision, plan.reshard_after_forward)  # before the optimizer sees its params
+    elif plan.by == "accelerate":
+        sharding.set_units(unet)  # the blocks accelerate's wrap policy shards
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     # Not prepared: accelerate would step a prepared schedule once per process. It steps once per optimizer step.
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if plan.by == "show1":
+        optimizer = accelerator.prepare(optimizer)  # the UNet is sharded already: not wrapped again
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    trained = accelerator.unwrap_model(unet)  # the module whose parameters (sharded or whole) the optimizer steps
+    ema = EMAModel(trained.parameters(), decay=cfg.ema_decay)  # sharded like the parameters
     noise_schedule = model.noise_schedule
     # sr1 noises its condition with IF-II's image-noising schedule; sr2 encodes with its frozen VAE.
     auxiliary = (model.vae.to(accelerator.device) if SPECS[stage].latent
@@ -215,7 +226,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
         # From the newest checkpoint, or from step 0 when the run was killed before its first one.
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is not None:
-            step = _restore(checkpoint, accelerator.unwrap_model(unet), ema, optimizer, lr_schedule, order)
+            step = _restore(checkpoint, trained, ema, optimizer, lr_schedule, order)
     elif (run_dir / METRICS).is_file() or latest_checkpoint(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume latest, or choose a new --out")
     ranks.wait()  # every process has read the run folder before the main one writes to it
@@ -227,7 +238,8 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
         run_dir.mkdir(parents=True, exist_ok=True)
         for folder in (run_dir, run_dir / CHECKPOINTS):  # what a killed checkpoint or export write left behind
             atomic.remove_stale_folders(folder)
-        tracker = TrainingRun(params, run_dir, stage, data_dir, text_encoder_dir, ranks.world_size) if track else None
+        tracker = (TrainingRun(params, run_dir, stage, data_dir, text_encoder_dir, ranks.world_size,
+                               f"fsdp ({plan.by})" if plan.sharded else "none") if track else None)
         atomic.write_text(run_dir / "config.json", json.dumps({
             "stage": stage, "params": params.model_dump(mode="json"), "data": str(data_dir),
             "fingerprint": fingerprint(stage, params, data_dir, max_steps, text_encoder_dir)}, indent=2, default=str))
@@ -243,6 +255,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
             local = 0.0  # this process's mean loss over its share of the step
             for micro in range(cfg.grad_accum):
                 with accelerator.accumulate(unet):
+                    sharding.sync_gradients(trained, accelerator.sync_gradients)  # FSDP: micro-steps stay local
                     chosen = order.take(per_process * ranks.world_size)  # the global micro-batch: same everywhere
                     slots = ranks.slots(per_process)
                     items = [clips[chosen[slot]] for slot in slots]
@@ -266,11 +279,17 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                         optimizer.zero_grad()
                     local += loss.item() / cfg.grad_accum
             total = ranks.mean(local)  # equal shares: the mean of the processes' means is the global batch's
-            ema.step(accelerator.unwrap_model(unet).parameters())
+            ema.step(trained.parameters())
             step += 1
             if not math.isfinite(total):
                 raise FloatingPointError(f"loss became {total} at step {step}: lower train.learning_rate")
             losses.append(total)
+            sample_now = bool(cfg.sample_every) and (step % cfg.sample_every == 0 or step == max_steps)
+            checkpoint_now = step % checkpoint_every == 0 or step == max_steps
+            state = None
+            if sample_now or checkpoint_now:  # sharded: every process takes part in gathering, the main one keeps it
+                state = sharding.gather(trained, ema.shadow_params, optimizer, plan.sharded, ranks.is_main,
+                                        with_optimizer=checkpoint_now)
             if not ranks.is_main:
                 continue
             row = {"step": step, "loss": total, "lr": lr_schedule.get_last_lr()[0],
@@ -281,39 +300,39 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                 tracker.log_step(row)
             if on_step:
                 on_step(row)
-            if cfg.sample_every and (step % cfg.sample_every == 0 or step == max_steps):
-                _log_sample(stage, run_dir, step, accelerator.unwrap_model(unet), ema, model.vae, clips,
-                            captions, cfg.sample_steps, tracker)
-            if step % checkpoint_every == 0 or step == max_steps:
-                _checkpoint(stage, run_dir, step, accelerator.unwrap_model(unet), model.vae, ema, optimizer,
-                            lr_schedule, order, cfg.keep_last)
+            if sample_now:
+                _log_sample(stage, run_dir, step, state, model.vae, clips, captions, cfg.sample_steps, tracker)
+            if checkpoint_now:
+                _checkpoint(stage, run_dir, step, state, model.vae, ema, lr_schedule, order, cfg.keep_last)
     # --- the stage folder ------------------------------------------------------------------------------------------
     final = run_dir / "final"
+    state = sharding.gather(trained, ema.shadow_params, optimizer, plan.sharded, ranks.is_main, with_optimizer=False)
     if ranks.is_main:
-        _export(stage, run_dir, accelerator.unwrap_model(unet), ema, model.vae)
+        _export(stage, run_dir, state, model.vae)
         if tracker:
             tracker.finish(final)
     ranks.wait()  # final/ is whole before any process returns it
-    return TrainResult(run_dir=run_dir, steps=step, final=final, losses=losses, main_process=ranks.is_main)
+    return TrainResult(run_dir=run_dir, steps=step, final=final, losses=losses, main_process=ranks.is_main,
+                       processes=ranks.world_size, sharding=plan.by, parameters_held=sharding.share_held(trained))
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
 
-def _checkpoint(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, vae: Any, ema: EMAModel,
-                optimizer: Any, lr_schedule: Any, order: DataOrder, keep_last: int) -> Path:
+def _checkpoint(stage: str, run_dir: Path, step: int, state: sharding.Gathered, vae: Any, ema: EMAModel,
+                lr_schedule: Any, order: DataOrder, keep_last: int) -> Path:
     """Write checkpoints/step-N atomically (a temp folder renamed into place), then prune to the last K.
 
     A checkpoint is a stage folder (the training weights, loadable by the stage's pipeline) plus the EMA
-    weights and the training state."""
+    weights and the training state, whole whether or not the run is sharded."""
     folder = run_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:06d}"
     with atomic.folder_in_place(target) as staging:
-        assemble_stage(stage, unet, vae).save_pretrained(staging, safe_serialization=True)
-        save_file({f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
+        assemble_stage(stage, state.unet, vae).save_pretrained(staging, safe_serialization=True)
+        save_file({f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(state.ema)},
                   str(staging / "ema.safetensors"))
-        tensor_tree.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+        tensor_tree.save({"optimizer": state.optimizer, "lr_schedule": lr_schedule.state_dict(),
                           "torch_rng": torch.get_rng_state()},
                          staging, TRAINING_STATE)
         (staging / "state.json").write_text(json.dumps({
@@ -335,15 +354,20 @@ def _restore(checkpoint: Path, unet: torch.nn.Module, ema: EMAModel, optimizer: 
         steps = sorted(p.name for p in checkpoint.parent.glob("step-*") if p != checkpoint)
         hint = f" Delete it to resume from {steps[-1]}." if steps else ""
         raise IntegrityError(f"cannot resume from checkpoint {checkpoint.name}: {exc}.{hint}") from None
-    unet.load_state_dict(load_file(str(checkpoint / "unet" / "diffusion_pytorch_model.safetensors")))
+    # Whole tensors in the files; each process keeps its shard when the run is sharded.
+    weights = checkpoint / "unet" / "diffusion_pytorch_model.safetensors"
+    sharding.load_weights(unet, load_file(str(weights)), str(weights))
     shadow = load_file(str(checkpoint / "ema.safetensors"))
+    if len(shadow) != len(ema.shadow_params):
+        raise ValueError(f"{checkpoint / 'ema.safetensors'} holds {len(shadow)} tensors, this UNet has "
+                         f"{len(ema.shadow_params)} parameters")
     for i, param in enumerate(ema.shadow_params):
-        param.data.copy_(shadow[f"{i:05d}"])
+        sharding.load_into(param, shadow[f"{i:05d}"])
     if tensor_tree.exists(checkpoint, TRAINING_STATE):
         state = tensor_tree.load(checkpoint, TRAINING_STATE)
     else:  # written by show1 before 0.2: tensors and plain containers only, so weights_only loads it
         state = torch.load(checkpoint / "training_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    sharding.load_optimizer(optimizer, state["optimizer"])
     lr_schedule.load_state_dict(state["lr_schedule"])
     torch.set_rng_state(state["torch_rng"])
     info = json.loads((checkpoint / "state.json").read_text())
@@ -352,31 +376,32 @@ def _restore(checkpoint: Path, unet: torch.nn.Module, ema: EMAModel, optimizer: 
     return int(info["step"])
 
 
-def _ema_copy(unet: torch.nn.Module, ema: EMAModel) -> torch.nn.Module:
+def _ema_copy(state: sharding.Gathered) -> torch.nn.Module:
     """A separate model holding the EMA weights (the training model is left as it is)."""
     with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
-        ema_unet = type(unet).from_config(unet.config)
-    ema_unet.load_state_dict(unet.state_dict())
-    ema.copy_to(ema_unet.parameters())
+        ema_unet = type(state.unet).from_config(state.unet.config)
+    ema_unet.load_state_dict(state.unet.state_dict())
+    with torch.no_grad():
+        for param, average in zip(ema_unet.parameters(), state.ema, strict=True):
+            param.copy_(average)
     return ema_unet.eval()
 
 
-def _log_sample(stage: str, run_dir: Path, step: int, unet: torch.nn.Module, ema: EMAModel, vae: Any,
-                clips: CuratedClips, embed: CaptionEmbeddings, steps: int,
-                tracker: TrainingRun | None) -> Path:
+def _log_sample(stage: str, run_dir: Path, step: int, state: sharding.Gathered, vae: Any, clips: CuratedClips,
+                embed: CaptionEmbeddings, steps: int, tracker: TrainingRun | None) -> Path:
     """Write run_dir/samples/step-N.mp4 from the EMA weights for the first clip's caption; log it to MLflow."""
     item = clips[0]
     embeddings = PromptEmbeddings(embed([item["caption"]]), embed([""]))
-    frames = sample_video(stage, _ema_copy(unet, ema), item["frames"], embeddings, steps, vae)  # forks the RNG
+    frames = sample_video(stage, _ema_copy(state), item["frames"], embeddings, steps, vae)  # forks the RNG
     path = write_video(frames, run_dir / "samples" / f"step-{step:06d}.mp4", fps=7.5)
     if tracker:
         tracker.log_artifact(path, "samples")
     return path
 
 
-def _export(stage: str, run_dir: Path, unet: torch.nn.Module, ema: EMAModel, vae: Any = None) -> Path:
+def _export(stage: str, run_dir: Path, state: sharding.Gathered, vae: Any = None) -> Path:
     """The EMA weights as a stage folder (issue-3 layout) that the stage's pipeline loads."""
-    pipe = assemble_stage(stage, _ema_copy(unet, ema), vae)
+    pipe = assemble_stage(stage, _ema_copy(state), vae)
     target = run_dir / "final"
     with atomic.folder_in_place(target) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
