@@ -3,6 +3,8 @@ gradient checkpointing.
 
     python benchmarks/bench_train.py [--stage base] [--steps 20] [--params params.yaml] [--data DIR]
     python benchmarks/bench_train.py --processes 1 2 [--stage base] ...   # data-parallel samples/s, N=1 vs 2
+    python benchmarks/bench_train.py --processes 1 2 --fsdp --checkpointing --params paper.yaml  # on GPUs:
+        # each N with and without FSDP and gradient checkpointing: samples/s and peak GB per GPU
 
 The trainer's seconds per step come from its own metrics.jsonl (median, warm-up steps dropped); the bare
 loop is forward + MSE + backward + clip + AdamW step on a fixed batch of the same shape. Ratio = bare step /
@@ -75,19 +77,29 @@ def trainer_step(stage: str, params_path: Path, data: Path, steps: int) -> float
     return statistics.median(params.batch_size / r["samples_per_s"] for r in rows[2:])  # batch_size: global
 
 
-def data_parallel_samples_per_s(stage: str, params_path: Path, data: Path, steps: int, processes: int) -> float:
-    """Median samples/s (global batch per step time, warm-up steps dropped) of `show1 train` in `processes`
-    torchrun processes on this machine (gloo on CPUs, NCCL on GPUs)."""
+def data_parallel_run(stage: str, params_path: Path, data: Path, steps: int, processes: int, fsdp: bool = False,
+                      checkpointing: bool = False) -> dict[str, float]:
+    """`show1 train` in `processes` torchrun processes on this machine (gloo on CPUs, NCCL on GPUs), the UNet
+    sharded with FSDP or not, gradient checkpointing on or off: median samples/s (global batch per step time,
+    warm-up steps dropped) and, on GPUs, the main process's peak allocated GB."""
+    import yaml
+
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
+        run, variant = Path(tmp) / "run", Path(tmp) / "params.yaml"
+        params = yaml.safe_load(params_path.read_text()) or {}
+        params["train"] = (params.get("train") or {}) | {"fsdp": fsdp, "gradient_checkpointing": checkpointing}
+        variant.write_text(yaml.safe_dump(params, sort_keys=False))
         from flows.train import launcher  # the command the Prefect train flow starts its processes with
 
-        subprocess.run([*launcher(processes, None), "-m", "show1.cli", "--params", str(params_path), "train",
+        subprocess.run([*launcher(processes, None), "-m", "show1.cli", "--params", str(variant), "train",
                         "--stage", stage, "--data", str(data), "--out", str(run), "--max-steps", str(steps),
                         "--checkpoint-every", str(10**6), "--no-track", "--quiet"], check=True, cwd=ROOT,
                        capture_output=True)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["samples_per_s"] for r in rows[2:])
+    result = {"samples_per_s": round(statistics.median(r["samples_per_s"] for r in rows[2:]), 3)}
+    if "gpu_peak_gb" in rows[-1]:
+        result["gpu_peak_gb"] = round(rows[-1]["gpu_peak_gb"], 2)
+    return result
 
 
 def peak_memory_mb(stage: str, params_path: Path, checkpointing: bool) -> float:
@@ -135,6 +147,10 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", metavar="N",
                         help="Instead: samples/s of `show1 train` under torchrun with each N (e.g. 1 2), in this run "
                              "on this machine, and each N's ratio to the first.")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="With --processes: each N also with the UNet sharded (train.fsdp).")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="With --processes: each setting also with gradient checkpointing.")
     args = parser.parse_args()
     from show1.config import apply_environment_defaults, load_params
     from show1.data.curate import curate
@@ -145,11 +161,17 @@ def main() -> None:
         data = Path(tempfile.mkdtemp()) / "curated"
         curate(ROOT / "data/manifests/demo.csv", data, load_params(args.params))
     if args.processes:
-        rates = {n: data_parallel_samples_per_s(args.stage, args.params, data, args.steps, n) for n in args.processes}
-        first = args.processes[0]
-        print(json.dumps({"stage": args.stage, "samples_per_s": {str(n): round(r, 3) for n, r in rates.items()},
-                          f"ratio_to_{first}": {str(n): round(r / rates[first], 3) for n, r in rates.items()}},
-                         indent=2))
+        settings = [(fsdp, checkpointing) for fsdp in (False, True)[:1 + args.fsdp]
+                    for checkpointing in (False, True)[:1 + args.checkpointing]]
+        runs = {}
+        for n in args.processes:
+            for fsdp, checkpointing in settings:
+                name = f"{n} processes" + (", fsdp" if fsdp else "") + (", checkpointing" if checkpointing else "")
+                runs[name] = data_parallel_run(args.stage, args.params, data, args.steps, n, fsdp, checkpointing)
+                print(name, runs[name], file=sys.stderr)
+        baseline = next(iter(runs.values()))["samples_per_s"]
+        print(json.dumps({"stage": args.stage, "runs": runs, "samples_per_s_ratio_to_first": {
+            name: round(run["samples_per_s"] / baseline, 3) for name, run in runs.items()}}, indent=2))
         return
     trainer = trainer_step(args.stage, args.params, data, args.steps)
     bare = bare_loop(args.stage, args.params, args.steps, checkpointing=False)

@@ -93,6 +93,23 @@ def test_interpolation_turns_8_keyframes_into_29_frames(weights, base):
     assert out.shape == (1, 3, 29, 40, 64)
     with pytest.raises(ValueError, match="text encoder"):
         interp(keyframes, prompt="a kite", num_inference_steps=1)
+    with pytest.raises(ValueError, match="segments_per_batch must be at least 1"):
+        interp(keyframes, prompt_embeds=base.encode_prompts("a kite"), segments_per_batch=0)
+
+
+def test_interpolation_segments_denoised_as_one_batch_equal_one_at_a_time(weights, base):
+    """The segments of 2 videos (2 prompts, guidance on; 4 keyframes: 3 segments) in one UNet batch (a GPU's
+    default), in batches of 2 (2 + 1), and one at a time (the reference's order of calls, a CPU's default) give the
+    same frames within float noise (CPU fp32)."""
+    interp = Show1InterpolationPipeline.from_pretrained(weights / "show-1-interpolation", load_text_encoder_=False)
+    interp.set_progress_bar_config(disable=True)
+    keyframes = torch.rand(2, 3, 4, 20, 32, generator=seeded(1)) * 2 - 1
+    text = base.encode_prompts(["a kite", "a red boat at sea"])
+    runs = {per: interp(keyframes, prompt_embeds=text, num_inference_steps=2, guidance_scale=4.0,
+                        generator=seeded(0), segments_per_batch=per).frames for per in (3, 2, 1)}
+    assert runs[1].abs().max() > 0.05 and not torch.allclose(runs[1][0], runs[1][1], atol=1e-3)  # not degenerate
+    for per in (3, 2):
+        assert (runs[per] - runs[1]).abs().max() < 1e-5, per
 
 
 def test_sr1_windows_cover_every_frame():

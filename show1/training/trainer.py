@@ -12,6 +12,7 @@ FSDP (show1.training.sharding) the UNet, its gradients, EMA and optimizer state 
 checkpoints are gathered into the same files.
 
 RUN_DIR/metrics.jsonl      one row per optimizer step: step, loss (mean over the global batch), lr, samples_per_s
+                           (and gpu_peak_gb on CUDA: the main process's peak allocated memory so far)
 RUN_DIR/checkpoints/step-N/ a stage folder (model_index.json, unet/, scheduler/ …) + ema.safetensors,
                            training_state.safetensors/.json (optimizer, LR, RNG), state.json,
                            checksums.json (sha256 of every file: a changed file refuses to load)
@@ -294,6 +295,8 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                 continue
             row = {"step": step, "loss": total, "lr": lr_schedule.get_last_lr()[0],
                    "samples_per_s": cfg.batch_size / (time.perf_counter() - started)}
+            if accelerator.device.type == "cuda":  # this process's peak, e.g. to compare FSDP with DDP per GPU
+                row["gpu_peak_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             if tracker:
