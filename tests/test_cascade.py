@@ -2,9 +2,10 @@
 
 Two runs started at once in one folder: one waits for the other's lock, then redoes nothing that did not change;
 the clone's working tree stays clean. The run that waited does its work on a saturated machine (2 busy processes
-per core), beside the curation flow: each starts its own temporary Prefect server on a new PREFECT_HOME, and both
-finish. That machine is one core (CPU affinity, inherited by every process they start), so the rest of the test
-session keeps the other cores.
+per core), beside the curation flow: each starts its own temporary Prefect server, the curation flow's on a new,
+empty PREFECT_HOME (migrating its database under load: the slow start that Prefect's own 20 s limit failed), and
+both finish. That machine is one core (CPU affinity, inherited by every process they start), so the rest of the
+test session keeps the other cores.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from clone import fresh_clone, git, project_env, use_small_cascade
 from load import busy_cores, on_cores, one_core, pin_process_tree
 from mlflow.tracking import MlflowClient
+from shared_cache import new_prefect_home
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK_WAIT = "waiting for it to finish"
@@ -69,17 +71,18 @@ class Project:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Project:
-    """A fresh clone with small params committed, where two `show1 run` start at the same moment, each with a new
-    PREFECT_HOME. When the one holding the lock is done, 2 busy-loop processes per core start, and the one that
-    waited, with the curation flow beside it, runs under them: each starts its own temporary Prefect server on an
-    empty database (the migrations are the slow part; Prefect's own 20 s start-up limit failed there). The load, the
-    run that waited and the curation flow (with their Prefect servers) share one core with 2 busy loops."""
+def project(tmp_path_factory, shared) -> Project:
+    """A fresh clone with small params committed, where two `show1 run` start at the same moment, each with its own
+    PREFECT_HOME (migrated already: the tests' template). When the one holding the lock is done, 2 busy-loop
+    processes per core start, and the one that waited, with the curation flow beside it, runs under them: each
+    starts its own temporary Prefect server, the curation flow's on an empty database (the migrations are the slow
+    part; Prefect's own 20 s start-up limit failed there). The load, the run that waited and the curation flow (with
+    their Prefect servers) share one core with 2 busy loops."""
     tmp = tmp_path_factory.mktemp("cascade")
     folder = fresh_clone(tmp / "clone")
     use_small_cascade(folder)
     started = time.monotonic()
-    runs = [start_run(folder, tmp / f"prefect-{i}") for i in range(2)]
+    runs = [start_run(folder, new_prefect_home(shared, tmp / f"prefect-{i}")) for i in range(2)]
     with ThreadPoolExecutor(3) as pool:  # read every output as it comes (a full pipe would block its writer)
         waits = [pool.submit(finish, run) for run in runs]
         first_wait = next(as_completed(waits))

@@ -31,13 +31,13 @@ from show1.training.trainer import TRAINING_STATE, train
 from show1.weight_files import check_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, EVERY = 6, 2
+STEPS, EVERY = 4, 2
 # The demo clips at a quarter of the tiny sizes; every draw of a clip is random (caption dropout included); a global
 # batch of 4 in 2 micro-steps (accumulation), so each of 2 processes takes 1 clip per micro-step.
 # The learning rate is small because AdamW's first steps move each weight by about ±lr whatever the size of its
 # gradient: a gradient element that sums to ~0 over the batch (the zero-initialised temporal convolutions have
 # many) takes its sign from float summation order, which differs between one process and two. At 1e-3 such elements
-# differ by 2e-3 after one step (measured); at 4e-6 no weight can drift 1e-4 in 6 steps (1e-5: 9e-5, measured).
+# differ by 2e-3 after one step (measured); at 4e-6 no weight can drift 1e-4 in 4 steps (1e-5: 9e-5 in 6, measured).
 SMALL = {
     "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
     "train": {"learning_rate": 4e-6, "caption_dropout": 0.3, "batch_size": 4, "grad_accum": 2, "sample_every": 0,
@@ -116,7 +116,7 @@ def test_two_processes_train_on_one_global_batch_like_one_process(setup, two, on
     assert [r["loss"] for r in rows(run)] == pytest.approx(one.losses, rel=1e-4, abs=1e-4)
     worst = worst_difference(run, one.run_dir)
     assert worst < 1e-4, worst
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert two.stdout.count(f"trained base for {STEPS} steps") == 1  # the main process reports; the other is quiet
     assert "2 processes, data-parallel: each held the whole UNet" in two.stdout
     client = MlflowClient(tracking_uri=yaml.safe_load(setup["params"].read_text())["tracking"]["uri"])
@@ -206,7 +206,7 @@ def test_fsdp_shards_the_unet_and_trains_like_one_process_into_whole_checkpoints
     worst = worst_difference(run, one.run_dir)  # the EMA weights, gathered from the shards into final/
     assert worst < 1e-4, worst
     # Every checkpoint is a whole stage folder and training state, like the unsharded run's.
-    checkpoint, unsharded = run / "checkpoints/step-000004", one.run_dir / "checkpoints/step-000004"
+    checkpoint, unsharded = run / "checkpoints/step-000002", one.run_dir / "checkpoints/step-000002"
     check_folder(checkpoint, sealed=True)
     ShowOneUNet3DConditionModel.from_pretrained(checkpoint / "unet", use_safetensors=True)
     assert worst_difference(checkpoint, unsharded, "unet/diffusion_pytorch_model.safetensors") < 1e-4
@@ -220,11 +220,11 @@ def test_fsdp_shards_the_unet_and_trains_like_one_process_into_whole_checkpoints
 def test_fsdp_resumes_bit_exactly_and_its_checkpoints_resume_unsharded(setup, sharded, one, tmp_path):
     done, whole = sharded
     assert done.returncode == 0
-    # A sharded run stopped after step 4 (its last checkpoint and final/ gone), resumed under torchrun with
+    # A sharded run stopped after step 2 (its last checkpoint and final/ gone), resumed under torchrun with
     # train.fsdp: each process scatters its shard of the whole checkpoint back (weights, EMA, AdamW moments), and
     # the run repeats the uninterrupted one bit for bit.
     run = tmp_path / "resumed"
-    shutil.copytree(whole, run, ignore=shutil.ignore_patterns("final", "step-000006"))
+    shutil.copytree(whole, run, ignore=shutil.ignore_patterns("final", "step-000004"))
     params = tmp_path / "fsdp.yaml"
     params.write_text(yaml.safe_dump(SMALL | {"train": SMALL["train"] | {"fsdp": True}}))
     resumed = subprocess.run(torchrun(setup, run, "--no-track", "--resume", "latest", params=params),
@@ -233,12 +233,12 @@ def test_fsdp_resumes_bit_exactly_and_its_checkpoints_resume_unsharded(setup, sh
     assert "FSDP (sharded by show1)" in resumed.stdout
     assert [(r["step"], r["loss"]) for r in rows(run)] == [(r["step"], r["loss"]) for r in rows(whole)]
     assert (run / WEIGHTS).read_bytes() == (whole / WEIGHTS).read_bytes()
-    # One process without FSDP resumes from the sharded run's step-4 checkpoint: the one-process run's numbers.
+    # One process without FSDP resumes from the sharded run's step-2 checkpoint: the one-process run's numbers.
     alone = tmp_path / "alone"
-    shutil.copytree(whole, alone, ignore=shutil.ignore_patterns("final", "step-000006"))
+    shutil.copytree(whole, alone, ignore=shutil.ignore_patterns("final", "step-000004"))
     result = train("base", setup["data"], alone, load_params(setup["params"]), max_steps=STEPS,
                    checkpoint_every=EVERY, resume="latest", track=False)
-    assert result.losses == pytest.approx(one.losses[4:], rel=1e-4, abs=1e-4)
+    assert result.losses == pytest.approx(one.losses[2:], rel=1e-4, abs=1e-4)
     worst = worst_difference(alone, one.run_dir)
     assert worst < 1e-4, worst
 

@@ -4,8 +4,8 @@ The 7 runs depend only on the keyframes and share one start noise (as in the ref
 together as one batch: one UNet call per step instead of 7, which is what keeps a GPU busy at 64×40. The result is
 the one-at-a-time result (the same math per segment; tested within float noise). `segments_per_batch` sets the batch
 (1: one segment at a time, the reference's order of UNet calls); by default all on a GPU and one at a time on a CPU,
-where the batch was slower (7 segments × 4 steps of the tiny UNet at 64×40 on 2 cores: 11.6-13.3 s one at a time,
-17.3-20.7 s as one batch). A scheduler that draws noise at every step runs them one at a time, so each segment
+where the batch was not faster (7 segments × 4 steps of the tiny UNet at 64×40 on 2 cores: 4.3-4.9 s one at a time,
+5.1-5.2 s as one batch). A scheduler that draws noise at every step runs them one at a time, so each segment
 draws what it draws alone."""
 
 from __future__ import annotations

@@ -25,8 +25,17 @@ TEXT_DIM = 32
 PROMPT_TOKENS = 77
 
 
+# base and interp as the goldens were recorded: the tiny profile's two levels of then (spatial attention at 1/2 of
+# 64x40; the profile now has three, attending at 1/4). The goldens check the pipelines' arithmetic around a UNet of
+# the reference's class, whatever its size.
+RECORDED_LEVELS = {"block_out_channels": [32, 64],
+                   "down_block_types": ["ResnetDownsampleBlock3D", "SimpleCrossAttnDownBlock3D"],
+                   "up_block_types": ["SimpleCrossAttnUpBlock3D", "ResnetUpsampleBlock3D"]}
+
+
 def unet_config(stage: str) -> dict[str, Any]:
-    return pixel_unet_config(stage, "tiny", text_dim=TEXT_DIM)
+    config = pixel_unet_config(stage, "tiny", text_dim=TEXT_DIM)
+    return config if stage == "sr1" else config | RECORDED_LEVELS
 
 
 def fill(model: torch.nn.Module, seed: int) -> torch.nn.Module:
