@@ -187,14 +187,11 @@ def test_kill_9_of_the_process_group_resumes_bit_exactly(setup, two, tmp_path):
 
 @pytest.fixture(scope="module")
 def sharded(setup) -> tuple[subprocess.CompletedProcess, Path]:
-    """A sharded run launched with the shipped FSDP accelerate config (on CPU processes accelerate does not shard:
-    show1 does, with torch's FSDP2, and the config's activation checkpointing)."""
-    run = setup["folder"] / "fsdp"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "2", "--main_process_port",
-              str(free_port()), "-m", *train_args(setup, run, "--no-track")]
-    return subprocess.run(launch, capture_output=True, text=True, timeout=900, env=environment(),
-                          cwd=setup["folder"]), run
+    """A sharded run: torchrun with train.fsdp (show1 shards with torch's FSDP2)."""
+    run, params = setup["folder"] / "fsdp", setup["folder"] / "fsdp.yaml"
+    params.write_text(yaml.safe_dump(SMALL | {"train": SMALL["train"] | {"fsdp": True}}))
+    return subprocess.run(torchrun(setup, run, "--no-track", params=params), capture_output=True, text=True,
+                          timeout=900, env=environment(), cwd=setup["folder"]), run
 
 
 def test_fsdp_shards_the_unet_and_trains_like_one_process_into_whole_checkpoints(setup, sharded, one):
@@ -220,17 +217,18 @@ def test_fsdp_shards_the_unet_and_trains_like_one_process_into_whole_checkpoints
 def test_fsdp_resumes_bit_exactly_and_its_checkpoints_resume_unsharded(setup, sharded, one, tmp_path):
     done, whole = sharded
     assert done.returncode == 0
-    # A sharded run stopped after step 2 (its last checkpoint and final/ gone), resumed under torchrun with
-    # train.fsdp: each process scatters its shard of the whole checkpoint back (weights, EMA, AdamW moments), and
-    # the run repeats the uninterrupted one bit for bit.
+    # The sharded run stopped after step 2 (its last checkpoint and final/ gone), resumed with the shipped FSDP
+    # accelerate config (on CPU processes accelerate does not shard: show1 does, with the config's activation
+    # checkpointing, each block wrapped as accelerate wraps it): each process scatters its shard of the whole
+    # checkpoint back (weights, EMA, AdamW moments), and the run repeats the uninterrupted one bit for bit.
     run = tmp_path / "resumed"
     shutil.copytree(whole, run, ignore=shutil.ignore_patterns("final", "step-000004"))
-    params = tmp_path / "fsdp.yaml"
-    params.write_text(yaml.safe_dump(SMALL | {"train": SMALL["train"] | {"fsdp": True}}))
-    resumed = subprocess.run(torchrun(setup, run, "--no-track", "--resume", "latest", params=params),
-                             capture_output=True, text=True, timeout=900, env=environment(), cwd=tmp_path)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "2", "--main_process_port",
+              str(free_port()), "-m", *train_args(setup, run, "--no-track", "--resume", "latest")]
+    resumed = subprocess.run(launch, capture_output=True, text=True, timeout=900, env=environment(), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "FSDP (sharded by show1)" in resumed.stdout
+    assert "2 processes, FSDP (sharded by show1): each held 50% of the UNet's parameters" in resumed.stdout
     assert [(r["step"], r["loss"]) for r in rows(run)] == [(r["step"], r["loss"]) for r in rows(whole)]
     assert (run / WEIGHTS).read_bytes() == (whole / WEIGHTS).read_bytes()
     # One process without FSDP resumes from the sharded run's step-2 checkpoint: the one-process run's numbers.

@@ -6,7 +6,8 @@ Who shards:
   config's wrap policy, activation checkpointing and mixed precision) when the trainer prepares the UNet.
 - `train.fsdp: true` under torchrun, or an FSDP accelerate config where accelerate does not shard (accelerate
   1.15 enables FSDP for GPU-family devices only, so CPU processes on gloo stay MULTI_CPU): `shard()` here, with
-  torch's `fully_shard` on each block of the UNet (`FSDP_UNITS`), then on the whole model.
+  torch's `fully_shard` on each block of the UNet (`FSDP_UNITS`), then on the whole model, and the config's
+  activation checkpointing as accelerate applies it (torch's checkpoint wrapper around each block).
 
 Either way the parameters become DTensors and everything after is one code path: the EMA weights are sharded like
 the parameters (an element-wise average needs no communication), clipping sees the global gradient norm, and a
@@ -36,6 +37,7 @@ FSDP_UNITS = {
     "UNet3DConditionModel": ["CrossAttnDownBlock3D", "DownBlock3D", "UNetMidBlock3DCrossAttn", "CrossAttnUpBlock3D",
                              "UpBlock3D"],
 }
+CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module."  # in the parameter names of a block wrapped for checkpointing
 UNSUPPORTED = ("DEEPSPEED", "MEGATRON_LM")  # accelerate's DistributedType values the trainer does not run under
 PARAM_DTYPES = {"no": None, "bf16": torch.bfloat16}
 
@@ -92,10 +94,13 @@ def set_units(unet: torch.nn.Module) -> list[str]:
     return units
 
 
-def shard(unet: torch.nn.Module, mixed_precision: str, reshard_after_forward: bool = True) -> torch.nn.Module:
+def shard(unet: torch.nn.Module, mixed_precision: str, reshard_after_forward: bool = True,
+          activation_checkpointing: bool = False) -> torch.nn.Module:
     """Shard the UNet in place over every process (torch FSDP2): each block, then the whole model. Parameters are
     kept in fp32 (what the optimizer steps); with bf16 each block computes in bf16 and gradients are reduced in
-    fp32."""
+    fp32. With activation checkpointing each block is wrapped first, as accelerate's FSDP2 does (its parameter
+    names then hold `_checkpoint_wrapped_module.`; its state dict does not)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[mixed_precision], reduce_dtype=torch.float32)
@@ -103,9 +108,12 @@ def shard(unet: torch.nn.Module, mixed_precision: str, reshard_after_forward: bo
     # The UNets never do: a sharded run's gradients and weights equal one process's (tests/test_training_ddp.py).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     units = set(set_units(unet))
-    for module in list(unet.modules())[1:]:
-        if type(module).__name__ in units:
-            fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    blocks = [(name, module) for name, module in unet.named_modules() if type(module).__name__ in units]
+    for name, block in blocks:
+        if activation_checkpointing:  # the wrapper recomputes the block in backward, with the same random draws
+            block = checkpoint_wrapper(block)
+            unet.set_submodule(name, block)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(unet, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return unet
 
@@ -191,7 +199,8 @@ def load_into(target: torch.Tensor, whole: torch.Tensor) -> None:
 
 def load_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Load a whole state dict into a UNet, sharded or not; names must match exactly."""
-    own = dict(unet.named_parameters()) | dict(unet.named_buffers())
+    own = {name.replace(CHECKPOINT_WRAPPED, ""): tensor
+           for name, tensor in [*unet.named_parameters(), *unet.named_buffers()]}
     missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
     if missing or unexpected:
         raise ValueError(f"{source} does not fit this UNet: missing {missing[:5]}, unexpected {unexpected[:5]}")

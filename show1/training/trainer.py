@@ -195,11 +195,12 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                               TEXT_DTYPES.get(cfg.mixed_precision))
     model = load_model(stage, params, captions.dim, init_from, init_2d)
     unet = model.unet
-    if cfg.gradient_checkpointing or plan.activation_checkpointing:
+    if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    if plan.by == "show1":
-        sharding.shard(unet, cfg.mixed_precision, plan.reshard_after_forward)  # before the optimizer sees its params
+    if plan.by == "show1":  # before the optimizer sees the parameters
+        sharding.shard(unet, cfg.mixed_precision, plan.reshard_after_forward,
+                       plan.activation_checkpointing and not cfg.gradient_checkpointing)
     elif plan.by == "accelerate":
         sharding.set_units(unet)  # the blocks accelerate's wrap policy shards
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
