@@ -198,9 +198,12 @@ def load_into(target: torch.Tensor, whole: torch.Tensor) -> None:
 
 
 def load_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Load a whole state dict into a UNet, sharded or not; names must match exactly."""
-    own = {name.replace(CHECKPOINT_WRAPPED, ""): tensor
-           for name, tensor in [*unet.named_parameters(), *unet.named_buffers()]}
+    """Load a whole state dict into a UNet, sharded or not. The names are its state dict's (a block wrapped for
+    checkpointing is named as if it were not); every one must be there, with its shape."""
+    saved = set(unet.state_dict())  # persistent tensors only, under their unwrapped names
+    own = {name: tensor for name, tensor in ((name.replace(CHECKPOINT_WRAPPED, ""), tensor)
+                                            for name, tensor in [*unet.named_parameters(), *unet.named_buffers()])
+           if name in saved}
     missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
     if missing or unexpected:
         raise ValueError(f"{source} does not fit this UNet: missing {missing[:5]}, unexpected {unexpected[:5]}")
