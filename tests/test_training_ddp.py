@@ -73,9 +73,11 @@ def torchrun(setup: dict[str, Path], out: Path, *extra: str, params: Path | None
             *train_args(setup, out, *extra, params=params)]
 
 
-def accelerate_launch(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    """`accelerate launch --multi_gpu --num_processes 2`: 2 processes on a machine without GPUs too (gloo)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+def accelerate_launch(setup: dict[str, Path], out: Path, *extra: str, config: Path | None = None) -> list[str]:
+    """`accelerate launch --multi_gpu --num_processes 2` (or `--config_file CONFIG`): 2 processes on a machine
+    without GPUs too (gloo)."""
+    kind = ["--config_file", str(config)] if config else ["--multi_gpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *kind, "--num_processes", "2",
             "--main_process_port", str(free_port()), "-m", *train_args(setup, out, *extra)]
 
 
@@ -223,9 +225,8 @@ def test_fsdp_resumes_bit_exactly_and_its_checkpoints_resume_unsharded(setup, sh
     # checkpoint back (weights, EMA, AdamW moments), and the run repeats the uninterrupted one bit for bit.
     run = tmp_path / "resumed"
     shutil.copytree(whole, run, ignore=shutil.ignore_patterns("final", "step-000004"))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "2", "--main_process_port",
-              str(free_port()), "-m", *train_args(setup, run, "--no-track", "--resume", "latest")]
+    launch = accelerate_launch(setup, run, "--no-track", "--resume", "latest",
+                               config=ROOT / "configs/accelerate/fsdp.yaml")
     resumed = subprocess.run(launch, capture_output=True, text=True, timeout=900, env=environment(), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "2 processes, FSDP (sharded by show1): each held 50% of the UNet's parameters" in resumed.stdout
