@@ -65,9 +65,11 @@ def moving_frames_at(times: Iterable[float], size: tuple[int, int], seed: int) -
 
 def _encode(path: Path, images: Iterable[np.ndarray], fps: float, size: tuple[int, int],
             codec: str = "libx264", crf: int = 23, faststart: bool = False, container_format: str | None = None,
-            rotation: int = 0) -> Path:
+            rotation: int = 0, bframes: int = 0) -> Path:
     """Encode RGB images; `container_format` overrides the one the file name implies, `rotation` writes a
-    display matrix (degrees counter-clockwise, as PyAV's `VideoFrame.rotation` reads it back)."""
+    display matrix (degrees counter-clockwise, as PyAV's `VideoFrame.rotation` reads it back). `bframes`: x264
+    puts up to this many B-frames between references, none of them referenced (as camera and stock footage often
+    has); 0: none (zero latency)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     width, height = _even(size)
@@ -76,8 +78,8 @@ def _encode(path: Path, images: Iterable[np.ndarray], fps: float, size: tuple[in
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), mode="w", format=container_format, options=options) as container:
         if codec == "libx264":
-            stream = container.add_stream("libx264", rate=rate,
-                                          options={"crf": str(crf), "preset": "veryfast", "tune": "zerolatency"})
+            delay = {"x264-params": f"bframes={bframes}:b-pyramid=none"} if bframes else {"tune": "zerolatency"}
+            stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": "veryfast"} | delay)
         elif codec == "libvpx-vp9":
             stream = container.add_stream(codec, rate=rate, options={
                 "crf": str(crf), "b:v": "0", "deadline": "realtime", "cpu-used": "8"})
@@ -99,8 +101,8 @@ def _encode(path: Path, images: Iterable[np.ndarray], fps: float, size: tuple[in
 
 def write_video(path: Path | str, frames: int = 48, fps: float = 24, size: tuple[int, int] = (96, 64),
                 pattern: str = "moving", seed: int = 0, codec: str = "libx264", crf: int = 23,
-                faststart: bool = False) -> Path:
-    """Write an h264 (or mpeg4) yuv420p mp4; `pattern` is "moving" or "static".
+                faststart: bool = False, bframes: int = 0) -> Path:
+    """Write an h264 (or mpeg4) yuv420p mp4; `pattern` is "moving" or "static"; `bframes` as `_encode`.
 
     Without `faststart` the mp4 index comes last, as ffmpeg writes it by default.
     """
@@ -111,7 +113,7 @@ def write_video(path: Path | str, frames: int = 48, fps: float = 24, size: tuple
         images = (still for _ in range(frames))
     else:
         raise ValueError(f"unknown pattern {pattern!r}")
-    return _encode(Path(path), images, fps, size, codec=codec, crf=crf, faststart=faststart)
+    return _encode(Path(path), images, fps, size, codec=codec, crf=crf, faststart=faststart, bframes=bframes)
 
 
 def write_static_video(path: Path | str, frames: int = 48, fps: float = 24,

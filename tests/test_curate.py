@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -611,6 +612,104 @@ def test_curate_keeps_the_cleanly_decoded_part_of_a_video_with_a_damaged_tail(
     assert index[0]["end"] <= 1.6
     assert [(q["row"], q["reason"]) for q in read_jsonl(tmp_path / "out" / "quarantine.jsonl")] == [
         (1, "too_short")]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_frames_a_plan_keeps_are_all_the_grid_needs(seed: int) -> None:
+    """`frames_near_grid` (what `plan_grid` keeps from the packets' times) holds every frame that the grid sampling
+    picks, and the grid picks the same frames at the same times with any of the other frames left out."""
+    rng = np.random.default_rng(seed)
+    for _ in range(250):
+        count = int(rng.integers(1, 50))
+        rate = float(rng.choice([10, 23.976, 24, 25, 29.97, 30, 60]))
+        steps = np.full(count, 1 / rate) if rng.random() < 0.5 else rng.uniform(0.1, 2.5, count) / rate  # VFR
+        times = [float(t) for t in np.cumsum(steps) - steps[0] + rng.choice([0.0, 0.04])]
+        start = 0.0 if rng.random() < 0.5 else float(rng.uniform(0, times[-1]))
+        sampling = {"fps": float(rng.choice([2, 7.5, 8, 12.5, 30])), "start": start,
+                    "end": None if rng.random() < 0.5 else float(rng.uniform(start, times[-1] + 0.5)),
+                    "max_frames": None if rng.random() < 0.5 else int(rng.integers(1, 40)), "last_duration": 1 / rate}
+        everything = _on_grid(times, list(range(count)), sampling)
+        needed = set(video.frames_near_grid(times, sampling["fps"], start, sampling["end"], 1 / rate))
+        assert {i for _, i in everything} <= needed
+        some_others = [i for i in range(count) if i in needed or rng.random() < 0.5]
+        assert _on_grid(times, some_others, sampling) == _on_grid(times, sorted(needed), sampling) == everything
+
+
+def _on_grid(times: list[float], kept: list[int], sampling: dict[str, Any]) -> list[tuple[float, int]]:
+    """The grid sampling of the frames `kept` (indices into `times`): (grid time, frame index) pairs."""
+    return list(video.on_grid(((times[i], i) for i in kept), **sampling))
+
+
+def _count_decoded(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Frames each file's decoder puts out from now on, by file name."""
+    counts: Counter[str] = Counter()
+    decoded = video.VideoFile._decoded
+
+    def counting(self: video.VideoFile) -> Any:
+        for frame in decoded(self):
+            counts[self.path.name] += 1
+            yield frame
+
+    monkeypatch.setattr(video.VideoFile, "_decoded", counting)
+    return counts
+
+
+def test_curate_decodes_only_the_frames_its_clips_use_and_stores_what_a_full_decode_does(
+        root: Path, make_params: Callable[..., Params], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planned from the packets' times, a source is decoded up to its last whole clip only, without the unreferenced
+    B-frames no grid time picks; the shards, index and part files are byte for byte those of a decode of every
+    frame. A plan the decoder contradicts is dropped for a full decode of that row."""
+    videos = root / "videos"
+    media.write_video(videos / "film.mp4", frames=62, fps=24, bframes=3, seed=21)  # 21 grid frames: 2 clips of 8
+    media.write_video(videos / "ntsc.mp4", frames=75, fps=30000 / 1001, bframes=2, seed=22)  # from 0.7 s: 15 → 1
+    media.write_vfr_video(videos / "vfr.mp4", [0.0, 0.05, 0.09, 0.2, 0.24, 0.31, 0.45, 0.5, 0.62, 0.7, 0.76, 0.9,
+                                               1.0, 1.04, 1.2, 1.33, 1.4, 1.52, 1.6, 1.74, 1.8, 1.95, 2.1, 2.2])
+    manifest = media.write_manifest_csv(root / "b.csv", [
+        {"video": "videos/film.mp4", "caption": "Film rate, three B-frames between references."},
+        {"video": "videos/ntsc.mp4", "caption": "NTSC rate, from 0.7 s on.", "start": 0.7},
+        {"video": "videos/vfr.mp4", "caption": "Variable frame rate, up to 1.9 s.", "end": 1.9},
+    ], columns=["video", "caption", "start", "end"])
+    params = make_params()
+    decoded = _count_decoded(monkeypatch)
+    curate(manifest, tmp_path / "planned", params)
+    planned, _ = Counter(decoded), decoded.clear()
+
+    plan_grid = video.VideoFile.plan_grid
+    monkeypatch.setattr(video.VideoFile, "plan_grid", lambda self, *args, **kwargs: None)
+    curate(manifest, tmp_path / "full", params)
+    full, _ = Counter(decoded), decoded.clear()
+
+    def contradicted(self: video.VideoFile, *args: Any, **kwargs: Any) -> video.GridPlan | None:
+        plan = plan_grid(self, *args, **kwargs)  # without the first frame: the decoder's first frame breaks it
+        return plan and replace(plan, stamps=plan.stamps - {min(plan.stamps)})
+
+    monkeypatch.setattr(video.VideoFile, "plan_grid", contradicted)
+    curate(manifest, tmp_path / "contradicted", params)
+
+    assert [r["row"] for r in read_jsonl(tmp_path / "full" / "index.jsonl")] == [0, 0, 1, 2]
+    assert tree_bytes(tmp_path / "planned") == tree_bytes(tmp_path / "full") == tree_bytes(tmp_path / "contradicted")
+    assert full["film.mp4"] == 62  # every frame (ntsc: its first twice, before and after the seek; vfr: up to 1.9 s)
+    # film: its clips end at grid frame 15 (1.875 s); of its 47 frames up to there, about 3 in 4 are unreferenced
+    # B-frames, of which the grid picks 1 in 3. ntsc: seeks to 0 s, its one clip ends at 1.575 s. vfr: no B-frames,
+    # its one clip ends at 0.875 s.
+    assert planned["film.mp4"] <= 0.5 * full["film.mp4"] and planned["ntsc.mp4"] <= 0.5 * full["ntsc.mp4"]
+    assert planned["vfr.mp4"] <= 0.7 * full["vfr.mp4"]
+    assert all(decoded[name] > count for name, count in full.items())  # each row's broken try, then every frame
+
+
+def test_rows_decoding_at_once_share_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from show1.data import curate as curation
+
+    monkeypatch.setattr(curation, "usable_cpus", lambda: 8)
+    shares = curation.DecoderShares()
+    assert shares.threads() == 8  # a row decoding alone: every CPU
+    with shares.decoding(2):  # a chunk's 2 rows in flight
+        assert shares.threads() == 4
+        with shares.decoding(2):  # a second chunk (the local executor's --workers 2)
+            assert shares.threads() == 2
+            with shares.decoding(16):
+                assert shares.threads() == 1
+    assert shares.threads() == 8
 
 
 def test_curate_quarantines_videos_outside_the_header_filters(

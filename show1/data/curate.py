@@ -15,9 +15,12 @@ OUT is a local folder or any fsspec URL (`s3://bucket/prefix`): every file goes 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +32,7 @@ from typing import Any
 import av
 import numpy as np
 
-from show1.config import Curate, Params
+from show1.config import Clip, Curate, Params
 from show1.data import captions, dedupe, manifest, quality, shards, sources, video
 from show1.data.errors import Rejected
 from show1.data.folder import DataFolder
@@ -42,6 +45,9 @@ SUMMARY = "summary.json"
 PARTS = "parts"
 SHARDS = "shards"
 _ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+# Bumped whenever the same rows and settings would curate to other outputs, so that parts written by an older
+# show1 are curated again rather than mixed in. 2: `motion` is measured over the frames the clips use.
+METHOD = 2
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class CurationPlan:
         prints = []
         for index in range(self.chunk_count):
             payload = {
+                "method": METHOD,
                 "settings": settings,
                 "manifest_dir": str(manifest_dir.resolve()),
                 "rows": [r.fingerprint_fields() | {"rejection": r.rejection and r.rejection.reason,
@@ -276,9 +283,43 @@ def _locate(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path) -> P
     return sources.resolve_local(row.video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages)
 
 
+def _frames_clips_can_use(clip: Clip, grid_frames: int | None) -> int | None:
+    """How many grid frames to decode: the frames of the most clips that `grid_frames` (at least the source's grid
+    frames; None: unknown) and `clip.max_per_source` allow. The tail after the last clip is left undecoded: a quarter
+    of a 5 s source at the default 29 frames every 29. None: decode to the end."""
+    most = clip.max_per_source or None
+    if grid_frames is not None and grid_frames >= clip.frames:
+        fitting = (grid_frames - clip.frames) // clip.stride + 1
+        most = fitting if most is None else min(most, fitting)
+    return None if most is None else clip.frames + (most - 1) * clip.stride
+
+
+def _sample(path: Path, row: ManifestRow, cfg: Curate, threads: int,
+            planned: bool) -> tuple[video.VideoInfo, list[tuple[dict[str, np.ndarray], np.ndarray]]]:
+    """The source's header checks, then its frames on the clip grid at every size (and thumbnails). `planned`: from
+    the packets' times (`VideoFile.plan_grid`), decode nothing after the last clip that fits and leave out the
+    non-reference frames that no grid time picks."""
+    with video.VideoFile(path, threads=threads) as source:
+        _check_coded_size(source.info, cfg, path)  # before the first decode
+        info = source.read_rotation()
+        start = row.start or 0.0
+        _check_header(info, cfg, start, row.end, path)
+        clip = cfg.clip
+        plan = source.plan_grid(clip.fps, start=start, end=row.end) if planned else None
+        limit = _frames_clips_can_use(clip, plan.most if plan else None)
+        frames = (frame for _, frame in source.frames_on_grid(clip.fps, start=start, end=row.end, max_frames=limit,
+                                                                plan=plan))
+        converter = video.FrameConverter(info.width, info.height, clip.sizes, rotation=info.rotation)
+        try:
+            return info, video.convert_all(frames, converter)
+        except av.FFmpegError as exc:  # swscale cannot convert what the decoder produced
+            raise Rejected("undecodable", f"{path}: a decoded frame cannot be converted to RGB: {exc}") from None
+
+
 def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path,
-                source_id: str | None = None) -> KeptSource:
-    """Run every per-row check and decode the source; raise `Rejected` for anything unusable."""
+                source_id: str | None = None, threads: int = 0) -> KeptSource:
+    """Run every per-row check and decode the source (on `threads` decoding threads, 0: FFmpeg's choice); raise
+    `Rejected` for anything unusable."""
     if row.rejection is not None:
         raise row.rejection
     if not row.video:
@@ -288,31 +329,24 @@ def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path,
     size = path.stat().st_size
     if size > cfg.filters.max_source_bytes:
         raise Rejected("too_large", f"{size} bytes > curate.filters.max_source_bytes {cfg.filters.max_source_bytes}")
-    with video.VideoFile(path) as source:
-        _check_coded_size(source.info, cfg, path)  # before the first decode
-        info = source.read_rotation()
-        start = row.start or 0.0
-        _check_header(info, cfg, start, row.end, path)
-        clip = cfg.clip
-        limit = clip.frames + (clip.max_per_source - 1) * clip.stride if clip.max_per_source else None
-        frames = (frame for _, frame in source.frames_on_grid(clip.fps, start=start, end=row.end, max_frames=limit))
-        converter = video.FrameConverter(info.width, info.height, clip.sizes, rotation=info.rotation)
-        try:
-            converted = video.convert_all(frames, converter)
-        except av.FFmpegError as exc:  # swscale cannot convert what the decoder produced
-            raise Rejected("undecodable", f"{path}: a decoded frame cannot be converted to RGB: {exc}") from None
+    start = row.start or 0.0
+    try:
+        info, converted = _sample(path, row, cfg, threads, planned=True)
+    except video.PlanBroken:  # a frame its packets did not announce: decode every frame, the way it always works
+        info, converted = _sample(path, row, cfg, threads, planned=False)
+    clip = cfg.clip
     sampled = len(converted)
     if sampled < clip.frames:
         raise Rejected("too_short", f"{sampled} frames at {clip.fps:g} fps; a clip needs {clip.frames}")
-    thumbnails = np.stack([thumb for _, thumb in converted])
-    motion = quality.mean_motion(thumbnails)
-    if motion < cfg.filters.static_threshold:
-        raise Rejected("static", f"mean frame difference {motion:.3f} < static_threshold "
-                                 f"{cfg.filters.static_threshold}")
     firsts = list(range(0, sampled - clip.frames + 1, clip.stride))
     if clip.max_per_source:
         firsts = firsts[:clip.max_per_source]
     used = firsts[-1] + clip.frames
+    thumbnails = np.stack([thumb for _, thumb in converted[:used]])
+    motion = quality.mean_motion(thumbnails)  # over the frames the clips use: the tail after them is not decoded
+    if motion < cfg.filters.static_threshold:
+        raise Rejected("static", f"mean frame difference {motion:.3f} < static_threshold "
+                                 f"{cfg.filters.static_threshold}")
     picks = quality.pick_evenly(used, cfg.filters.dedup_frames)
     hashes = np.array([quality.phash(thumbnails[i]) for i in picks], dtype=np.uint64)
     return KeptSource(
@@ -410,12 +444,47 @@ def source_key(row: ManifestRow) -> str:
     return f"r{row.row:07d}"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (what a container or `taskset` grants), else the count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class DecoderShares:
+    """The decoding threads each row gets: this process's CPUs shared among the rows that its running chunks decode
+    at once (up to ROWS_IN_FLIGHT each). FFmpeg's own choice gives every decoder a thread per CPU + 1, so two rows in
+    flight on 2 CPUs ran 6 decoding threads beside the 2 converting ones; one thread each cut curation's wall time
+    by about 10% there (`benchmarks/bench_curate.py`). A row decoding alone with spare CPUs still gets several."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows = 0
+
+    @contextlib.contextmanager
+    def decoding(self, rows: int) -> Iterator[None]:
+        """Count `rows` more rows decoding at once in this process, for the duration."""
+        with self._lock:
+            self._rows += rows
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._rows -= rows
+
+    def threads(self) -> int:
+        with self._lock:
+            return max(1, usable_cpus() // max(1, self._rows))
+
+
+DECODERS = DecoderShares()
+
+
 def _row_outcomes(job: ChunkJob) -> Iterator[tuple[ManifestRow, CuratedRow | Rejected]]:
     """Each row of the chunk with what became of it, in manifest order."""
 
     def attempt(row: ManifestRow) -> CuratedRow | Rejected:
         try:
-            kept = process_row(row, job.manifest_dir, job.settings, job.cache, job.source_ids.get(row.row))
+            kept = process_row(row, job.manifest_dir, job.settings, job.cache, job.source_ids.get(row.row),
+                               threads=DECODERS.threads())
         except Rejected as rejection:
             return rejection
         # Hashed here, on the row's thread, while the next row decodes (not after the chunk, before its shard).
@@ -423,7 +492,8 @@ def _row_outcomes(job: ChunkJob) -> Iterator[tuple[ManifestRow, CuratedRow | Rej
 
     # In manifest order, whichever row finishes first. Rows decoded ahead hold no more memory than the chunk does
     # anyway: every kept source's frames stay in memory until its shard is written.
-    with ThreadPoolExecutor(max_workers=ROWS_IN_FLIGHT, thread_name_prefix="show1-row") as pool:
+    at_once = min(ROWS_IN_FLIGHT, len(job.rows))
+    with DECODERS.decoding(at_once), ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="show1-row") as pool:
         yield from zip(job.rows, pool.map(attempt, job.rows), strict=True)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import av
 import numpy as np
@@ -55,10 +55,11 @@ class VideoFile:
 
     Opening decodes nothing; `info` has the coded size and rotation 0 until `read_rotation` decodes the first
     frame (the display matrix is only exposed on decoded frames) and turns `info` into the displayed size.
+    `threads` caps the decoder's threads (0: FFmpeg's choice); the frames are the same with any number.
     Use as a context manager; opening raises `Rejected` (empty_file, undecodable, no_video_stream).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int = 0):
         self.path = Path(path)
         if self.path.stat().st_size == 0:
             raise Rejected("empty_file", f"{self.path} has zero bytes")
@@ -69,10 +70,12 @@ class VideoFile:
         self._rotation_read = False
         self._peeked: av.VideoFrame | None = None
         self._decoder: Iterator[av.VideoFrame] | None = None
+        self._needed: frozenset[int] | None = None  # under a sampling plan: the packets whose frames are picked
         try:
             self._stream = self._video_stream()
             self.info = self._read_info()
             self._stream.thread_type = "AUTO"  # only settable before the decoder opens
+            self._stream.codec_context.thread_count = threads  # 0: FFmpeg's choice, a thread per CPU + 1
         except BaseException:
             self._container.close()
             raise
@@ -116,7 +119,7 @@ class VideoFile:
         if self._rotation_read:
             return self.info
         self._rotation_read = True
-        self._decoder = self._container.decode(self._stream)
+        self._decoder = self._decoded()
         try:
             self._peeked = next(self._decoder)
         except StopIteration:
@@ -129,6 +132,15 @@ class VideoFile:
             self.info = replace(self.info, width=width, height=height, rotation=90 * turns)
         return self.info
 
+    def _decoded(self) -> Iterator[av.VideoFrame]:
+        """Frames in presentation order from the demuxer's position. Under a sampling plan (`frames_on_grid`), a
+        packet whose frame no grid time picks is decoded only if other frames refer to it (FFmpeg's NONREF)."""
+        context = self._stream.codec_context
+        for packet in self._container.demux(self._stream):
+            if self._needed is not None:
+                context.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in self._needed else "NONREF"
+            yield from context.decode(packet)
+
     def _frames(self, seek: bool) -> Iterator[av.VideoFrame]:
         """Decoded frames in presentation order, starting with the one `read_rotation` decoded unless
         `seek` moved the demuxer since."""
@@ -137,54 +149,161 @@ class VideoFile:
             yield peeked
             yield from decoder
         else:
-            yield from self._container.decode(self._stream)
+            yield from self._decoded()
+
+    def _frame_rate(self) -> float:
+        """The rate that stands in for missing presentation times and bounds the last frame's duration."""
+        stream = self._stream
+        return float(stream.average_rate or stream.guessed_rate or 25)
+
+    def plan_grid(self, fps: float, start: float = 0.0, end: float | None = None) -> GridPlan | None:
+        """What `frames_on_grid(fps, start, end)` will need, read from the packets' presentation times on a second
+        handle to the file: demuxing only, no decoding (milliseconds, where decoding takes a tenth of a second or
+        more). None when a packet has no presentation time or the demuxer fails: then everything is decoded."""
+        time_base = self._stream.time_base
+        if time_base is None or fps <= 0:
+            return None
+        stamps = []
+        try:
+            with av.open(str(self.path), mode="r") as container:
+                for packet in container.demux(container.streams.video[0]):  # the stream `_video_stream` reads
+                    if packet.size == 0:
+                        continue  # the demuxer's flush packet
+                    if packet.pts is None:
+                        return None
+                    stamps.append(packet.pts)
+        except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError):
+            return None
+        if not stamps:
+            return None
+        stamps = sorted(set(stamps))
+        # As PyAV computes `VideoFrame.time`, so that the same frames are picked.
+        times = [float(pts) * time_base.numerator / time_base.denominator for pts in stamps]
+        rate = self._frame_rate()
+        picked = frames_near_grid(times, fps, start, end, last_duration=1.0 / rate)
+        # The grid over these times, a little longer (SLACK_S) so that no rounding makes it shorter than the decode's.
+        later_end = None if end is None else end + SLACK_S
+        most = sum(1 for _ in on_grid(((t, None) for t in times), fps, start, later_end, None,
+                                      last_duration=1.0 / rate + 2 * SLACK_S))
+        return GridPlan(most=most, stamps=frozenset(stamps), needed=frozenset(stamps[i] for i in picked))
 
     def frames_on_grid(self, fps: float, start: float = 0.0, end: float | None = None,
-                       max_frames: int | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
+                       max_frames: int | None = None, plan: GridPlan | None = None,
+                       ) -> Iterator[tuple[float, av.VideoFrame]]:
         """Yield `(grid_time, frame)` for grid times start, start + 1/fps, …: each the decoded frame
         nearest that time (frames repeat when the source is slower than `fps`). Works on variable frame
         rates because it uses presentation times, not frame counts; a frame whose time does not move
         forward is dropped. A damaged tail ends the video. The frames are as decoded: turn them upright
-        with `info.rotation` (FrameConverter does)."""
+        with `info.rotation` (FrameConverter does).
+
+        With `plan` (`plan_grid` of the same fps, start and end), frames that no grid time picks are not decoded
+        where the codec allows it: frames no other frame refers to, such as the B-frames that most H.264 encoders
+        put between references. The frames yielded are the same (a damaged frame left undecoded cannot end the video
+        early, as it would when decoded). A decoded frame that the packets did not announce raises `PlanBroken`
+        before it is yielded, and the caller decodes again without a plan."""
         stream, container, path = self._stream, self._container, self.path
-        step = 1.0 / fps
         seek = start > 0 and stream.time_base is not None
         if seek:
             try:
                 container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
             except av.FFmpegError as exc:
                 raise Rejected("undecodable", f"{path}: cannot seek to {start}s: {exc}") from None
-        rate = float(stream.average_rate or stream.guessed_rate or 25)
-        emitted = 0
-        previous: tuple[float, av.VideoFrame] | None = None
-        try:
-            for index, frame in enumerate(self._frames(seek)):
-                t = frame.time if frame.time is not None else index / rate
-                if end is not None and t >= end:
-                    break
-                if previous is not None:
-                    if t <= previous[0]:
-                        continue
-                    midpoint = (previous[0] + t) / 2
-                    while (grid := start + emitted * step) < midpoint:
-                        yield grid, previous[1]
-                        emitted += 1
-                        if max_frames is not None and emitted >= max_frames:
-                            return
-                previous = (t, frame)
-        except av.FFmpegError as exc:
-            if previous is None:
-                raise Rejected("undecodable", f"{path}: {exc}") from None
-        if previous is None:
-            raise Rejected("undecodable", f"{path}: no frame could be decoded")
-        last_end = previous[0] + 1.0 / rate / 2
+        rate = self._frame_rate()
+        self._needed = plan.needed if plan is not None else None
+        decoded = 0
+        failure: av.FFmpegError | None = None
+
+        def timed() -> Iterator[tuple[float, av.VideoFrame]]:
+            nonlocal decoded, failure
+            previous_time = -math.inf
+            try:
+                for index, frame in enumerate(self._frames(seek)):
+                    t = frame.time if frame.time is not None else index / rate
+                    if plan is not None and (frame.pts not in plan.stamps or t <= previous_time):
+                        raise PlanBroken(f"{path}: a decoded frame at pts {frame.pts} is not among the packets'")
+                    previous_time = t
+                    decoded += end is None or t < end  # a frame from the span: the video is not undecodable
+                    yield t, frame
+            except av.FFmpegError as exc:  # a damaged tail ends the video
+                failure = exc
+
+        yield from on_grid(timed(), fps, start, end, max_frames, last_duration=1.0 / rate)
+        if decoded == 0:
+            raise Rejected("undecodable", f"{path}: {failure}" if failure else f"{path}: no frame could be decoded")
+
+
+class PlanBroken(RuntimeError):
+    """The decoder produced a frame that the packets' presentation times did not announce (see `plan_grid`)."""
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """From the packets of a file: `most` grid frames at most, the presentation times (`stamps`) of every frame,
+    and those of the frames that a grid time may pick (`needed`)."""
+
+    most: int
+    stamps: frozenset[int]
+    needed: frozenset[int]
+
+
+T = TypeVar("T")
+
+
+def on_grid(frames: Iterable[tuple[float, T]], fps: float, start: float, end: float | None,
+            max_frames: int | None, last_duration: float) -> Iterator[tuple[float, T]]:
+    """The grid sampling of `frames_on_grid` over `(time, frame)` pairs in presentation order: grid time g gets the
+    frame nearest it (the midpoints between frames are the boundaries; the last frame lasts `last_duration / 2`
+    past its time). Frames at or after `end` end it; a frame whose time does not move forward is dropped."""
+    step = 1.0 / fps
+    emitted = 0
+    previous: tuple[float, T] | None = None
+    for t, frame in frames:
+        if end is not None and t >= end:
+            break
+        if previous is not None:
+            if t <= previous[0]:
+                continue
+            midpoint = (previous[0] + t) / 2
+            while (grid := start + emitted * step) < midpoint:
+                yield grid, previous[1]
+                emitted += 1
+                if max_frames is not None and emitted >= max_frames:
+                    return
+        previous = (t, frame)
+    if previous is None:
+        return
+    last_end = previous[0] + last_duration / 2
+    if end is not None:
+        last_end = min(last_end, end)
+    while (grid := start + emitted * step) < last_end:
+        yield grid, previous[1]
+        emitted += 1
+        if max_frames is not None and emitted >= max_frames:
+            return
+
+
+SLACK_S = 1e-6  # grid times this close to a boundary between two frames count for both
+
+
+def frames_near_grid(times: list[float], fps: float, start: float, end: float | None,
+                     last_duration: float) -> list[int]:
+    """Indices of the frames (at increasing `times`) that `on_grid` may pick, and the first and last: each frame
+    owns the times from the midpoint with the one before to the midpoint with the one after, and is kept when a
+    grid time lies in that span give or take SLACK_S (so no float rounding can pick a frame left out)."""
+    step = 1.0 / fps
+    usable = [t for t in times if end is None or t < end]
+    picked = []
+    for i, t in enumerate(usable):
+        low = (usable[i - 1] + t) / 2 - SLACK_S if i else -math.inf
+        high = (t + usable[i + 1]) / 2 if i + 1 < len(usable) else t + last_duration / 2
         if end is not None:
-            last_end = min(last_end, end)
-        while (grid := start + emitted * step) < last_end:
-            yield grid, previous[1]
-            emitted += 1
-            if max_frames is not None and emitted >= max_frames:
-                return
+            high = min(high, end)
+        first = 0 if low == -math.inf else max(0, math.ceil((low - start) / step))
+        while first > 0 and start + (first - 1) * step >= low:
+            first -= 1
+        if i in (0, len(usable) - 1) or start + first * step < high + SLACK_S:
+            picked.append(i)
+    return picked
 
 
 def probe(path: Path, rotation: bool = True) -> VideoInfo:
