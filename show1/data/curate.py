@@ -46,7 +46,8 @@ PARTS = "parts"
 SHARDS = "shards"
 _ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 # Bumped whenever the same rows and settings would curate to other outputs, so that parts written by an older
-# show1 are curated again rather than mixed in. 2: `motion` is measured over the frames the clips use.
+# show1 are curated again rather than mixed in. 2: `motion` is measured over the frames the clips use, and every
+# size and the thumbnail are scaled by swscale straight from the decoded frame.
 METHOD = 2
 
 

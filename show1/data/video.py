@@ -324,41 +324,37 @@ def cover_crop_box(src_w: int, src_h: int, size: Size) -> tuple[int, int, int, i
 class FrameConverter:
     """Turns decoded frames into upright, centre-cropped RGB images at every size, plus a gray thumbnail.
 
-    `src_w` x `src_h` is the displayed size and `rotation` the display rotation (see `VideoInfo`): frames
-    are scaled in their coded orientation, then turned upright with `np.rot90` (counter-clockwise, as
-    ffplay and browsers show them), then cropped. One swscale pass brings the full frame down to the cover
-    size of the largest target; smaller sizes and the thumbnail are resampled from that small image. The
-    reformatter is kept across frames: building a new scaler for every frame (what `VideoFrame.reformat`
-    does) costs more than the scaling itself.
+    `src_w` x `src_h` is the displayed size and `rotation` the display rotation (see `VideoInfo`). swscale scales
+    the decoded frame straight to each size's cover size (area averaging down, bicubic up), and the thumbnail from
+    its luma, in the frame's coded orientation; then `np.rot90` turns the image upright (counter-clockwise, as
+    ffplay and browsers show them) and it is centre-cropped. One resampling of the source per size: measured on
+    the demo sources, 1.5-1.9x as fast at the paper profile's three sizes as scaling once to the largest and
+    resampling that image with PIL, and as fast at the tiny profile's two. Each size keeps its reformatter across
+    frames: building a new scaler for every frame (what `VideoFrame.reformat` does) costs more than the scaling.
     """
 
     def __init__(self, src_w: int, src_h: int, sizes: list[Size], rotation: int = 0):
         self.sizes = list(sizes)
-        largest = max(self.sizes, key=lambda s: s.width * s.height)
-        self.base_w, self.base_h, _, _ = cover_crop_box(src_w, src_h, largest)
-        self.upscale = self.base_w > src_w
         self.boxes = {s.key: cover_crop_box(src_w, src_h, s) for s in self.sizes}
         self.turns = quarter_turns(rotation)
-        # What swscale writes: the base size in the frames' coded orientation.
-        self.coded_w, self.coded_h = (self.base_h, self.base_w) if self.turns % 2 else (self.base_w, self.base_h)
-        self._reformatter = VideoReformatter()
+        self._scalers = {key: VideoReformatter() for key in [*self.boxes, "thumbnail"]}
 
-    def upright(self, frame: av.VideoFrame) -> np.ndarray:
-        """The frame as RGB at the base size, turned as displayed."""
-        base = self._reformatter.reformat(frame, width=self.coded_w, height=self.coded_h, format="rgb24",
-                                          interpolation="BICUBIC" if self.upscale else "AREA").to_ndarray()
-        return np.ascontiguousarray(np.rot90(base, self.turns)) if self.turns else base
+    def _scaled(self, frame: av.VideoFrame, key: str, width: int, height: int, pixels: str,
+                upscale: bool) -> np.ndarray:
+        """`frame` scaled to width x height as displayed, turned upright."""
+        coded_w, coded_h = (height, width) if self.turns % 2 else (width, height)
+        image = self._scalers[key].reformat(frame, width=coded_w, height=coded_h, format=pixels,
+                                            interpolation="BICUBIC" if upscale else "AREA").to_ndarray()
+        return np.rot90(image, self.turns) if self.turns else image
 
     def __call__(self, frame: av.VideoFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        base = self.upright(frame)
-        image = Image.fromarray(base)
         out = {}
         for size in self.sizes:
             scaled_w, scaled_h, left, top = self.boxes[size.key]
-            scaled = base if (scaled_w, scaled_h) == (self.base_w, self.base_h) else np.asarray(
-                image.resize((scaled_w, scaled_h), Image.Resampling.BOX))
+            scaled = self._scaled(frame, size.key, scaled_w, scaled_h, "rgb24",
+                                  upscale=scaled_w * scaled_h > frame.width * frame.height)
             out[size.key] = np.ascontiguousarray(scaled[top:top + size.height, left:left + size.width])
-        thumbnail = np.asarray(image.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX))
+        thumbnail = np.ascontiguousarray(self._scaled(frame, "thumbnail", THUMB, THUMB, "gray", upscale=False))
         return out, thumbnail
 
 
