@@ -286,8 +286,8 @@ def _locate(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path) -> P
 
 def _frames_clips_can_use(clip: Clip, grid_frames: int | None) -> int | None:
     """How many grid frames to decode: the frames of the most clips that `grid_frames` (at least the source's grid
-    frames; None: unknown) and `clip.max_per_source` allow. The tail after the last clip is left undecoded: a quarter
-    of a 5 s source at the default 29 frames every 29. None: decode to the end."""
+    frames; None: unknown) and `clip.max_per_source` allow. The tail after the last clip is left undecoded: about a
+    quarter of a 5 s source at the default 29 frames every 29. None: decode to the end."""
     most = clip.max_per_source or None
     if grid_frames is not None and grid_frames >= clip.frames:
         fitting = (grid_frames - clip.frames) // clip.stride + 1
@@ -454,7 +454,7 @@ class DecoderShares:
     """The decoding threads each row gets: this process's CPUs shared among the rows that its running chunks decode
     at once (up to ROWS_IN_FLIGHT each). FFmpeg's own choice gives every decoder a thread per CPU + 1, so two rows in
     flight on 2 CPUs ran 6 decoding threads beside the 2 converting ones; one thread each cut curation's wall time
-    by about 10% there (`benchmarks/bench_curate.py`). A row decoding alone with spare CPUs still gets several."""
+    by about 7% there (20 alternating runs of the demo). A row decoding alone with spare CPUs still gets several."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -493,7 +493,7 @@ def _row_outcomes(job: ChunkJob) -> Iterator[tuple[ManifestRow, CuratedRow | Rej
 
     # In manifest order, whichever row finishes first. Rows decoded ahead hold no more memory than the chunk does
     # anyway: every kept source's frames stay in memory until its shard is written.
-    at_once = min(ROWS_IN_FLIGHT, len(job.rows))
+    at_once = max(1, min(ROWS_IN_FLIGHT, len(job.rows)))
     with DECODERS.decoding(at_once), ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="show1-row") as pool:
         yield from zip(job.rows, pool.map(attempt, job.rows), strict=True)
 
