@@ -83,6 +83,7 @@ def _run_command(request: dict[str, Any], base_path: list[str]) -> int:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(env)
+    tempfile.tempdir = None  # read from TMPDIR again, as a new process would
     sys.argv = [argv[2] if argv[1] == "-m" else "-c", *argv[3:]]  # runpy puts the module's file first
     sys.path[:] = _command_path(request, base_path)
     import torch

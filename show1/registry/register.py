@@ -233,6 +233,29 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+WORK_PREFIX = "show1-register-"
+
+
+def _work_folder_prefix() -> str:
+    """The name a registration's work folder starts with: who made it (`show1-register-<pid>@<host>-`)."""
+    return f"{WORK_PREFIX}{os.getpid()}@{socket.gethostname()}-"
+
+
+def remove_stale_work_folders(root: Path | None = None) -> list[Path]:
+    """Delete the work folders (under `root`, the temporary folder by default) of registrations on this host whose
+    process no longer runs: a registration killed while it assembled or uploaded its model leaves a whole copy of
+    the stage there. Folders of running registrations, of other hosts and of unknown owners are left alone."""
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    for folder in root.glob(f"{WORK_PREFIX}*@*"):
+        pid, _, rest = folder.name.removeprefix(WORK_PREFIX).partition("@")
+        host = rest.rsplit("-", 1)[0]  # what follows the last "-" is tempfile's random part
+        if folder.is_dir() and pid.isdigit() and host == socket.gethostname() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def linked_model_id(version: Any) -> str | None:
     """The logged model behind a version: `model_id` where the store keeps it, else its `models:/<id>` source."""
     if getattr(version, "model_id", None):
@@ -344,7 +367,9 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
         tags["text_encoder_source"] = str(text_source.resolve())
     if first_frame is not None:
         tags["first_frame_source"] = str(first_frame.resolve())
-    with tempfile.TemporaryDirectory(prefix="show1-register-") as tmp:
+    if stale := remove_stale_work_folders():
+        say(f"removed {len(stale)} work folder(s) left by a killed registration")
+    with tempfile.TemporaryDirectory(prefix=_work_folder_prefix()) as tmp:
         say("assembling the model folder")
         assemble_model_folder(folder, components, text_source, Path(tmp) / "stage", first_frame)
         mlflow.pyfunc.save_model(

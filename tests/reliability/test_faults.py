@@ -149,15 +149,20 @@ def test_registration_killed_at_any_step_leaves_one_whole_version_and_no_orphan(
     store = new_mlflow_store(shared, tmp_path / "mlflow.db")
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"paths": {"cache": str(tmp_path / "cache")}}))
-    env = {"MLFLOW_TRACKING_URI": store}
+    scratch = tmp_path / "scratch"  # the processes' temporary folder
+    scratch.mkdir()
+    env = {"MLFLOW_TRACKING_URI": store, "TMPDIR": str(scratch)}
     killed = show1(params_file, "register", "--stage", "base", "--checkpoint", str(stage), fault=fault, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     before = registry_state(store)
     assert len(before["versions"]) == (1 if fault == "register.after_version" else 0)
+    # Killed while its work folder (the assembled model) existed, it left that folder behind.
+    assert len(list(scratch.glob("show1-register-*"))) == (0 if fault == "register.after_version" else 1)
 
     again = show1(params_file, "register", "--stage", "base", "--checkpoint", str(stage), env=env)
     assert again.returncode == 0, again.stderr
     assert_one_whole_version(store, params_file, monkeypatch)
+    assert list(scratch.iterdir()) == []  # the next registration removed it
 
 
 @pytest.mark.soak
