@@ -654,6 +654,13 @@ def _count_decoded(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     return counts
 
 
+def _taken(counts: Counter[str]) -> Counter[str]:
+    """The counts so far; `counts` starts again from zero."""
+    taken = Counter(counts)
+    counts.clear()
+    return taken
+
+
 def test_curate_decodes_only_the_frames_its_clips_use_and_stores_what_a_full_decode_does(
         root: Path, make_params: Callable[..., Params], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Planned from the packets' times, a source is decoded up to its last whole clip only, without the unreferenced
@@ -661,7 +668,7 @@ def test_curate_decodes_only_the_frames_its_clips_use_and_stores_what_a_full_dec
     frame. A plan the decoder contradicts is dropped for a full decode of that row."""
     videos = root / "videos"
     media.write_video(videos / "film.mp4", frames=62, fps=24, bframes=3, seed=21)  # 21 grid frames: 2 clips of 8
-    media.write_video(videos / "ntsc.mp4", frames=75, fps=30000 / 1001, bframes=2, seed=22)  # from 0.7 s: 15 → 1
+    media.write_video(videos / "ntsc.mp4", frames=75, fps=30000 / 1001, bframes=2, seed=22)  # from 0.7 s: 15, 1 clip
     media.write_vfr_video(videos / "vfr.mp4", [0.0, 0.05, 0.09, 0.2, 0.24, 0.31, 0.45, 0.5, 0.62, 0.7, 0.76, 0.9,
                                                1.0, 1.04, 1.2, 1.33, 1.4, 1.52, 1.6, 1.74, 1.8, 1.95, 2.1, 2.2])
     manifest = media.write_manifest_csv(root / "b.csv", [
@@ -672,12 +679,12 @@ def test_curate_decodes_only_the_frames_its_clips_use_and_stores_what_a_full_dec
     params = make_params()
     decoded = _count_decoded(monkeypatch)
     curate(manifest, tmp_path / "planned", params)
-    planned, _ = Counter(decoded), decoded.clear()
+    planned = _taken(decoded)
 
     plan_grid = video.VideoFile.plan_grid
     monkeypatch.setattr(video.VideoFile, "plan_grid", lambda self, *args, **kwargs: None)
     curate(manifest, tmp_path / "full", params)
-    full, _ = Counter(decoded), decoded.clear()
+    full = _taken(decoded)
 
     def contradicted(self: video.VideoFile, *args: Any, **kwargs: Any) -> video.GridPlan | None:
         plan = plan_grid(self, *args, **kwargs)  # without the first frame: the decoder's first frame breaks it
