@@ -161,11 +161,13 @@ def full_tree(value: Any, keep: bool) -> Any:
 @dataclass
 class Gathered:
     """What the main process writes: a plain UNet with the training weights, the EMA weights in parameter order,
-    and the optimizer's state dict (every tensor whole)."""
+    and the optimizer's state dict (every tensor whole). `owned`: the UNet is a copy made for this state (sharded
+    runs), not the live training model, so a last use may overwrite it."""
 
     unet: torch.nn.Module
     ema: list[torch.Tensor]
     optimizer: dict[str, Any] | None
+    owned: bool = False
 
 
 def gather(unet: torch.nn.Module, ema_weights: list[torch.Tensor], optimizer: Any, sharded: bool, keep: bool,
@@ -182,7 +184,7 @@ def gather(unet: torch.nn.Module, ema_weights: list[torch.Tensor], optimizer: An
     with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
         plain = plain_class(unet).from_config(unet.config)
     plain.load_state_dict(weights)
-    return Gathered(plain, ema, state)
+    return Gathered(plain, ema, state, owned=True)
 
 
 # --- scatter on restore: every process reads the whole tensors and keeps its shard ----------------------------------
