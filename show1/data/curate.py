@@ -295,7 +295,7 @@ def _frames_clips_can_use(clip: Clip, grid_frames: int | None) -> int | None:
     return None if most is None else clip.frames + (most - 1) * clip.stride
 
 
-def _sample(path: Path, row: ManifestRow, cfg: Curate, threads: int,
+def _sample(path: Path, row: ManifestRow, start: float, cfg: Curate, threads: int,
             planned: bool) -> tuple[video.VideoInfo, list[tuple[dict[str, np.ndarray], np.ndarray]]]:
     """The source's header checks, then its frames on the clip grid at every size (and thumbnails). `planned`: from
     the packets' times (`VideoFile.plan_grid`), decode nothing after the last clip that fits and leave out the
@@ -303,7 +303,6 @@ def _sample(path: Path, row: ManifestRow, cfg: Curate, threads: int,
     with video.VideoFile(path, threads=threads) as source:
         _check_coded_size(source.info, cfg, path)  # before the first decode
         info = source.read_rotation()
-        start = row.start or 0.0
         _check_header(info, cfg, start, row.end, path)
         clip = cfg.clip
         plan = source.plan_grid(clip.fps, start=start, end=row.end) if planned else None
@@ -332,9 +331,9 @@ def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path,
         raise Rejected("too_large", f"{size} bytes > curate.filters.max_source_bytes {cfg.filters.max_source_bytes}")
     start = row.start or 0.0
     try:
-        info, converted = _sample(path, row, cfg, threads, planned=True)
+        info, converted = _sample(path, row, start, cfg, threads, planned=True)
     except video.PlanBroken:  # a frame its packets did not announce: decode every frame, the way it always works
-        info, converted = _sample(path, row, cfg, threads, planned=False)
+        info, converted = _sample(path, row, start, cfg, threads, planned=False)
     clip = cfg.clip
     sampled = len(converted)
     if sampled < clip.frames:

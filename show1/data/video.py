@@ -336,6 +336,7 @@ class FrameConverter:
     def __init__(self, src_w: int, src_h: int, sizes: list[Size], rotation: int = 0):
         self.sizes = list(sizes)
         self.boxes = {s.key: cover_crop_box(src_w, src_h, s) for s in self.sizes}
+        self.upscale = {key: box[0] * box[1] > src_w * src_h for key, box in self.boxes.items()}
         self.turns = quarter_turns(rotation)
         self._scalers = {key: VideoReformatter() for key in [*self.boxes, "thumbnail"]}
 
@@ -351,8 +352,7 @@ class FrameConverter:
         out = {}
         for size in self.sizes:
             scaled_w, scaled_h, left, top = self.boxes[size.key]
-            scaled = self._scaled(frame, size.key, scaled_w, scaled_h, "rgb24",
-                                  upscale=scaled_w * scaled_h > frame.width * frame.height)
+            scaled = self._scaled(frame, size.key, scaled_w, scaled_h, "rgb24", self.upscale[size.key])
             out[size.key] = np.ascontiguousarray(scaled[top:top + size.height, left:left + size.width])
         thumbnail = np.ascontiguousarray(self._scaled(frame, "thumbnail", THUMB, THUMB, "gray", upscale=False))
         return out, thumbnail
