@@ -20,7 +20,9 @@ from flows.generate_evaluate import generate_evaluate_flow
 from flows.register import promote_flow, register_flow
 from flows.train import train_flow
 from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params, prefect_api_url
+from show1.inputs import printable
 from show1.models.configs import STAGES
+from show1.preflight import check_run_inputs
 from show1.run_lock import RunLockedError, project_run_lock
 from show1.store import ui_command
 
@@ -28,9 +30,11 @@ from show1.store import ui_command
 @flow(name="show1-cascade", log_prints=True)
 def cascade_flow(params_path: str = str(DEFAULT_PARAMS), profile: str | None = None, manifest: str | None = None,
                  prompts: str | None = None, limit: int | None = None, promote: bool = True) -> dict[str, Any]:
-    """Run the lifecycle end to end with the settings of params.yaml (and `profile`)."""
+    """Run the lifecycle end to end with the settings of params.yaml (and `profile`). Its inputs are checked first
+    (`show1.preflight`): a missing manifest or prompt file stops it before curation."""
     apply_environment_defaults()
     params = load_params(params_path, profile)
+    check_run_inputs(params, manifest, prompts, limit)
     curated = curate_flow(manifest, str(params.paths.curated), params_path, profile)
     trained = train_flow(list(STAGES), str(params.paths.curated), str(params.paths.runs), params_path, profile,
                          reuse=True)
@@ -81,6 +85,10 @@ if __name__ == "__main__":
     parser.add_argument("--no-wait", action="store_true",
                         help="refuse at once, instead of waiting, when another run holds this folder's lock")
     args = parser.parse_args()
+    try:
+        check_run_inputs(load_params(args.params, args.profile), args.manifest, args.prompts, args.limit)
+    except ValueError as exc:  # an InputError, a ConfigError
+        parser.exit(2, f"error: {printable(str(exc))}\n")
     try:
         with project_run_lock(Path.cwd(), wait=not args.no_wait, on_wait=print):
             outcome = cascade_flow(args.params, args.profile, args.manifest, args.prompts, args.limit,

@@ -128,6 +128,7 @@ def _evaluate(params_path: Path, profile: str | None, prompts: str | None, alias
 
 if __name__ == "__main__":
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(prog="python -m flows.generate_evaluate",
                                      description=generate_evaluate_flow.__doc__)
@@ -144,6 +145,13 @@ if __name__ == "__main__":
     parameters = {"prompts": args.prompts, "alias": args.alias, "params_path": args.params, "profile": args.profile,
                   "limit": args.limit, "out": args.out, "promote": args.promote}
     if args.serve:
+        from show1.config import prefect_api_url
+
+        if prefect_api_url() is None:  # Prefect's temporary local API runs no scheduler: the schedule would never fire
+            print("error: --serve needs a Prefect server to keep the schedule: start one (`prefect server start`, "
+                  "then export PREFECT_API_URL=http://127.0.0.1:4200/api; or `show1 stack up`, then "
+                  "eval \"$(show1 stack env)\") and run this again", file=sys.stderr)
+            sys.exit(2)
         generate_evaluate_flow.serve(name="nightly-evaluate-local", cron=NIGHTLY, parameters=parameters)
     else:
         generate_evaluate_flow(**parameters)

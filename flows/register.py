@@ -31,8 +31,7 @@ def promote_stage(stage: str, params_path: Path, profile: str | None) -> dict[st
     from show1.registry.promote import promote_stage as promote
 
     decision = promote(load_params(params_path, profile), stage)
-    print(f"{decision.name}: version {decision.challenger} {'promoted' if decision.promoted else 'not promoted'}: "
-          f"{decision.reason}")
+    print(f"{decision.name}: version {decision.challenger} {decision.verdict}: {decision.reason}")
     return decision.to_dict()
 
 

@@ -34,7 +34,7 @@ def publish(tmp: Path, target: Path) -> None:
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 @contextlib.contextmanager
@@ -46,7 +46,8 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         publish(tmp, target)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the filesystem allows it)."""
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -123,7 +124,7 @@ def replace_folder(staging: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
     else:
         staging.rename(target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 @contextlib.contextmanager

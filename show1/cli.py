@@ -11,12 +11,43 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from show1.config import DEFAULT_PARAMS, PROFILES, ConfigError, Params, apply_environment_defaults, load_params
+from show1.inputs import InputError, check_prompt, check_seed, check_steps, printable
 from show1.store import StoreError
 
+# click's UsageError, from the click typer runs on (its own copy since typer 0.2x, the click package before).
+UsageError: type[Exception] = next(k for k in typer.BadParameter.__mro__ if k.__name__ == "UsageError")
+
+
+class OneLineUsageErrors(TyperGroup):
+    """show1's commands: a usage error click finds (an unknown option, a value of the wrong type or out of range) is
+    one `error:` line too, not a usage text and a box."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as exc:
+            _usage_error(exc)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:  # the subcommand's own arguments
+            _usage_error(exc)
+
+
+def _usage_error(exc: Any) -> NoReturn:
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `show1` alone: the help, as asked for
+        raise exc
+    where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+    fail(f"{exc.format_message()}{where}", code=exc.exit_code)
+
+
 app = typer.Typer(
-    name="show1",
+    name="show1", cls=OneLineUsageErrors,
     help="Curate, validate, train, register and evaluate a Show-1 style cascaded text-to-video model.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
 )
@@ -37,7 +68,9 @@ class Context:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print `error: message` and exit with `code` (2: bad input). The message is printed as it is, never as rich
+    markup, with control characters escaped: it may hold a user's prompt or file name."""
+    err.print(Text.assemble(("error:", "bold red"), " ", printable(message)), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -131,11 +164,20 @@ def curate(
     folder = DataFolder(out_dir or params.paths.curated)
     settings = _executor(params.curate.executor, executor, workers, dask_address)
     try:
-        rows = len(plan_curation(manifest, folder, params).rows)
-        with tqdm(total=rows, unit="row", desc="curating", disable=quiet or None, file=sys.stderr) as bar, \
+        if not quiet:
+            err.print(f"reading {manifest}", highlight=False)
+        # Screening: the rows the manifest's fields and paths already rule out (no file is opened) are quarantined
+        # here, so a manifest of a million dead rows shows its progress at once and makes no chunk of them.
+        with tqdm(unit="row", desc="screening", disable=quiet or None, file=sys.stderr, mininterval=0.5) as bar:
+            plan = plan_curation(manifest, folder, params, on_row=lambda: bar.update(1))
+        chunked = len(plan.chunked)
+        if not quiet and plan.screened:
+            err.print(f"{len(plan.screened)} row(s) rejected before decoding; {chunked} row(s) to curate in "
+                      f"{plan.chunk_count} chunk(s)", highlight=False)
+        with tqdm(total=chunked, unit="row", desc="curating", disable=quiet or None, file=sys.stderr) as bar, \
                 chunk_runner(settings, on_row=lambda: bar.update(1)) as run_chunks:
             summary = run_curation(manifest, folder, params, workers=settings.workers, force=force,
-                                   on_row=lambda: bar.update(1), run_chunks=run_chunks)
+                                   on_row=lambda: bar.update(1), run_chunks=run_chunks, plan=plan)
     except ManifestError as exc:
         fail(str(exc), code=2)
     except NothingKept as exc:
@@ -279,10 +321,14 @@ def init_weights(
     --profile paper writes the published sizes in bfloat16 (~20 GB with the random T5-XXL; sr2 gets a random
     OpenCLIP-H-shaped text encoder): a cascade that runs end to end with no download, for timing and memory.
     """
-    from show1.pipelines.weights import init_weights as write_weights
-
     if profile not in PROFILES:
         fail(f"--profile {profile!r} is not one of {', '.join(PROFILES)}", code=2)
+    try:
+        check_seed(seed)
+    except InputError as exc:
+        fail(str(exc), code=2)
+    from show1.pipelines.weights import init_weights as write_weights
+
     try:
         written = write_weights(out_dir, profile, text_encoder_dir=text_encoder, seed=seed, overwrite=overwrite)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
@@ -330,7 +376,8 @@ def generate(
     = None,
     from_registry: Annotated[str | None, typer.Option(
         help="Assemble the cascade from the MLflow Model Registry: an alias (champion | challenger), versions in "
-             "stage order (3,2,5,1) or per stage (base=3,sr1=champion).")] = None,
+             "stage order (3,2,5,1) or per stage (base=3,sr1=challenger: the stages left out take champion).")]
+    = None,
     out_path: Annotated[Path | None, typer.Option(
         "--out", help="Video to write (.mp4, .webm or .gif; default video.mp4), or with --prompts the folder of the "
                       "videos (default videos/).")] = None,
@@ -342,7 +389,8 @@ def generate(
         help="Same seed, same frames (drawn as params.yaml sampling.seeding says: the reference reseeds every stage).")]
     = 345,
     steps: Annotated[int | None, typer.Option(
-        help="Denoising steps for every stage (default: the published 75/75/125/50).")] = None,
+        help="Denoising steps for every stage (default: the profile's evaluate.steps: tiny 2/2/1/2, paper the "
+             "published 75/75/125/50).")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16")] = "float32",
     offload: Annotated[str, typer.Option(
@@ -358,31 +406,34 @@ def generate(
     model versions and training runs behind the file. With --prompts FILE, the cascade is loaded once and the
     prompts go through it --batch-size at a time.
     """
-    import torch
+    import math
 
     from show1.data.video import VIDEO_SUFFIXES
     from show1.evaluation.prompts import load_prompt_set
-    from show1.pipelines.base import MissingComponentError
-    from show1.pipelines.cascade import check_stages
     from show1.pipelines.prompt_batches import prompt_batches, video_path
-    from show1.registry.resolve import RegistryLookupError, load_cascade
 
+    # Every input is checked before torch and the models load: a mistake costs a second, not a model load.
     if (prompt is None) == (prompts_file is None):
         fail("give a PROMPT or --prompts FILE (one of them)", code=2)
     try:
         # The prompt sets of show1 evaluate: a file, one prompt per line ('#' starts a comment), or a shipped name.
         prompts = list(load_prompt_set(prompts_file).prompts) if prompts_file is not None else [prompt or ""]
-    except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8 or empty
+    except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8, a line of control characters, empty
         fail(f"--prompts: {exc}", code=2)
     try:
+        if prompts_file is None:
+            check_prompt(prompts[0])  # not UTF-8 (undecodable bytes in argv), or nothing but spaces and controls
+        check_seed(seed, count=len(prompts))  # video i uses seed + i
+        if steps is not None:
+            check_steps(steps)
+        if not (math.isfinite(fps) and fps > 0):
+            raise InputError(f"--fps {fps}: the frame rate of the video is a number above 0")
         batches = prompt_batches(prompts, batch_size, seed)
     except ValueError as exc:
         fail(str(exc), code=2)
-    if prompts_file is None and not prompts[0].strip():
-        fail("the prompt is empty: describe the video to generate", code=2)
     if dtype not in DTYPES:
         fail(f"--dtype {dtype!r} is not one of {', '.join(sorted(set(DTYPES.values())))}", code=2)
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+    if device not in ("cpu", "cuda"):
         fail(f"--device {device!r} is not available here (cpu | cuda with a GPU)", code=2)
     if offload not in OFFLOAD_MODES:
         fail(f"--offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}", code=2)
@@ -397,6 +448,15 @@ def generate(
     if files[0].suffix.lower() not in VIDEO_SUFFIXES:
         fail(f"--out {files[0]}: write {' or '.join(VIDEO_SUFFIXES)}", code=2)
     params = ctx.obj.params()
+
+    import torch
+
+    from show1.pipelines.base import MissingComponentError
+    from show1.pipelines.cascade import check_stages
+    from show1.registry.resolve import RegistryLookupError, load_cascade
+
+    if device == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device!r} is not available here (cpu | cuda with a GPU)", code=2)
     try:
         chosen = check_stages([s.strip() for s in stages.split(",") if s.strip()])
         cascade = load_cascade(params, chosen, from_registry, weights_dir, getattr(torch, DTYPES[dtype]))
@@ -405,10 +465,13 @@ def generate(
     except (ValueError, FileNotFoundError, MissingComponentError) as exc:
         fail(str(exc), code=2)
     cascade.pipeline.place(device, offload)
-    settings = {"steps": steps or "published", "dtype": DTYPES[dtype], "device": device, "fps": fps,
+    # The profile's denoising steps unless --steps says otherwise: the tiny profile's random stages in seconds on a
+    # CPU, the paper profile's the published 75/75/125/50 (evaluate.steps null).
+    steps_used = steps if steps is not None else params.evaluate.steps
+    settings = {"steps": _steps_label(steps_used), "dtype": DTYPES[dtype], "device": device, "fps": fps,
                 "from_registry": from_registry or "", "batch_size": batch_size, **params.sampling.as_params()}
     for batch in batches:
-        written = _generate_batch(cascade, batch, files, steps, fps, params)
+        written = _generate_batch(cascade, batch, files, steps_used, fps, params)
         for index, video in written:
             _, frames, height, width = video
             out.print(f"wrote {files[index]} ({frames} frames, {width}x{height}, stages {','.join(chosen)})",
@@ -421,7 +484,14 @@ def generate(
                 out.print(f"generation run: {run_id} (show1 lineage {files[index]})", highlight=False)
 
 
-def _generate_batch(cascade: Any, batch: Any, files: list[Path], steps: int | None, fps: float,
+def _steps_label(steps: int | dict[str, int] | None) -> str | int:
+    """How a generation run records its denoising steps: N, `base=2,interp=2,…`, or `published`."""
+    if steps is None:
+        return "published"
+    return steps if isinstance(steps, int) else ",".join(f"{stage}={n}" for stage, n in steps.items())
+
+
+def _generate_batch(cascade: Any, batch: Any, files: list[Path], steps: int | dict[str, int] | None, fps: float,
                     params: Params) -> list[tuple[int, tuple[int, ...]]]:
     """Generate one batch of prompts and write each video to its file: (index, (channels, frames, h, w)) each."""
     from show1.data.video import write_video
@@ -493,6 +563,9 @@ def promote(
         help="base | interp | sr1 | sr2, or several comma-separated (base,interp,sr1,sr2).")],
     dry_run: Annotated[bool, typer.Option(help="Show the decision; change and record nothing.")] = False,
     strict: Annotated[bool, typer.Option(help="Exit 1 when a challenger does not pass the gate.")] = False,
+    record_only: Annotated[bool, typer.Option(
+        help="Record the decision on the version ('would promote') but move no alias. Always the case inside "
+             "`dvc exp run`: an experiment never moves the champion.")] = False,
     metrics: Annotated[Path | None, typer.Option(
         help="Also write the decision here (JSON; one object per stage when several are given).")] = None,
 ) -> None:
@@ -500,6 +573,8 @@ def promote(
 
     Each rule of `registry.gate` compares an evaluation metric (`eval.<metric>` on the version, written by
     show1 evaluate) with the champion's. The decision and its reason are recorded as `promotion.*` tags.
+    Inside a DVC experiment (`dvc exp run`, which sets DVC_EXP_NAME) and with --record-only, the decision is
+    recorded ("would promote" / "would reject") and `champion` stays where it is.
     """
     from show1.registry.promote import promote_stage
     from show1.registry.resolve import RegistryLookupError
@@ -511,11 +586,14 @@ def promote(
     decisions = []
     for name in stages:
         try:
-            decision = promote_stage(params, name, dry_run=dry_run)
+            decision = promote_stage(params, name, dry_run=dry_run,
+                                     record_only="--record-only" if record_only else None)
         except (RegistryLookupError, StoreError) as exc:
             fail(str(exc))
         decisions.append(decision)
         verdict = "[green]promoted[/]" if decision.promoted else "[yellow]not promoted[/]"
+        if decision.record_only:
+            verdict = f"[yellow]{decision.verdict}[/] (recorded only: {decision.record_only}; no alias moved)"
         was = f" (champion was {decision.champion})" if decision.champion else " (no champion yet)"
         out.print(f"{decision.name}: version {decision.challenger} {verdict}{was}{' [dry run]' if dry_run else ''}")
         for reason in decision.reasons:
@@ -525,7 +603,7 @@ def promote(
 
         atomic.write_json(metrics, decisions[0].to_dict() if len(decisions) == 1 else
                           {d.stage: d.to_dict() for d in decisions})
-    if strict and not all(d.promoted for d in decisions):
+    if strict and not all(d.promoted or (d.record_only and d.passed) for d in decisions):
         raise typer.Exit(1)
 
 
@@ -655,13 +733,19 @@ def run_cascade(
     `make demo` runs this on the tiny profile. Start `prefect server start` first to watch it in the Prefect UI.
     One run at a time per folder: a second one waits for the lock `.show1-run.lock` (or refuses, --no-wait).
     """
+    from show1.preflight import check_run_inputs
     from show1.run_lock import RunLockedError, project_run_lock
 
-    ctx.obj.params()  # a broken params file is a usage error before anything starts
+    # Everything the run reads (params, manifest, prompts, model paths), before it curates, trains or takes the lock.
+    try:
+        check_run_inputs(ctx.obj.params(), manifest, prompts, limit)
+    except InputError as exc:
+        fail(str(exc), code=2)
 
     def waiting(message: str) -> None:
         err.print(message, highlight=False, soft_wrap=True)
 
+    _exit_cleanly_on_termination()
     try:
         with project_run_lock(Path.cwd(), wait=wait, on_wait=waiting):
             from flows.cascade import cascade_flow, summary_lines
@@ -672,6 +756,19 @@ def run_cascade(
     except RunLockedError as exc:
         fail(str(exc))
     out.print("\n" + "\n".join(summary_lines(result)), highlight=False)
+
+
+def _exit_cleanly_on_termination() -> None:
+    """SIGTERM and SIGHUP (a `kill`, a closed terminal, a CI job's timeout) end the command as Ctrl-C does: Python
+    unwinds and runs its exit handlers, so Prefect stops the temporary server it started for the run (with the
+    default action the process vanishes and that server, a process of its own, keeps running)."""
+    import signal
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, terminate)
 
 
 stack_app = typer.Typer(

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from show1.inputs import MAX_STEPS, SEED_LIMIT
 
 PROFILES = ("tiny", "paper")
 DEFAULT_PARAMS = Path("params.yaml")
@@ -226,7 +229,7 @@ class Contracts(_Model):
 class Train(_Model):
     """Training hyper-parameters shared by every stage (see show1/training)."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # the data order seeds torch with seed × 100003 + epoch: 32 bits fit
     # The global batch of one optimizer step, whatever the number of processes: each of N processes takes
     # batch_size / (N × grad_accum) clips per micro-step (a multiple is required).
     batch_size: int = Field(2, ge=1)
@@ -292,7 +295,7 @@ class Evaluate(_Model):
     max_reference_clips: int = Field(64, ge=1)
     frames_per_video: int = Field(8, ge=2)  # frames sampled evenly from each video for the per-frame metrics
     out: Path = Path("eval")            # metrics.json, per_prompt.json, report.html, videos/
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)  # video i: seed + i
     stages: list[str] = Field(default_factory=lambda: ["base", "interp", "sr1", "sr2"])
     limit: int | None = Field(None, ge=1)  # evaluate only the first N prompts of the set
     # Denoising steps: one number for every stage, or per stage ({sr1: 1, ...}); None: the published 75/75/125/50.
@@ -324,8 +327,8 @@ class Evaluate(_Model):
     @classmethod
     def _positive(cls, steps: int | dict[str, int] | None) -> int | dict[str, int] | None:
         values = steps.values() if isinstance(steps, dict) else [] if steps is None else [steps]
-        if any(v < 1 for v in values):
-            raise ValueError(f"denoising steps must be >= 1, got {steps}")
+        if any(not 1 <= v <= MAX_STEPS for v in values):
+            raise ValueError(f"denoising steps must be from 1 to {MAX_STEPS}, got {steps}")
         return steps
 
     @field_validator("stages")
@@ -376,6 +379,14 @@ def train_processes() -> int:
 def prefect_api_url() -> str | None:
     """The Prefect server flows report to (PREFECT_API_URL), or None: each command's temporary local API."""
     return os.environ.get("PREFECT_API_URL") or None
+
+
+def dvc_experiment() -> str | None:
+    """The name of the DVC experiment this process runs in, or None. `dvc exp run` (in the workspace, a temporary
+    folder or a queue) sets DVC_EXP_NAME and DVC_EXP_BASELINE_REV in the environment of every stage command."""
+    if os.environ.get("DVC_EXP_NAME") or os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ.get("DVC_EXP_NAME") or "unnamed"
+    return None
 
 
 def fault_injection() -> str | None:
@@ -477,6 +488,51 @@ def _describe(error: ValidationError, source: Path, override: dict[str, Any], pr
     return "\n".join(lines)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's core schema for booleans and numbers.
+
+    PyYAML implements YAML 1.1, where `no`, `off`, `yes`, `on`, `y` and `n` are booleans and `010` is octal. DVC
+    rewrites params.yaml with ruamel.yaml, a YAML 1.2 writer, whenever a parameter is changed with `dvc exp run -S`:
+    it drops the quotes of `mixed_precision: "no"`, since `no` is a plain string in 1.2. Reading the file the
+    1.2 way keeps every value's meaning through such a rewrite (and `1e-4` is a float, as a person means it)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (
+        "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _pattern, _first in (
+        ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+        ("tag:yaml.org,2002:float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+0123456789."),
+):
+    _Yaml12Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = str(loader.construct_scalar(node))
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    return int(text, 16) if text.startswith("0x") else int(text, 10)
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text the way YAML 1.2 (and so DVC, which rewrites params.yaml) reads it: see `_Yaml12Loader`."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader: plain data only, never objects
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several, with the context)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
 def load_params(path: Path | str = DEFAULT_PARAMS, profile: str | None = None) -> Params:
     """Read `path`, merge the active profile's overrides and validate.
 
@@ -486,9 +542,13 @@ def load_params(path: Path | str = DEFAULT_PARAMS, profile: str | None = None) -
     raw: dict[str, Any] = {}
     if path.exists():
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = read_yaml(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a text file (not valid UTF-8 at byte {exc.start})") from None
+        except OSError as exc:  # a folder, no permission
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}

@@ -20,6 +20,8 @@ from show1.config import fault_injection, fault_once_marker
 POINTS = (
     "curate.chunk.after_shard",        # a chunk's shard is written, its part file (the commit) is not
     "curate.before_finalize",          # every chunk is committed, index/quarantine/summary are not written
+    "curate.publish.before_commit",    # the new index/quarantine/summary are staged, not committed
+    "curate.publish.after_commit",     # committed, none moved into place yet
     "train.checkpoint.before_seal",    # a checkpoint's files are in the staging folder, unsealed
     "train.checkpoint.before_publish",  # sealed, not yet renamed into place
     "register.after_logged_model",     # a logged model exists (PENDING), nothing uploaded

@@ -33,7 +33,102 @@ class MissingComponentError(FileNotFoundError):
 
 
 class UnsafeWeightsError(ValueError):
-    """A weight file show1 refuses to load (a pickle); the message says how to convert it."""
+    """A weight file show1 refuses to load (a pickle), or a link out of a folder being converted; the message
+    says what to do."""
+
+
+class DamagedWeightsError(UnsafeWeightsError):
+    """A safetensors file whose header does not match the file (truncated, damaged, not safetensors); the message
+    names the file and what is wrong."""
+
+
+# ----------------------------------------------------------------------------------------- safetensors headers
+
+# Bits per element of each safetensors dtype (the format's own list; F4/F6 pack several elements per byte).
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+}
+SAFETENSORS_MAX_HEADER = 100_000_000  # what the safetensors library accepts
+
+
+def safetensors_problem(head: bytes, file_size: int) -> str | None:
+    """What is wrong with a safetensors file, judged from its first bytes (the 8-byte little-endian header length
+    and the JSON header, as far as the file has them) and its size in bytes; None when the header is valid JSON
+    and every tensor's dtype × shape fills exactly its byte range, the ranges tiling the data section, which ends
+    where the file ends. Reads no tensor data, so it is as cheap for 20 GB as for 20 kB."""
+    if file_size < 8 or len(head) < 8:
+        return f"truncated: {file_size} bytes, too short for the 8-byte header length"
+    length = int.from_bytes(head[:8], "little")
+    if length > SAFETENSORS_MAX_HEADER:
+        return f"header length {length} is beyond the {SAFETENSORS_MAX_HEADER}-byte limit of the format"
+    if 8 + length > file_size or len(head) < 8 + length:
+        return f"truncated: its header is {length} bytes long but the file has {file_size} bytes in all"
+    try:
+        header = json.loads(head[8:8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"its header is not JSON: {exc}"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        return "its __metadata__ is not a table of strings"
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            return f"tensor {name!r}: expected dtype, shape and data_offsets in the header"
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPE_BITS:
+            return f"tensor {name!r}: unknown dtype {dtype!r}"
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            return f"tensor {name!r}: shape {shape!r} is not a list of sizes"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end"
+        elements = 1
+        for size in shape:
+            elements *= size
+        bits = elements * SAFETENSORS_DTYPE_BITS[dtype]
+        if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+            return (f"tensor {name!r}: {dtype} × {shape} is {bits / 8:g} bytes but its data_offsets span "
+                    f"{offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            return (f"tensor {name!r} starts at byte {begin} of the data, expected {end}: "
+                    f"{'it overlaps the tensor before it' if begin < end else 'there is a gap before it'}")
+        end = stop
+    data = file_size - 8 - length
+    if end > data:
+        return f"truncated: its tensors need {end} bytes of data, the file holds {data}"
+    if end < data:
+        return f"{data - end} stray bytes after the last tensor"
+    return None
+
+
+def check_safetensors(path: Path | str, shown: Path | str | None = None, doing: str = "load") -> None:
+    """Raise `DamagedWeightsError` naming `shown` (default `path`) unless the header of the safetensors file at
+    `path` matches the file (see `safetensors_problem`); `doing` is what is refused. Reads the header only."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) == 8 and int.from_bytes(head, "little") <= min(size - 8, SAFETENSORS_MAX_HEADER):
+            head += handle.read(int.from_bytes(head, "little"))
+    problem = safetensors_problem(head, size)
+    if problem:
+        raise DamagedWeightsError(f"{shown or path}: damaged safetensors file ({problem}); refusing to {doing} "
+                                  "it: replace it with a whole copy")
+
+
+def check_safetensors_files(folder: Path | str, recursive: bool = True) -> None:
+    """`check_safetensors` for every `.safetensors` file in `folder` (and below, when `recursive`)."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*.safetensors") if recursive else folder.glob("*.safetensors")):
+        if path.is_file() and not path.name.startswith(atomic.TMP_MARK):
+            check_safetensors(path)
 
 
 def pickled_weights(folder: Path) -> list[Path]:
@@ -58,14 +153,21 @@ def refuse_pickles(folder: Path | str) -> None:
 
 
 def check_folder(folder: Path | str, sealed: bool = False, parts: list[str] | None = None) -> str | None:
-    """Everything show1 checks before loading weights from `folder`: no pickles, and its seal (required when
-    `sealed`) matches, for the whole folder or only the component folders in `parts` (plus its top-level files).
-    Returns the content hash when the folder is sealed."""
+    """Everything show1 checks before loading weights from `folder`: no pickles, its seal (required when
+    `sealed`) matches, and every safetensors header matches its file (an unsealed folder, e.g. published weights,
+    has only this check against truncation), for the whole folder or only the component folders in `parts` (plus
+    its top-level files). Returns the content hash when the folder is sealed."""
     folder = Path(folder)
-    for part in parts if parts is not None else [""]:
-        if (folder / part).is_dir():
-            refuse_pickles(folder / part)
-    return integrity.verify(folder, required=sealed, parts=parts)
+    roots = [folder / part for part in (parts if parts is not None else [""]) if (folder / part).is_dir()]
+    for root in roots:
+        refuse_pickles(root)
+    # The seal first: a sealed file that changed is named as such (training's resume hint relies on it).
+    content_hash = integrity.verify(folder, required=sealed, parts=parts)
+    for root in roots:
+        check_safetensors_files(root)
+    if parts is not None and folder.is_dir():
+        check_safetensors_files(folder, recursive=False)
+    return content_hash
 
 
 def check_parts(folder: Path | str, parts: tuple[str, ...], what: str) -> Path:
@@ -132,6 +234,37 @@ def _write_safetensors(state: dict, target: Path) -> None:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
+def source_files(source: Path) -> list[Path]:
+    """The files under `source` to copy, in order, as paths inside it. A symbolic link (to a file or a folder)
+    is followed only while it stays inside `source`: one that points out of it, nowhere, or at a folder that
+    holds it is refused, so a conversion never copies (and seals) a file from elsewhere."""
+    root = source.resolve()
+    found: list[Path] = []
+
+    def walk(folder: Path, above: frozenset[Path]) -> None:
+        for path in sorted(folder.iterdir()):
+            if path.is_symlink():
+                try:
+                    target = path.resolve()
+                except (RuntimeError, OSError):  # a link to itself, or a cycle of links
+                    raise UnsafeWeightsError(f"{path}: a symbolic link that loops onto itself") from None
+                if target != root and root not in target.parents:
+                    raise UnsafeWeightsError(
+                        f"{path}: a symbolic link to {target}, outside {source}; refusing to copy what it points "
+                        f"to. Put the file itself in the folder (or convert the folder it points into)")
+                if not target.exists():
+                    raise UnsafeWeightsError(f"{path}: a symbolic link to {target}, which does not exist")
+                if target in above:
+                    raise UnsafeWeightsError(f"{path}: a symbolic link to {target}, a folder that holds it (a loop)")
+            if path.is_dir():
+                walk(path, above | {path.resolve()})
+            elif path.is_file():
+                found.append(path)
+
+    walk(source, frozenset({root}))
+    return found
+
+
 def convert_folder(source: Path | str, out: Path | str, overwrite: bool = False,
                    on_file: Callable[[Path], None] | None = None) -> dict[str, int]:
     """Copy `source` to `out` with every pickled weight file converted to safetensors, then seal `out`.
@@ -145,10 +278,14 @@ def convert_folder(source: Path | str, out: Path | str, overwrite: bool = False,
         raise ValueError(f"--out {out} must be outside {source}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    files = source_files(source)
+    for path in files:  # before anything is written: a damaged file leaves no --out behind
+        if path.suffix == ".safetensors":
+            check_safetensors(path, doing="convert")
     counts = {"converted": 0, "copied": 0, "skipped": 0}
     with atomic.folder_in_place(out) as staging:
-        for path in sorted(source.rglob("*")):
-            if not path.is_file() or "__pycache__" in path.parts or path.name == integrity.CHECKSUMS:
+        for path in files:
+            if "__pycache__" in path.parts or path.name == integrity.CHECKSUMS:
                 continue
             relative = path.relative_to(source)
             target = staging / relative
@@ -160,7 +297,9 @@ def convert_folder(source: Path | str, out: Path | str, overwrite: bool = False,
                     continue
                 if on_file is not None:
                     on_file(relative)
-                _write_safetensors(load_pickle_safely(path), target.with_name(safetensors_name(path.name)))
+                written = target.with_name(safetensors_name(path.name))
+                _write_safetensors(load_pickle_safely(path), written)
+                check_safetensors(written, shown=path, doing="convert")
                 counts["converted"] += 1
             elif path.name.endswith(".index.json") and Path(path.name[: -len(".index.json")]).suffix in PICKLE_SUFFIXES:
                 if has_safetensors:
@@ -172,6 +311,8 @@ def convert_folder(source: Path | str, out: Path | str, overwrite: bool = False,
                 counts["converted"] += 1
             else:
                 shutil.copy2(path, target)
+                if target.suffix == ".safetensors":  # what is sealed is the copy: check it, not only the source
+                    check_safetensors(target, shown=path, doing="convert")
                 counts["copied"] += 1
         integrity.seal(staging)
     return counts

@@ -147,6 +147,8 @@ def test_the_working_tree_stays_clean_after_show1_run(project):
 
 
 def test_run_no_wait_refuses_while_another_run_holds_the_lock(tmp_path):
+    # Inputs that pass `show1 run`'s up-front check (which comes before the lock): the demo manifest.
+    (tmp_path / "params.yaml").write_text(f"paths:\n  manifest: {ROOT / 'data/manifests/demo.csv'}\n")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom show1.run_lock import project_run_lock\n"
                                "with project_run_lock('.'):\n    print('locked', flush=True)\n    time.sleep(600)\n"],
                               cwd=tmp_path, stdout=subprocess.PIPE, text=True, env=_env(tmp_path))
@@ -183,3 +185,60 @@ def test_flows_finish_on_a_saturated_machine(project, capsys):
     assert (project.folder.parent / "curated" / "index.jsonl").is_file()
     # The run under load reused every trained stage (the first run trained them).
     assert project.second.output.count("unchanged inputs, reusing the finished run") == 4
+
+
+@pytest.mark.slow
+def test_a_run_whose_manifest_keeps_nothing_leaves_the_curated_data_whole(project, shared, tmp_path):
+    assert project.first.returncode == 0
+    curated = project.folder / "data" / "curated"
+
+    def published() -> dict[str, bytes]:
+        files = [curated / "index.jsonl", curated / "quarantine.jsonl", curated / "summary.json",
+                 *sorted((curated / "shards").iterdir())]
+        return {f.relative_to(curated).as_posix(): f.read_bytes() for f in files}
+
+    before = published()
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    (tmp_path / "text.mp4").write_text("not a video")
+    bad = tmp_path / "bad.csv"  # files that exist, every one rejected by curation
+    bad.write_text("video,caption\nzero.mp4,an empty file\ntext.mp4,a text file named .mp4\n")
+    refused = subprocess.run([sys.executable, "-m", "show1.cli", "run", "--manifest", str(bad)], cwd=project.folder,
+                             env=_env(new_prefect_home(shared, tmp_path / "prefect")), capture_output=True, text=True,
+                             timeout=900)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "nothing valid remains" in output, output[-3000:]
+    assert published() == before  # the data the trained stages came from is still there, whole
+    assert (curated / "refused" / "quarantine.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_a_terminated_run_stops_the_temporary_prefect_server_it_started(project, shared, tmp_path):
+    """`kill PID` (SIGTERM) of a `show1 run` ends it as Ctrl-C does: Prefect stops the temporary server it started
+    (a process of its own, which the default SIGTERM action would leave running)."""
+    import signal
+
+    import psutil
+
+    assert project.first.returncode == 0
+    process = subprocess.Popen([sys.executable, "-m", "show1.cli", "run", "--limit", "1"], cwd=project.folder,
+                               env=_env(new_prefect_home(shared, tmp_path / "prefect")),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        servers: list[psutil.Process] = []
+        deadline = time.monotonic() + 600
+        while not servers and process.poll() is None and time.monotonic() < deadline:
+            for child in psutil.Process(process.pid).children(recursive=True):
+                try:
+                    if "uvicorn" in child.cmdline():
+                        servers.append(child)
+                except psutil.Error:
+                    continue
+            time.sleep(0.2)
+        assert servers, "the run started no temporary Prefect server"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) != 0
+        _, alive = psutil.wait_procs(servers, timeout=120)
+        assert not alive, f"the temporary Prefect server outlived the run: {[p.pid for p in alive]}"
+    finally:
+        process.kill()
+        process.wait()

@@ -96,3 +96,21 @@ def test_an_output_url_fsspec_cannot_open_and_training_from_a_url_are_clear_erro
     result = invoke("train", "--stage", "base", "--data", "s3://bucket/curated", "--out", str(tmp_path / "run"))
     assert result.exit_code == 2 and "training reads a curated folder on this machine" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_serving_the_nightly_schedule_without_a_prefect_server_says_what_it_needs(tmp_path):
+    """Prefect's temporary local API runs no scheduler: `--serve` there would wait for a 03:00 run that never comes."""
+    import os
+    import subprocess
+    import sys
+
+    import warm
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path)}
+    served = warm.run([sys.executable, "-m", "flows.generate_evaluate", "--serve"], cwd=ROOT, env=env,
+                      capture_output=True, text=True, timeout=300)
+    assert served.returncode == 2, served.stdout + served.stderr
+    lines = served.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs a Prefect server" in lines[0] and "PREFECT_API_URL" in lines[0], lines
+    assert not (tmp_path / "prefect.db").exists()  # no temporary server was started for it
+    del subprocess

@@ -1,6 +1,7 @@
 """`show1 init-weights` and `show1 generate`: the commands people run first."""
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from show1.cli import app
 from show1.data.video import VideoFile, write_video
+from show1.integrity import CHECKSUMS, seal
 from show1.pipelines.keyframes import Show1BasePipeline
 
 runner = CliRunner()
@@ -93,6 +95,19 @@ def test_base_runs_in_bfloat16(weights):
     assert frames.dtype == torch.bfloat16 and torch.isfinite(frames).all()
 
 
+def test_generate_takes_the_profiles_denoising_steps_unless_told(weights, tmp_path, mlflow_store):
+    """The tiny profile's random stages generate in seconds on a CPU: its evaluate.steps, not the published
+    75/75/125/50 (the paper profile's evaluate.steps is null: the published ones); --steps N wins."""
+    common = ["--weights-dir", str(weights), "--stages", "base,interp"]
+    assert runner.invoke(app, ["generate", "a cat", *common, "--out", str(tmp_path / "a.mp4")]).exit_code == 0
+    assert runner.invoke(app, ["generate", "a cat", *common, "--steps", "2", "--out", str(tmp_path / "b.mp4")]
+                         ).exit_code == 0
+    assert decoded(tmp_path / "a.mp4").tobytes() == decoded(tmp_path / "b.mp4").tobytes()  # tiny: base 2, interp 2
+    client = MlflowClient(tracking_uri=mlflow_store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.data.params["steps"] for r in runs) == ["2", "base=2,interp=2,sr1=1,sr2=2"]
+
+
 def test_generate_a_prompts_file_in_batches_like_one_prompt_at_a_time(weights, tmp_path, mlflow_store):
     (tmp_path / "prompts.txt").write_text("a paper boat on a pond\n\n  Two dogs  # a comment\na red kite\n")
     common = ["--weights-dir", str(weights), "--stages", "base", "--steps", "1"]
@@ -136,3 +151,26 @@ def test_generate_prompts_and_offload_errors_are_one_clear_line(weights, tmp_pat
     (tmp_path / "empty.txt").write_text("\n  \n")
     result = runner.invoke(app, ["generate", *args, "--weights-dir", str(weights)])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize(("sealing", "message"), [
+    ("none", "damaged safetensors file (truncated"),  # published weights come unsealed: the header check names it
+    ("kept", "does not match its recorded content hash"),
+    ("resealed", "damaged safetensors file (truncated"),  # sealed over a cut file, as convert-weights used to do
+])
+def test_generate_names_a_truncated_weights_file_in_one_line(weights, tmp_path, sealing, message):
+    base = tmp_path / "w" / "show-1-base"
+    shutil.copytree(weights / "show-1-base", base)
+    unet = base / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[: unet.stat().st_size // 2])
+    if sealing == "none":
+        (base / CHECKSUMS).unlink()
+    elif sealing == "resealed":
+        seal(base)
+    result = runner.invoke(app, ["generate", "a cat", "--weights-dir", str(tmp_path / "w"), "--stages", "base",
+                                 "--out", str(tmp_path / "v.mp4"), "--no-track"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "unet/diffusion_pytorch_model.safetensors" in lines[0] and "Traceback" not in result.output
+    assert not (tmp_path / "v.mp4").exists()

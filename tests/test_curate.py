@@ -27,7 +27,7 @@ from safetensors.numpy import load_file
 
 from show1.config import Params, Size, load_params
 from show1.data import quality, video
-from show1.data.curate import NothingKept, curate
+from show1.data.curate import NothingKept, curate, plan_curation
 from show1.data.errors import REASONS
 
 HTML_CAPTION = ('<p>A <b>red</b> square &amp; blue&nbsp;stripes drift <a href="https://x.org/a">left</a>'
@@ -380,7 +380,11 @@ def test_curate_rerun_is_idempotent_and_skips_every_chunk(mixed: MixedRun, tmp_p
     before = tree_bytes(out)
     summary = curate(mixed.manifest, out, mixed.params)
     chunks = len(list((out / "parts").glob("part-*.json")))
-    assert chunks == -(-len(mixed.rows) // 4)
+    # The rows the manifest's fields and paths rule out are screened: quarantined without a chunk.
+    plan = plan_curation(mixed.manifest, out, mixed.params)
+    screened = {mixed.rows[row]["label"] for row in plan.screened}
+    assert screened == {"outside", "duplicate_id", "missing_file", "no_video", "ftp", "bad_split", "bad_start"}
+    assert chunks == plan.chunk_count == -(-(len(mixed.rows) - len(screened)) // 4)
     assert summary.chunks_skipped == chunks
     assert tree_bytes(out) == before
     assert summary.to_dict() | {"chunks_skipped": 0, "out": mixed.summary["out"]} == mixed.summary
@@ -398,7 +402,7 @@ def test_curate_resumes_after_a_part_is_lost_and_matches_an_uninterrupted_run(
     (out / "parts" / "part-00042.json").write_text(json.dumps({"shard": "shards/shard-00042.safetensors"}))
     (out / "index.jsonl").write_text("stale\n")
     summary = curate(mixed.manifest, out, mixed.params)
-    assert summary.chunks_skipped == -(-len(mixed.rows) // 4) - 1
+    assert summary.chunks_skipped == plan_curation(mixed.manifest, out, mixed.params).chunk_count - 1
     assert tree_bytes(out) == tree_bytes(mixed.out)
     assert leftovers(out) == []
     assert orphan_shards(out) == []
@@ -475,6 +479,26 @@ def test_curate_one_row_at_a_time_matches_the_rows_decoded_ahead(mixed: MixedRun
 # ----------------------------------------------------------------------------------- other manifests
 
 
+def test_rows_ruled_out_by_their_fields_and_paths_make_no_chunk_at_any_scale(
+        root: Path, stage: Callable[..., str], make_params: Callable[..., Params], tmp_path: Path) -> None:
+    """A WebVid-size manifest of dead rows (here 20,000 naming one missing file, and a few other kinds) is screened
+    before any chunk: the bookkeeping is one quarantine, not a part file per 16 rows; the good rows among them are
+    chunked together and curated as they would be alone."""
+    good = stage("good0")
+    dead = [{"video": "videos/gone.mp4", "caption": f"a clip that is not there {i}"} for i in range(20_000)]
+    rows = [*dead[:10_000], {"video": good, "caption": "The red square."}, *dead[10_000:],
+            {"video": "/etc/passwd", "caption": "Outside the root."}, {"video": "", "caption": "No video."}]
+    manifest = media.write_manifest_csv(root / "dead.csv", rows)
+    out = tmp_path / "out"
+    summary = curate(manifest, out, make_params())
+    assert summary.kept_sources == 1 and summary.rejected_by_reason == {
+        "missing_file": 20_000, "path_outside_root": 1, "missing_video": 1}
+    assert [p.name for p in (out / "parts").iterdir()] == ["part-00000.json"]  # the one good row's chunk
+    quarantine = read_jsonl(out / "quarantine.jsonl")
+    assert [q["row"] for q in quarantine] == [r for r in range(len(rows)) if r != 10_000]  # manifest order
+    assert quarantine[0]["error"].endswith("does not exist or is not a file")
+
+
 def test_curate_raises_nothing_kept_naming_the_quarantine_when_every_row_is_bad(
         root: Path, stage: Callable[..., str], make_params: Callable[..., Params], tmp_path: Path) -> None:
     manifest = media.write_manifest_csv(root / "bad.csv", [
@@ -483,10 +507,11 @@ def test_curate_raises_nothing_kept_naming_the_quarantine_when_every_row_is_bad(
         {"video": "videos/missing.mp4", "caption": "Not there."},
     ])
     out = tmp_path / "out"
-    with pytest.raises(NothingKept, match=re.escape(str(out / "quarantine.jsonl"))):
+    with pytest.raises(NothingKept, match=re.escape(str(out / "refused" / "quarantine.jsonl"))):
         curate(manifest, out, make_params())
-    assert [q["reason"] for q in read_jsonl(out / "quarantine.jsonl")] == ["empty_file", "static", "missing_file"]
-    assert read_jsonl(out / "index.jsonl") == []
+    assert [q["reason"] for q in read_jsonl(out / "refused" / "quarantine.jsonl")] == [
+        "empty_file", "static", "missing_file"]
+    assert not (out / "index.jsonl").exists()  # nothing published
 
 
 def test_curate_reads_webvid_columns_with_the_default_mapping(

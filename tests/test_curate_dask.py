@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from services import s3_store
 from show1.config import Executor, Params, load_params
 from show1.dask_cluster import dask_client
 from show1.data.contracts import validate_data
-from show1.data.curate import curate
+from show1.data.curate import NothingKept, curate
 from show1.data.executors import chunk_runner
 from show1.stack import object_store
 
@@ -95,6 +96,20 @@ def test_two_dask_workers_write_what_the_local_executor_writes(local_run, cluste
     # Both workers curated chunks: the work really was spread over the two processes.
     ran = cluster.run(lambda dask_worker: len(dask_worker.state.log))
     assert all(count > 0 for count in ran.values()), ran
+
+
+def test_a_refused_run_on_the_cluster_leaves_the_curation_it_replaces_whole(local_run, cluster, tmp_path) -> None:
+    out, params = local_run
+    shutil.copytree(out, tmp_path / "out")
+    bad = tmp_path / "bad.csv"  # every row rejected by the workers
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    bad.write_text("video,caption\nzero.mp4,an empty file\nmissing.mp4,a missing file\n")
+    executor = params.curate.executor.model_copy(update={"kind": "dask", "address": cluster.scheduler.address})
+    with chunk_runner(executor) as run, pytest.raises(NothingKept, match="the curation already there is unchanged"):
+        curate(bad, tmp_path / "out", params, run_chunks=run)
+    same_outputs(out, tmp_path / "out")  # index, quarantine and every shard as they were
+    assert (out / "summary.json").read_bytes() == (tmp_path / "out" / "summary.json").read_bytes()
+    assert (tmp_path / "out" / "refused" / "quarantine.jsonl").is_file()
 
 
 def test_the_cli_runs_the_chunks_on_the_cluster_at_an_address_writing_to_s3(local_run, cluster, s3, tmp_path) -> None:

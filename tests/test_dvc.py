@@ -23,7 +23,8 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["curate"]["clip"]["sizes"] = [[32, 20], [128, 80]]
     params["train"].update(max_steps=3, checkpoint_every=3, sample_every=0)
-    params["profiles"]["tiny"]["train_per_stage"] = {"base": {}, "interp": {}, "sr1": {"max_steps": 1}, "sr2": {}}
+    params["profiles"]["tiny"]["train_per_stage"] = {"base": {"max_steps": 3}, "interp": {}, "sr1": {"max_steps": 1},
+                                                     "sr2": {}}
     params["profiles"]["tiny"]["evaluate"].update(stages=["base"], frames_per_video=2,
                                                   max_reference_clips=2, steps=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -88,6 +89,26 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     for key in ("final_loss", "mean_loss_last_10"):
         assert trained_after[key] == pytest.approx(trained_before[key], rel=1e-6), key
     assert json.loads((repo / "metrics/register-base.json").read_text())["version"] == 1  # same content hash
+
+    # DVC's way of changing a parameter: `dvc exp run -S`. DVC rewrites params.yaml as YAML 1.2 (the quotes of
+    # `mixed_precision: "no"` go), and show1 reads it the same way. The experiment registers and evaluates a new
+    # base version, and promotion only records what it would do: an experiment never moves the champion.
+    champion = json.loads(run(["show1", "lineage", "show1-base@champion", "--json"], repo, env).stdout)
+    experiment = run(["dvc", "exp", "run", "-n", "steps2", "-S", "profiles.tiny.train_per_stage.base.max_steps=2"],
+                     repo, env, timeout=600)
+    ran = {line.split("'")[1] for line in experiment.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@base", "register@base", "evaluate", "promote"}, experiment.stdout
+    assert "mixed_precision: no\n" in (repo / "params.yaml").read_text()  # DVC's rewrite, unquoted
+    decided = json.loads((repo / "metrics/promote.json").read_text())["base"]
+    assert decided["challenger"] == "2" and decided["record_only"] == "dvc experiment steps2", decided
+    assert decided["decision"] in ("would promote", "would reject") and decided["promoted"] is False
+    after = json.loads(run(["show1", "lineage", "show1-base@champion", "--json"], repo, env).stdout)
+    assert after["label"] == champion["label"] == "show1-base/1", after["label"]  # the champion did not move
+    assert "challenger" not in after["facts"]["aliases"]  # version 2, the experiment's, is the challenger
+    shown_exps = run(["dvc", "exp", "show", "--json"], repo, env).stdout
+    assert "steps2" in shown_exps
+    run(["dvc", "exp", "apply", "steps2"], repo, env)
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env).stdout
 
     params["profiles"]["tiny"]["curate"]["clip"]["stride"] = 4  # a curation parameter: curation re-runs
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

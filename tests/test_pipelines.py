@@ -1,6 +1,7 @@
 """The stage pipelines and the cascade on tiny random weights (CPU)."""
 
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from show1.models.text import cuts_reported_once
 from show1.pipelines.base import MissingComponentError, PromptEmbeddings
 from show1.pipelines.cascade import Show1Pipeline, check_stages, run_stage
 from show1.pipelines.interpolation import Show1InterpolationPipeline, interpolation_condition
@@ -67,13 +69,29 @@ def test_base_save_load_round_trip_gives_identical_output(base, tmp_path):
     assert torch.equal(before, after)
 
 
-def test_prompt_errors_are_clear(base):
+def test_prompt_errors_are_clear(base, caplog):
     with pytest.raises(ValueError, match="prompt is empty"):
         base("   ", num_inference_steps=1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with caplog.at_level(logging.WARNING, logger="show1.models.text"):
         base.encode_prompts("word " * 200)
-    assert any("truncated" in str(w.message) for w in caught)
+    [record] = caplog.records
+    assert record.getMessage().startswith("prompt 'word word") and "truncated: 125 of its 202 tokens cut, the " \
+        "text encoder reads 77" in record.getMessage()
+
+
+def test_a_cut_prompt_is_reported_once_per_generation_not_per_stage(base, caplog):
+    """The base stage and sr2 (its own encoder, or the base's again) both embed the prompt: one line says it is cut."""
+    long = "a red kite over a beach " + "and the sea " * 30
+    with caplog.at_level(logging.WARNING, logger="show1.models.text"), cuts_reported_once():
+        base.encode_prompts(long)
+        base.encode_prompts(long, "low resolution, blur")
+    assert len(caplog.records) == 1 and "tokens cut" in caplog.records[0].getMessage()
+    caplog.clear()
+    pipe = Show1Pipeline({"base": base})  # each call of the cascade is one generation
+    with caplog.at_level(logging.WARNING, logger="show1.models.text"):
+        pipe([long, "a dog"], seed=1, num_inference_steps=1, keyframe_size=(8, 8))
+        pipe(long, seed=1, num_inference_steps=1, keyframe_size=(8, 8))
+    assert [r.getMessage().split(" truncated")[0] for r in caplog.records] == [f"prompt {long[:60]!r}…"] * 2
 
 
 def test_interpolation_condition_blends_the_ends_and_masks_them():

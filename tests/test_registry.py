@@ -210,7 +210,7 @@ print("SAME AS THE CASCADE", bool(same.all()))
     assert "SAME AS THE CASCADE True" in done.stdout
 
 
-def test_promotion_gate_both_ways(trained, tmp_path, store):
+def test_promotion_gate_both_ways(trained, tmp_path, store, monkeypatch):
     gate = [{"metric": "fid_vid", "higher_is_better": False, "min_improvement": 1.0}]
     params_file = write_params(tmp_path, "gate", gate)
     params = load_params(params_file)
@@ -238,6 +238,19 @@ def test_promotion_gate_both_ways(trained, tmp_path, store):
     assert str(client.get_model_version_by_alias("gate-base", "champion").version) == "1"
 
     record_evaluation(client, "gate-base", second.version, {"fid_vid": 40.0})
+    # An experiment is a question, not a release: inside `dvc exp run` (DVC_EXP_NAME in the environment) and with
+    # --record-only the decision is recorded and the champion stays.
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-lamb")
+    in_experiment = promote_stage(params, "base")
+    assert not in_experiment.promoted and in_experiment.passed and in_experiment.verdict == "would promote"
+    assert str(client.get_model_version_by_alias("gate-base", "champion").version) == "1"
+    tags = client.get_model_version("gate-base", "2").tags
+    assert tags["promotion.decision"] == "would promote"
+    assert tags["promotion.record_only"] == "dvc experiment bushy-lamb"
+    monkeypatch.delenv("DVC_EXP_NAME")
+    asked = cli(params_file, "promote", "--stage", "base", "--record-only", "--strict")
+    assert asked.exit_code == 0 and "would promote" in asked.output and "no alias moved" in asked.output, asked.output
+    assert str(client.get_model_version_by_alias("gate-base", "champion").version) == "1"
     accepted = promote_stage(params, "base")
     assert accepted.promoted and str(client.get_model_version_by_alias("gate-base", "champion").version) == "2"
     assert client.get_model_version("gate-base", "1").tags["promotion.replaced_by"] == "2"
@@ -262,7 +275,10 @@ def test_parse_registry_references():
     assert parse_refs("3,2,5,1") == {"base": "3", "interp": "2", "sr1": "5", "sr2": "1"}
     assert parse_refs("champion,sr1=4") == {"base": "champion", "interp": "champion", "sr1": "4", "sr2": "champion"}
     assert parse_refs("base=1,interp=challenger", ("base", "interp")) == {"base": "1", "interp": "challenger"}
-    for bad, message in [("", "empty"), ("1,2", "2 plain references"), ("base=1", "no version for interp"),
+    # Stages the pairs leave out take the champion (the versions in production).
+    assert parse_refs("base=1,sr1=challenger") == {"base": "1", "interp": "champion", "sr1": "challenger",
+                                                   "sr2": "champion"}
+    for bad, message in [("", "empty"), ("1,2", "2 plain references"),
                          ("sr3=1,champion", "not one of"), ("champ ion", "version number or an alias")]:
         with pytest.raises(ValueError, match=message):
             parse_refs(bad)

@@ -3,12 +3,14 @@
 Each suite runs on its own pandas DataFrame asset in an ephemeral GX context (nothing is kept or sent
 anywhere but `out_dir`):
 
-  manifest  the manifest as `read_manifest` reads it (only when a manifest is given)
+  manifest  the manifest as `read_manifest` reads it, with what makes a row unreadable and whether its video
+            exists (only when a manifest is given)
   clips     OUT/index.jsonl, one row per clip, checked against `params.curate`
   splits    the distinct (source_hash, split) pairs with their clip counts: no source in both splits,
             enough train clips
 
-`validate_data` writes `out_dir/result.json` and a Data Docs site under `out_dir/data_docs/`.
+`validate_data` writes `out_dir/result.json` and a Data Docs site under `out_dir/data_docs/` that works
+offline (show1/data/data_docs.py).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from show1 import atomic
-from show1.config import Params, apply_environment_defaults
+from show1.config import Curate, Params, apply_environment_defaults
+from show1.data import sources
 from show1.data.curate import INDEX
-from show1.data.errors import ManifestError
+from show1.data.errors import ManifestError, Rejected
 from show1.data.folder import DataFolder
-from show1.data.manifest import SPLITS, read_manifest
+from show1.data.manifest import SPLITS, ManifestRow, read_manifest
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
@@ -165,7 +168,14 @@ def splits_frame(clips: pd.DataFrame) -> pd.DataFrame:
 
 
 def manifest_frame(path: Path, params: Params) -> pd.DataFrame:
-    """The manifest's rows as a DataFrame; blank captions count as missing."""
+    """The manifest's rows as a DataFrame; blank captions count as missing.
+
+    Two more columns say what is wrong with a row, each value naming the row (`row N`, 0-based among the data rows,
+    as in quarantine.jsonl), or null when nothing is: `row_error`, a row that cannot be read (a malformed CSV or JSON
+    line, a bad start/end or split), and `video_error`, a video that cannot be found (a local path, relative to the
+    manifest's folder, or a `package://` path that does not exist or escapes its allowed roots; an unsupported
+    scheme). http(s) URLs are not checked: that needs the network.
+    """
     try:
         rows = read_manifest(path, params.curate.columns)
     except ManifestError as exc:
@@ -174,11 +184,34 @@ def manifest_frame(path: Path, params: Params) -> pd.DataFrame:
                          columns=list(MANIFEST_COLUMNS))
     frame["caption"] = frame["caption"].map(lambda c: c if isinstance(c, str) and c.strip() else None)
     frame[["start", "end"]] = frame[["start", "end"]].astype("float64")
+    frame["row_error"] = [None if r.rejection is None else f"row {r.row}: {r.rejection.message}" for r in rows]
+    frame["video_error"] = [_video_error(r, path.parent, params.curate) for r in rows]
     return frame
 
 
+def _video_error(row: ManifestRow, manifest_dir: Path, cfg: Curate) -> str | None:
+    """Why `row`'s video cannot be found, or None (also for no video: the completeness check counts those)."""
+    video = row.video.strip() if row.video else None
+    if not video:
+        return None
+    try:
+        sources.check_scheme(video)
+        if not sources.is_url(video):
+            sources.resolve_local(video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages)
+    except Rejected as rejection:
+        return f"row {row.row}: {rejection.message}"
+    return None
+
+
 def manifest_expectations(frame: pd.DataFrame, params: Params) -> list[Expectation]:
-    """The `manifest` suite: enough complete rows, unique ids, sane spans and splits."""
+    """The `manifest` suite: enough complete rows, every row readable, every named video there, unique ids, sane
+    spans and splits.
+
+    A row without a video or a caption is a gap the manifest admits (curation quarantines it), and
+    `contracts.manifest_min_complete_fraction` says how many the contract tolerates. A row that cannot be read, or a
+    video that is named but is not there, is a mistake in the manifest: one of them fails the contract, and the
+    failure names the rows.
+    """
     import great_expectations as gx
 
     mostly = params.contracts.manifest_min_complete_fraction
@@ -187,6 +220,8 @@ def manifest_expectations(frame: pd.DataFrame, params: Params) -> list[Expectati
         ex.ExpectTableRowCountToBeBetween(min_value=1),
         ex.ExpectColumnValuesToNotBeNull(column="video", mostly=mostly),
         ex.ExpectColumnValuesToNotBeNull(column="caption", mostly=mostly),
+        ex.ExpectColumnValuesToBeNull(column="row_error"),
+        ex.ExpectColumnValuesToBeNull(column="video_error"),
         ex.ExpectColumnValuesToBeBetween(column="start", min_value=0),
         ex.ExpectColumnValuesToBeBetween(column="end", min_value=0),
         ex.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
@@ -243,6 +278,8 @@ def _run_suites(frames: dict[str, pd.DataFrame], suites: dict[str, list[Expectat
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    from show1.data.data_docs import make_offline
+
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     # An ephemeral context comes with a site in a temporary folder; the docs go to `site_dir` only.
@@ -252,7 +289,9 @@ def _run_suites(frames: dict[str, pd.DataFrame], suites: dict[str, list[Expectat
         "class_name": "SiteBuilder",
         "show_how_to_buttons": False,
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(site_dir)},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        # The index's tables as HTML, not filled in by a CDN's bootstrap-table: see show1/data/data_docs.py.
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder",
+                               "view": {"module_name": "show1.data.data_docs", "class_name": "StaticIndexPageView"}},
     })
     source = context.data_sources.add_pandas(name="show1")
     results = {}
@@ -263,6 +302,7 @@ def _run_suites(frames: dict[str, pd.DataFrame], suites: dict[str, list[Expectat
         # The run stores its result in the context, which is what build_data_docs renders.
         results[name] = definition.run(batch_parameters={"dataframe": frames[name]}, result_format="SUMMARY")
     context.build_data_docs(site_names=[SITE])
+    make_offline(site_dir)  # the pages load local copies, never a CDN
     return results
 
 

@@ -10,6 +10,12 @@ the chunks already done. `finalize` then assembles, in manifest order, the outpu
   OUT/summary.json      counts (also the DVC metrics of the curate stage)
   OUT/shards/, OUT/parts/
 
+A curation never damages the one it replaces. Shards are named by their chunk's fingerprint, so a new run writes
+beside the shards the published index reads; the index, quarantine and summary are replaced together (staged in
+OUT/publish/, committed by one marker file: `publish`) and only when the run keeps something; only then are the
+shards and part files no longer needed removed. A run that fails, is refused (nothing kept: its quarantine and
+summary go to OUT/refused/) or is killed at any point leaves the published curation as it was.
+
 OUT is a local folder or any fsspec URL (`s3://bucket/prefix`): every file goes through `DataFolder`.
 """
 
@@ -32,6 +38,7 @@ from typing import Any
 import av
 import numpy as np
 
+from show1 import atomic
 from show1.config import Clip, Curate, Params
 from show1.data import captions, dedupe, manifest, quality, shards, sources, video
 from show1.data.errors import Rejected
@@ -44,6 +51,9 @@ QUARANTINE = "quarantine.jsonl"
 SUMMARY = "summary.json"
 PARTS = "parts"
 SHARDS = "shards"
+PUBLISH = "publish"                 # the next index, quarantine and summary, staged before they replace the live ones
+PUBLISH_COMMIT = f"{PUBLISH}/COMMIT"
+REFUSED = "refused"                 # the quarantine and summary of a run that kept nothing (nothing else changes)
 _ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 # Bumped whenever the same rows and settings would curate to other outputs, so that parts written by an older
 # show1 are curated again rather than mixed in. 2: `motion` is measured over the frames the clips use, and every
@@ -53,7 +63,8 @@ METHOD = 2
 
 @dataclass(frozen=True)
 class CurationPlan:
-    """What a curation run will do: the manifest's rows, cut into chunks, and the settings hash."""
+    """What a curation run will do: the manifest's rows, the ones rejected before any file is opened (screened), the
+    others cut into chunks, and the settings hash."""
 
     manifest: Path
     out: DataFolder
@@ -66,13 +77,23 @@ class CurationPlan:
     # Chunks that store every kept source's frames, even those that repeat an earlier source of the chunk: a
     # source dropped that way turned out to be kept (`FramesDropped`), so the chunk is curated again with them all.
     keep_duplicates: frozenset[int] = frozenset()
+    # Rows rejected from the manifest and their files' paths alone (`screen`): quarantined by `finalize`, never in a
+    # chunk, so a manifest of a million dead rows makes no chunk, shard or part file.
+    screened: dict[int, Rejected] = field(default_factory=dict)
+    # Size and mtime of each chunked row's local file (None: a URL), so a replaced file is curated again.
+    stamps: dict[int, list[int] | None] = field(default_factory=dict)
+
+    @cached_property
+    def chunked(self) -> tuple[ManifestRow, ...]:
+        """The rows chunks curate: every row not screened, in manifest order."""
+        return tuple(r for r in self.rows if r.row not in self.screened)
 
     @property
     def chunk_count(self) -> int:
-        return (len(self.rows) + self.rows_per_chunk - 1) // self.rows_per_chunk
+        return (len(self.chunked) + self.rows_per_chunk - 1) // self.rows_per_chunk
 
     def chunk(self, index: int) -> tuple[ManifestRow, ...]:
-        return self.rows[index * self.rows_per_chunk:(index + 1) * self.rows_per_chunk]
+        return self.chunked[index * self.rows_per_chunk:(index + 1) * self.rows_per_chunk]
 
     @cached_property
     def fingerprints(self) -> tuple[str, ...]:
@@ -87,7 +108,7 @@ class CurationPlan:
                 "manifest_dir": str(manifest_dir.resolve()),
                 "rows": [r.fingerprint_fields() | {"rejection": r.rejection and r.rejection.reason,
                                                    "source_id": self.source_ids.get(r.row),
-                                                   "file": _file_stamp(r, manifest_dir, self.settings)}
+                                                   "file": self.stamps.get(r.row)}
                          for r in self.chunk(index)],
             }
             prints.append(hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest())
@@ -111,8 +132,9 @@ class CurationPlan:
     def keeping_duplicates(self, chunks: list[int]) -> CurationPlan:
         """This plan, with `chunks` storing the frames of every kept source (see `keep_duplicates`)."""
         again = replace(self, keep_duplicates=self.keep_duplicates | set(chunks))
-        if "fingerprints" in self.__dict__:  # the run's own fingerprints, not a second stat of every row's file
-            again.__dict__["fingerprints"] = self.fingerprints
+        for computed in ("fingerprints", "chunked"):  # the run's own, not computed again for every row
+            if computed in self.__dict__:
+                again.__dict__[computed] = self.__dict__[computed]
         return again
 
 
@@ -135,9 +157,17 @@ class ChunkJob:
     def part_name(self) -> str:
         return part_name(self.index)
 
-    @property
-    def shard_name(self) -> str:
-        return f"{SHARDS}/shard-{self.index:05d}.safetensors"
+    def shard_name(self, records: list[dict[str, Any]]) -> str:
+        """The chunk's shard, named by what makes its frames: a chunk curated from other rows or settings never
+        overwrites the shard that the published index reads (that one is removed once a new index replaces it).
+        The key is the same on every machine: the method, the settings, and each kept source's file hash and span
+        (not the manifest's folder or its files' times). `records`: every source the chunk kept, before any is
+        dropped as a repeat."""
+        key = {"method": METHOD, "settings": self.settings.model_dump(
+                   mode="json", exclude={"split", "rows_per_shard", "executor"}),
+               "sources": [(r["source_key"], r["source_hash"], r["span"]) for r in records]}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return f"{SHARDS}/shard-{self.index:05d}-{digest}.safetensors"
 
 
 def part_name(index: int) -> str:
@@ -145,16 +175,40 @@ def part_name(index: int) -> str:
     return f"{PARTS}/part-{index:05d}.json"
 
 
-def _file_stamp(row: ManifestRow, manifest_dir: Path, cfg: Curate) -> list[int] | None:
-    """Size and mtime of a row's local file, so a replaced file is curated again on a rerun.
+def screen(row: ManifestRow, manifest_dir: Path, cfg: Curate,
+           located: dict[str, Rejected | list[int] | None] | None = None) -> Rejected | list[int] | None:
+    """What curation can tell of a row before it opens any file: its rejection when the manifest's fields or the
+    path of its video already rule it out (the reason `process_row` would give: a bad caption wins over a bad path,
+    as there), else the size and mtime of its local file (None: a URL, fetched by its chunk).
 
-    Downloads are keyed by URL in the cache and are not re-checked."""
-    if not row.video or sources.is_url(row.video):
-        return None
+    `located` caches the path checks by video, so a manifest naming one file a million times stats it once."""
+    if row.rejection is not None:
+        return row.rejection
+    if not row.video:
+        return Rejected("missing_video", "the row has no video path or URL")
+    found = located.get(row.video, False) if located is not None else False
+    if found is False:
+        try:
+            sources.check_scheme(row.video)
+            found = None if sources.is_url(row.video) else _stamp(
+                sources.resolve_local(row.video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages))
+        except Rejected as rejection:
+            found = rejection
+        if located is not None:
+            located[row.video] = found
+    if isinstance(found, Rejected):
+        try:
+            captions.check_caption(row.caption, cfg.caption)
+        except Rejected as rejection:
+            return rejection
+    return found
+
+
+def _stamp(path: Path) -> list[int] | Rejected:
     try:
-        stat = sources.resolve_local(row.video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages).stat()
-    except (Rejected, OSError):
-        return None
+        stat = path.stat()
+    except OSError as exc:
+        return Rejected("missing_file", f"{path}: {exc.strerror or exc}")
     return [stat.st_size, stat.st_mtime_ns]
 
 
@@ -174,8 +228,10 @@ def assign_source_ids(rows: tuple[ManifestRow, ...] | list[ManifestRow]) -> dict
     return ids
 
 
-def plan_curation(manifest_path: Path | str, out: Path | str | DataFolder, params: Params) -> CurationPlan:
-    """Read the manifest and mark the rows that are rejected before any IO (bad fields, repeated ids)."""
+def plan_curation(manifest_path: Path | str, out: Path | str | DataFolder, params: Params,
+                  on_row: Callable[[], None] | None = None) -> CurationPlan:
+    """Read the manifest, mark the rows that are rejected before any IO (bad fields, repeated ids), and screen the
+    others (`screen`); `on_row` is called once per row screened."""
     manifest_path = Path(manifest_path)
     rows = manifest.read_manifest(manifest_path, params.curate.columns)
     seen: dict[str, int] = {}
@@ -190,9 +246,20 @@ def plan_curation(manifest_path: Path | str, out: Path | str | DataFolder, param
                 seen[row.id] = row.row
         checked.append(row)
     usable = [r for r in checked if r.rejection is None]
+    screened: dict[int, Rejected] = {}
+    stamps: dict[int, list[int] | None] = {}
+    located: dict[str, Rejected | list[int] | None] = {}
+    for row in checked:
+        outcome = screen(row, manifest_path.parent, params.curate, located)
+        if isinstance(outcome, Rejected):
+            screened[row.row] = outcome
+        else:
+            stamps[row.row] = outcome
+        if on_row:
+            on_row()
     return CurationPlan(manifest=manifest_path, out=DataFolder(out), cache=params.paths.cache,
                         settings=params.curate, rows=tuple(checked), rows_per_chunk=params.curate.rows_per_shard,
-                        source_ids=assign_source_ids(usable))
+                        source_ids=assign_source_ids(usable), screened=screened, stamps=stamps)
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -528,7 +595,7 @@ def run_chunk(job: ChunkJob, on_row: Callable[[], None] | None = None, force: bo
     dropped = repeats_within(records, job.settings) if job.drop_duplicates and len(kept) > 1 else set()
     tensors = {shards.tensor_name(k.key, size): frames
                for k in kept if k.key not in dropped for size, frames in k.source.frames.items()}
-    shard = job.shard_name if tensors else None
+    shard = job.shard_name(records) if tensors else None
     if shard:
         shards.write_shard(job.out, shard, tensors)
         fault_point("curate.chunk.after_shard")
@@ -624,7 +691,8 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
     if missing:
         raise FramesDropped(missing)
     rows_by_number = {r.row: r for r in plan.rows}
-    quarantine = [q for p in parts for q in p["rejected"]]
+    quarantine = [quarantine_row(rows_by_number[row], rejection) for row, rejection in plan.screened.items()]
+    quarantine += [q for p in parts for q in p["rejected"]]
     kept: list[tuple[dict[str, Any], str]] = []
     duplicates: dict[int, set[str]] = {}
     for (index, source), reason in zip(listed, reasons, strict=True):
@@ -654,11 +722,6 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
                 "frame_start": clip["frame_start"], "content_hash": clip["content_hash"], "split": split,
             })
     quarantine.sort(key=lambda q: q["row"])
-    plan.out.write_jsonl(INDEX, index_rows)
-    plan.out.write_jsonl(QUARANTINE, quarantine)
-    _drop_duplicate_frames(plan, parts, duplicates)  # after the index: it never lists a dropped source
-    _remove_stale(plan, {p["shard"] for p in parts if p["shard"]})
-
     splits = Counter(r["split"] for r in index_rows)
     reasons = dict(sorted(Counter(q["reason"] for q in quarantine).items()))
     summary = CurationSummary(
@@ -668,8 +731,48 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
         frames=len(index_rows) * cfg.clip.frames,
         source_seconds=round(sum(s["span"][1] - s["span"][0] for s, _ in kept), 3),
         chunks_skipped=chunks_skipped)
-    plan.out.write_json(SUMMARY, summary.to_dict())
+    if not index_rows:  # refused: the published curation stays; the reasons go beside it
+        plan.out.write_jsonl(f"{REFUSED}/{QUARANTINE}", quarantine)
+        plan.out.write_json(f"{REFUSED}/{SUMMARY}", summary.to_dict())
+        return summary
+    publish(plan.out, {INDEX: atomic.jsonl_bytes(index_rows), QUARANTINE: atomic.jsonl_bytes(quarantine),
+                       SUMMARY: atomic.json_bytes(summary.to_dict())})
+    for name in plan.out.glob(f"{REFUSED}/*"):
+        plan.out.remove(name)
+    plan.out.prune(REFUSED)
+    _drop_duplicate_frames(plan, parts, duplicates)  # after the index: it never lists a dropped source
+    _remove_stale(plan, {p["shard"] for p in parts if p["shard"]})
     return summary
+
+
+def publish(out: DataFolder, files: dict[str, bytes]) -> None:
+    """Replace the published `files` (index, quarantine, summary) together.
+
+    They are staged in OUT/publish/, then OUT/publish/COMMIT (the list of names) commits them, then each is moved
+    into place. A kill before the commit leaves the previous files, and the next curation clears the staging; a
+    kill after it leaves the move to the next curation (`finish_publication`), which completes it first."""
+    for name in out.glob(f"{PUBLISH}/*"):
+        out.remove(name)
+    for name, data in files.items():
+        out.write_bytes(f"{PUBLISH}/{name}", data)
+    fault_point("curate.publish.before_commit")
+    out.write_json(PUBLISH_COMMIT, sorted(files))
+    fault_point("curate.publish.after_commit")
+    finish_publication(out)
+
+
+def finish_publication(out: DataFolder) -> bool:
+    """Complete a committed publication a killed run left half-moved (True), or clear an uncommitted one."""
+    committed = out.exists(PUBLISH_COMMIT)
+    if committed:
+        for name in out.read_json(PUBLISH_COMMIT):
+            if out.exists(f"{PUBLISH}/{name}"):
+                out.move(f"{PUBLISH}/{name}", name)
+        out.remove(PUBLISH_COMMIT)
+    for name in out.glob(f"{PUBLISH}/*"):  # an uncommitted staging: the previous files stand
+        out.remove(name)
+    out.prune(PUBLISH)
+    return committed
 
 
 def _remove_stale(plan: CurationPlan, live_shards: set[str]) -> None:
@@ -693,13 +796,17 @@ ChunkRunner = Callable[[CurationPlan, list[int], bool], list[ChunkReport]]
 
 def curate(manifest_path: Path | str, out: Path | str | DataFolder, params: Params, workers: int = 1,
            force: bool = False, on_row: Callable[[], None] | None = None,
-           run_chunks: ChunkRunner | None = None) -> CurationSummary:
+           run_chunks: ChunkRunner | None = None, plan: CurationPlan | None = None) -> CurationSummary:
     """Curate a manifest into `out`. Resumable: chunks already done with the same inputs are skipped.
 
     `run_chunks(plan, indices, force)` lets an orchestrator (the Prefect flow, a Dask cluster) run the chunks as
-    its own tasks; by default they run here, on `workers` threads.
+    its own tasks; by default they run here, on `workers` threads. `plan`: the manifest's `plan_curation`, when the
+    caller made it already (`on_row` is then called for the chunked rows only).
     """
-    plan = plan_curation(manifest_path, out, params)
+    if plan is None:
+        plan = plan_curation(manifest_path, out, params, on_row=None)
+        for _ in plan.screened:
+            on_row and on_row()
 
     def run(plan: CurationPlan, indices: list[int], again: bool) -> list[ChunkReport]:
         if run_chunks is not None:
@@ -710,7 +817,8 @@ def curate(manifest_path: Path | str, out: Path | str | DataFolder, params: Para
         return [run_chunk(plan.job(i), on_row, again) for i in indices]
 
     with plan.out.lock(plan.cache):
-        for folder in (PARTS, SHARDS):
+        finish_publication(plan.out)  # a run killed while it replaced the published files
+        for folder in (PARTS, SHARDS, PUBLISH, REFUSED):
             plan.out.remove_stale_temporaries(folder)
         reports = run(plan, list(range(plan.chunk_count)), force)
         fault_point("curate.before_finalize")
@@ -722,6 +830,8 @@ def curate(manifest_path: Path | str, out: Path | str | DataFolder, params: Para
             run(plan, dropped.chunks, True)
             summary = finalize(plan, chunks_skipped=sum(r.skipped and r.index not in again for r in reports))
     if summary.clips == 0:
+        previous = "the curation already there is unchanged" if plan.out.exists(INDEX) else "nothing was published"
         raise NothingKept(f"nothing valid remains: all {summary.rows} manifest rows of {plan.manifest} were "
-                          f"rejected ({summary.rejected_by_reason}); see {plan.out.name(QUARANTINE)}")
+                          f"rejected ({summary.rejected_by_reason}); see {plan.out.name(f'{REFUSED}/{QUARANTINE}')} "
+                          f"({previous})")
     return summary

@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import posixpath
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -142,6 +143,21 @@ class DataFolder:
         else:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self._remote(relative))
+
+    def move(self, source: str, target: str) -> None:
+        """Move a file of the folder over another: a rename locally (atomic, fsynced); on an object store a copy
+        then a delete (the target object appears whole)."""
+        if self.local:
+            os.replace(self.local / source, self.local / target)
+            atomic.fsync_dir((self.local / target).parent)
+        else:
+            self.fs.mv(self._remote(source), self._remote(target))
+
+    def prune(self, relative: str) -> None:
+        """Remove the subfolder `relative` if it is empty (local folders; an object store has no empty folders)."""
+        if self.local:
+            with contextlib.suppress(OSError):
+                (self.local / relative).rmdir()
 
     def remove_stale_temporaries(self, relative: str) -> int:
         """Temporaries a killed writer left in a subfolder (local folders only: uploads leave none)."""

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from show1.inputs import shown
 from show1.models.text_layout import TINY_TEXT_PACKAGE, tiny_text_encoder_dir  # noqa: F401 (re-exported)
 
 MAX_LENGTH = 77  # IF's (and Show-1's) T5 context
 logger = logging.getLogger(__name__)
+# The prompts already reported as cut inside a `cuts_reported_once` block; None outside one (each cut is reported).
+_reported_cuts: ContextVar[set[str] | None] = ContextVar("show1_reported_cuts", default=None)
+
+
+@contextlib.contextmanager
+def cuts_reported_once() -> Iterator[None]:
+    """Inside this block a prompt longer than the text encoder's limit is reported once, however many stages (or
+    encoders: sr2 has its own) embed it: a cascade call wraps its stages in it."""
+    if _reported_cuts.get() is not None:  # an outer block already counts
+        yield
+        return
+    token = _reported_cuts.set(set())
+    try:
+        yield
+    finally:
+        _reported_cuts.reset(token)
 
 
 def load_text_encoder(folder: Path | str, torch_dtype: torch.dtype | None = None
@@ -23,9 +42,10 @@ def load_text_encoder(folder: Path | str, torch_dtype: torch.dtype | None = None
     enc_dir = folder / "text_encoder" if (folder / "text_encoder").is_dir() else folder
     if not (enc_dir / "config.json").is_file():
         raise FileNotFoundError(f"{enc_dir}: no config.json, so not a text encoder folder")
-    from show1.weight_files import refuse_pickles
+    from show1.weight_files import check_safetensors_files, refuse_pickles
 
     refuse_pickles(enc_dir)
+    check_safetensors_files(enc_dir, recursive=False)  # a truncated file: one line naming it, not a traceback
     config = AutoConfig.from_pretrained(enc_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     dtype_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
@@ -65,16 +85,20 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedMo
                   max_length: int = MAX_LENGTH, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-token text embeddings (B, max_length, D). Prompts longer than `max_length` tokens are
-    truncated with a warning that names them."""
+    truncated with a logged warning that names them and how many tokens were cut (once per prompt inside
+    `cuts_reported_once`)."""
     device = device or text_encoder.device
     max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
     batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                       return_tensors="pt")
     full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+    reported = _reported_cuts.get()
     for prompt, ids in zip(prompts, full, strict=True):
-        if len(ids) > max_length:
-            warnings.warn(f"prompt truncated to the text encoder's {max_length} tokens (it has {len(ids)}): "
-                          f"{prompt[:80]!r}…", stacklevel=3)
+        if len(ids) > max_length and (reported is None or prompt not in reported):
+            logger.warning("prompt %s truncated: %d of its %d tokens cut, the text encoder reads %d", shown(prompt, 60),
+                           len(ids) - max_length, len(ids), max_length)
+            if reported is not None:
+                reported.add(prompt)
     mask = batch.attention_mask.to(device) if masks_padding(text_encoder) else None
     output = text_encoder(input_ids=batch.input_ids.to(device), attention_mask=mask)
     hidden = output.last_hidden_state

@@ -11,6 +11,7 @@ import torch
 
 from show1.config import Sampling
 from show1.models.configs import DEFAULTS, STAGE_FOLDERS, STAGES
+from show1.models.text import cuts_reported_once
 from show1.pipelines.base import MissingComponentError, PromptEmbeddings, Show1StagePipeline, with_final_sigmas
 from show1.pipelines.first_frame import super_resolve_first_frame
 from show1.pipelines.interpolation import Show1InterpolationPipeline
@@ -135,6 +136,7 @@ class Show1Pipeline:
                                              draw_point(source))
 
     @torch.no_grad()
+    @cuts_reported_once()  # a prompt too long for the text encoder is reported once, not by every stage
     def __call__(self, prompt: str | list[str], generator: RandomSource = None,
                  num_inference_steps: int | dict[str, int] | None = None,
                  guidance_scale: dict[str, float] | None = None, *, seed: int | Sequence[int] | None = None,

@@ -3,6 +3,9 @@
 Evaluation metrics live on the model version as tags `eval.<metric>` (written by `record_evaluation`, which
 `show1 evaluate` calls). The gate is `registry.gate` in params.yaml. Every decision, either way, is recorded
 on the challenger as `promotion.*` tags, so the registry UI shows why a version is or is not the champion.
+
+An experiment is a question, not a release: inside `dvc exp run` (and wherever the caller asks, `show1 promote
+--record-only`) the decision is recorded on the version ("would promote") and no alias moves.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from show1.config import GateRule, Params
+from show1.config import GateRule, Params, dvc_experiment
 from show1.registry.names import CHALLENGER, CHAMPION, model_name
 from show1.registry.resolve import model_version
 from show1.store import connect
@@ -28,6 +31,19 @@ class Decision:
     champion: str | None
     promoted: bool
     reasons: list[str] = field(default_factory=list)
+    # Set when the decision was only recorded (a DVC experiment, --record-only): the gate passed or not, but no
+    # alias moved; `promoted` is then False.
+    record_only: str | None = None
+    passed: bool | None = None
+
+    @property
+    def verdict(self) -> str:
+        """What happened: promoted | rejected | would promote | would reject | unchanged (already champion)."""
+        if self.passed is None:
+            return "unchanged"
+        if self.record_only:
+            return "would promote" if self.passed else "would reject"
+        return "promoted" if self.promoted else "rejected"
 
     @property
     def reason(self) -> str:
@@ -35,7 +51,8 @@ class Decision:
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "model": self.name, "challenger": self.challenger, "champion": self.champion,
-                "promoted": self.promoted, "reason": self.reason}
+                "promoted": self.promoted, "decision": self.verdict, "record_only": self.record_only,
+                "reason": self.reason}
 
 
 def record_evaluation(client: Any, name: str, version: str, metrics: dict[str, float],
@@ -91,10 +108,16 @@ def check_gate(gate: list[GateRule], challenger: dict[str, float],
     return passed, reasons
 
 
-def promote_stage(params: Params, stage: str, dry_run: bool = False) -> Decision:
-    """Decide, record the decision on the challenger, and (unless `dry_run`) move `champion` when it passes."""
+def promote_stage(params: Params, stage: str, dry_run: bool = False, record_only: str | None = None) -> Decision:
+    """Decide, record the decision on the challenger, and move `champion` when it passes.
+
+    `dry_run`: decide only (nothing recorded). `record_only` (a reason, e.g. "dvc experiment NAME"): record the
+    decision but move no alias; inside a DVC experiment that is the default, whatever the caller asks."""
     from mlflow.exceptions import MlflowException
 
+    experiment = dvc_experiment()
+    if experiment is not None:
+        record_only = f"dvc experiment {experiment}"
     client = connect(params.tracking)
     name = model_name(params.registry, stage)
     challenger = model_version(client, name, CHALLENGER)
@@ -108,15 +131,17 @@ def promote_stage(params: Params, stage: str, dry_run: bool = False) -> Decision
     passed, reasons = check_gate(params.registry.gate, evaluation_metrics(challenger),
                                  None if champion is None else evaluation_metrics(champion))
     decision = Decision(stage, name, str(challenger.version), None if champion is None else str(champion.version),
-                        promoted=passed, reasons=reasons)
+                        promoted=passed and not record_only, reasons=reasons, record_only=record_only, passed=passed)
     if dry_run:
         return decision
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    for key, value in {"promotion.decision": "promoted" if passed else "rejected",
-                       "promotion.reason": decision.reason[:5000],
-                       "promotion.compared_to": decision.champion or "none", "promotion.time": stamp}.items():
+    tags = {"promotion.decision": decision.verdict, "promotion.reason": decision.reason[:5000],
+            "promotion.compared_to": decision.champion or "none", "promotion.time": stamp}
+    if record_only:
+        tags["promotion.record_only"] = record_only[:5000]
+    for key, value in tags.items():
         client.set_model_version_tag(name, challenger.version, key, value)
-    if passed:
+    if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, challenger.version)
         if champion is not None:
             client.set_model_version_tag(name, champion.version, "promotion.replaced_by", challenger.version)

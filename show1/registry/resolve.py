@@ -15,7 +15,7 @@ from show1 import atomic
 from show1.config import Params
 from show1.integrity import IntegrityError
 from show1.models.configs import STAGES
-from show1.registry.names import model_name
+from show1.registry.names import CHAMPION, model_name
 from show1.registry.stage_model import STAGE_ARTIFACT
 from show1.store import connect
 from show1.weight_files import UnsafeWeightsError, check_folder
@@ -42,7 +42,10 @@ class StageVersion:
 
 
 def parse_refs(spec: str, stages: tuple[str, ...] = STAGES) -> dict[str, str]:
-    """`champion` | `3,2,5,1` | `base=3,sr1=champion` (mixable) → {stage: version number or alias}."""
+    """`champion` | `3,2,5,1` | `base=3,sr1=champion` (mixable) → {stage: version number or alias}.
+
+    Stages that `stage=ref` pairs leave out take `champion` (the versions in production): `base=3` is
+    `champion,base=3`."""
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
         raise ValueError("--from-registry is empty: give an alias (champion) or versions (base=3,sr1=2)")
@@ -65,10 +68,7 @@ def parse_refs(spec: str, stages: tuple[str, ...] = STAGES) -> dict[str, str]:
     else:
         raise ValueError(f"--from-registry {spec!r}: {len(bare)} plain references for {len(stages)} stages "
                          f"({', '.join(stages)}): give one alias, one per stage, or stage=ref pairs")
-    refs |= named
-    missing = [s for s in stages if s not in refs]
-    if missing:
-        raise ValueError(f"--from-registry {spec!r} names no version for {', '.join(missing)}")
+    refs = dict.fromkeys(stages, CHAMPION) | refs | named
     bad = [f"{s}={r}" for s, r in refs.items() if not REF.match(r)]
     if bad:
         raise ValueError(f"--from-registry: {', '.join(bad)}: a reference is a version number or an alias")

@@ -147,7 +147,22 @@ def stop(service: Service, grace: float = STOP_GRACE_S) -> Literal["not running"
             time.sleep(0.05)
     _signal_group(service.pid, signal.SIGKILL)  # what the service forked and left behind in its group
     _reap(service.pid)
+    # Return when the group is gone: a caller told "stopped" may reuse the port or the data folder at once.
+    deadline = time.monotonic() + grace
+    while _group_alive(service.pid) and time.monotonic() < deadline:
+        _reap(service.pid)
+        time.sleep(0.05)
     return how
+
+
+def _group_alive(pid: int) -> bool:
+    """Whether any process of the group `pid` leads is still there (a killed one is gone once its parent reaped it;
+    init reaps those whose parent is gone)."""
+    try:
+        os.killpg(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _signal_group(pid: int, signum: int) -> None:

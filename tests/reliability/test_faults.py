@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,11 +86,74 @@ def test_curation_killed_at_a_commit_point_reruns_to_the_uninterrupted_bytes(cor
     parts = sorted(p.name for p in (out / "parts").glob("part-*.json"))
     if fault.startswith("curate.chunk.after_shard"):
         # The third shard was written, its part file (the commit) was not: a half-committed chunk.
-        assert (out / "shards" / "shard-00002.safetensors").is_file() and "part-00002.json" not in parts
+        assert list((out / "shards").glob("shard-00002-*.safetensors")) and "part-00002.json" not in parts
     assert_consistent(out)
     rerun = show1(corpus["params"], "curate", str(corpus["manifest"]), "--out", str(out), "--quiet")
     assert rerun.returncode == 0, rerun.stderr
     assert_complete(out, corpus["reference"])
+
+
+def published(out: Path) -> dict[str, bytes]:
+    """The curation a reader sees: index, quarantine and summary, and every shard the index reads, with its bytes.
+    Every clip the index lists loads from its shard."""
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    shards = sorted({row["shard"] for row in index})
+    for shard in shards:
+        tensors = load_file(str(out / shard))
+        for row in (r for r in index if r["shard"] == shard):
+            for size in row["resolutions"]:
+                frames = tensors[f"{row['tensor']}/{size}"]
+                assert frames.shape[0] >= row["frame_start"] + row["num_frames"], (shard, row["clip_id"])
+    return {name: (out / name).read_bytes() for name in ("index.jsonl", "quarantine.jsonl", "summary.json", *shards)}
+
+
+@pytest.fixture(scope="module")
+def reordered(corpus, tmp_path_factory) -> dict[str, Path]:
+    """The corpus's rows in reverse order (every chunk holds another row now), curated once without interruption."""
+    folder = corpus["manifest"].parent
+    rows = corpus["manifest"].read_text().splitlines(keepends=True)
+    manifest = folder / "reordered.jsonl"
+    manifest.write_text("".join(reversed(rows)))
+    reference = tmp_path_factory.mktemp("reordered") / "reference"
+    curate(manifest, reference, load_params(corpus["params"]))
+    return {"manifest": manifest, "reference": reference}
+
+
+@pytest.mark.parametrize("fault", ["curate.chunk.after_shard@3", "curate.before_finalize",
+                                   "curate.publish.before_commit", "curate.publish.after_commit"])
+def test_a_curation_killed_anywhere_leaves_the_one_it_replaces_whole(corpus, reordered, tmp_path, fault):
+    out = tmp_path / "out"
+    shutil.copytree(corpus["reference"], out)
+    before = published(out)
+    killed = show1(corpus["params"], "curate", str(reordered["manifest"]), "--out", str(out), "--quiet", fault=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert published(out) == before  # a reader still sees the previous curation, every clip of it readable
+    rerun = show1(corpus["params"], "curate", str(reordered["manifest"]), "--out", str(out), "--quiet")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_complete(out, reordered["reference"])  # and the shards and parts the old index read are gone
+    assert not (out / "publish").exists() or not any((out / "publish").iterdir())
+
+
+def test_a_refused_curation_leaves_the_one_it_replaces_whole(corpus, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(corpus["reference"], out)
+    before = published(out)
+    folder = corpus["manifest"].parent
+    bad = folder / "all-bad.jsonl"  # files that exist, every one rejected by curation
+    bad.write_text(json.dumps({"video": "zero.mp4", "caption": "empty"}) + "\n"
+                   + json.dumps({"video": "missing.mp4", "caption": "gone"}) + "\n")
+    refused = show1(corpus["params"], "curate", str(bad), "--out", str(out), "--quiet")
+    assert refused.returncode == 1, refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert "nothing valid remains" in message and "the curation already there is unchanged" in message, message
+    assert str(out / "refused" / "quarantine.jsonl") in message and "Traceback" not in refused.stderr
+    assert published(out) == before
+    assert [q["reason"] for q in map(json.loads, (out / "refused/quarantine.jsonl").read_text().splitlines())] == [
+        "empty_file", "missing_file"]
+    # The next curation that keeps something replaces it, and clears the refusal.
+    again = show1(corpus["params"], "curate", str(corpus["manifest"]), "--out", str(out), "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert_complete(out, corpus["reference"]) and not list((out / "refused").glob("*"))
 
 
 @pytest.mark.soak

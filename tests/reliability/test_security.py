@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from show1.integrity import CHECKSUMS, IntegrityError
 from show1.models.text import load_text_encoder, tiny_text_encoder_dir
 from show1.pipelines.keyframes import Show1BasePipeline
 from show1.pipelines.weights import init_weights
-from show1.weight_files import UnsafeWeightsError, convert_folder, safetensors_name
+from show1.weight_files import DamagedWeightsError, UnsafeWeightsError, convert_folder, safetensors_name
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -262,3 +263,28 @@ def test_a_stage_checks_only_the_components_it_loads(base_folder, tmp_path):
     (folder / "unet" / "notes.txt").write_text("added after sealing")
     with pytest.raises(IntegrityError, match=r"unet/notes.txt not covered by checksums.json"):
         Show1BasePipeline.from_pretrained(folder, load_text_encoder_=False)
+
+
+def test_a_truncated_file_in_an_unsealed_stage_folder_is_one_clear_error_wherever_show1_loads_it(
+        base_folder, tmp_path, write_params):
+    """Published weights come unsealed: a cut download must not reach the loaders (chained tracebacks)."""
+    from show1.registry.register import RegistrationError, register_stage
+    from show1.training.trainer import load_model
+
+    folder = tmp_path / "published"
+    shutil.copytree(base_folder, folder)
+    (folder / CHECKSUMS).unlink()
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:-1])
+    named = rf"^{re.escape(str(unet))}: damaged safetensors file \(truncated"
+    with pytest.raises(DamagedWeightsError, match=named):
+        Show1BasePipeline.from_pretrained(folder, load_text_encoder_=False)
+    params = write_params(tmp_path / "project")
+    with pytest.raises(DamagedWeightsError, match=named):  # show1 train --init-from
+        load_model("base", params, 384, folder, None)
+    with pytest.raises(RegistrationError, match=named):  # show1 register --checkpoint
+        register_stage(params, "base", folder)
+    encoder = next((folder / "text_encoder").glob("*.safetensors"))
+    encoder.write_bytes(encoder.read_bytes()[:100])
+    with pytest.raises(DamagedWeightsError, match=rf"^{re.escape(str(encoder))}: damaged safetensors file \(truncated"):
+        load_text_encoder(folder)
