@@ -31,7 +31,8 @@ def promote_stage(stage: str, params_path: Path, profile: str | None) -> dict[st
     from show1.registry.promote import promote_stage as promote
 
     decision = promote(load_params(params_path, profile), stage)
-    print(f"{decision.name}: version {decision.challenger} {decision.verdict}: {decision.reason}")
+    verdict = decision.verdict if decision.record_only else "promoted" if decision.promoted else "not promoted"
+    print(f"{decision.name}: version {decision.challenger} {verdict}: {decision.reason}")
     return decision.to_dict()
 
 

@@ -16,8 +16,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from show1 import atomic
 from show1.config import (
     DEFAULT_PARAMS,
+    Params,
     accelerate_config_file,
     apply_environment_defaults,
     load_params,
@@ -31,14 +33,32 @@ def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profil
                 max_steps: int | None, resume: str | None, accelerate_config: str | None,
                 reuse: bool = False, processes: int = 1) -> dict[str, Any]:
     params = load_params(params_path, profile)
+    target = run_dir
     if reuse and resume is None:
         done = finished_run(stage, data, run_dir, params, max_steps)
         if done is not None:  # same params, data and steps: the finished run is the result (as DVC would skip it)
             print(f"{stage}: unchanged inputs, reusing the finished run {run_dir}")
             return {"stage": stage, "final": str(done.final), "reused": True, **done.summary()}
         if run_dir.exists():
-            print(f"{stage}: inputs changed since {run_dir} was trained: training it again")
-            shutil.rmtree(run_dir)
+            # Trained beside the finished run, which it replaces only once it has finished: a failed or killed
+            # training leaves the previous run (and its final/ stage folder) as it was.
+            target = run_dir.parent / f".{run_dir.name}.next"
+            print(f"{stage}: inputs changed since {run_dir} was trained: training again in {target}; it replaces "
+                  f"{run_dir} when it finishes")
+            shutil.rmtree(target, ignore_errors=True)  # what a killed retraining left: started again
+    result = _train(stage, data, target, params_path, params, profile, max_steps, resume, accelerate_config,
+                    processes)
+    if target != run_dir:
+        atomic.replace_folder(target, run_dir)
+        result = TrainResult(run_dir=run_dir, steps=result.steps, final=run_dir / "final", losses=result.losses)
+    summary = result.summary()
+    print(f"{stage}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, stage folder {result.final}")
+    return {"stage": stage, "final": str(result.final), "reused": False, **summary}
+
+
+def _train(stage: str, data: Path, run_dir: Path, params_path: Path, params: Params, profile: str | None,
+           max_steps: int | None, resume: str | None, accelerate_config: str | None, processes: int) -> TrainResult:
+    """Train `stage` into `run_dir`: here, or in `processes` processes under torchrun / accelerate launch."""
     if accelerate_config or processes > 1:
         launch = launcher(processes, accelerate_config)
         command = [*launch, "-m", "show1.cli", "--params", str(params_path),
@@ -55,9 +75,7 @@ def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profil
         from show1.training.trainer import train  # torch and diffusers: only when something is trained here
 
         result = train(stage, data, run_dir, params, max_steps=max_steps, resume=resume, on_step=_progress(stage))
-    summary = result.summary()
-    print(f"{stage}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, stage folder {result.final}")
-    return {"stage": stage, "final": str(result.final), "reused": False, **summary}
+    return result
 
 
 def launcher(processes: int, accelerate_config: str | None) -> list[str]:

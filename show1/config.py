@@ -549,6 +549,10 @@ def load_params(path: Path | str = DEFAULT_PARAMS, profile: str | None = None) -
             raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+        except RecursionError:  # PyYAML's parser recurses once per level of nesting
+            raise ConfigError(f"{path}: not usable YAML: nested too deeply") from None
+        except ValueError as exc:  # a value Python will not build: a 5000-digit integer, a date 2024-13-45
+            raise ConfigError(f"{path}: not usable YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}
@@ -576,4 +580,7 @@ def load_params(path: Path | str = DEFAULT_PARAMS, profile: str | None = None) -
             resolved[name] = Params.model_validate(_deep_merge({**raw, "profile": name}, override))
         except ValidationError as exc:
             raise ConfigError(_describe(exc, path, override, name)) from None
+        except RecursionError:  # YAML aliases can make a mapping that holds itself: `a: &x {a: *x}`
+            raise ConfigError(f"{path}: a mapping that contains itself (a YAML alias of its own anchor) cannot be "
+                              f"merged for profile '{name}'") from None
     return resolved[chosen]

@@ -5,14 +5,23 @@ the clone's working tree stays clean. The run that waited does its work on a sat
 per core), beside the curation flow: each starts its own temporary Prefect server, the curation flow's on a new,
 empty PREFECT_HOME (migrating its database under load: the slow start that Prefect's own 20 s limit failed), and
 both finish. That machine is one core (CPU affinity, inherited by every process they start), so the rest of the
-test session keeps the other cores.
+test session keeps the other cores. In the same project folder, the README's tested blocks run as written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +31,9 @@ from clone import fresh_clone, git, project_env, use_small_cascade
 from load import busy_cores, on_cores, one_core, pin_process_tree
 from mlflow.tracking import MlflowClient
 from shared_cache import new_prefect_home
+
+from show1.config import load_params
+from show1.stack.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK_WAIT = "waiting for it to finish"
@@ -242,3 +254,243 @@ def test_a_terminated_run_stops_the_temporary_prefect_server_it_started(project,
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.slow
+def test_a_retraining_killed_midway_leaves_the_finished_run_whole(project, shared, tmp_path):
+    """Changed inputs train a stage again beside its finished run (runs/.base.next), which is replaced only when the
+    new one finishes: `show1 run` killed (SIGKILL) during that training leaves runs/base and its stage folder as
+    they were."""
+    import os
+    import signal
+
+    import yaml
+
+    assert project.first.returncode == 0
+    final = project.folder / "runs" / "base" / "final"
+    before = {p.relative_to(final).as_posix(): p.read_bytes() for p in sorted(final.rglob("*")) if p.is_file()}
+    params_file = project.folder / "params.yaml"
+    committed = params_file.read_text()
+    params = yaml.safe_load(committed)
+    params["profiles"]["tiny"]["train_per_stage"]["base"]["max_steps"] = 3  # new inputs for base only
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    env = _env(new_prefect_home(shared, tmp_path / "prefect")) | {"SHOW1_FAULT": "train.checkpoint.before_publish"}
+    log = tmp_path / "run.log"  # a file, not a pipe: the temporary Prefect server the killed run leaves holds it
+    with open(log, "w") as out:
+        killed = subprocess.Popen([sys.executable, "-m", "show1.cli", "run", "--limit", "1"], cwd=project.folder,
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            killed.wait(timeout=900)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(killed.pid, signal.SIGKILL)  # its temporary Prefect server, which a SIGKILL leaves behind
+            killed.wait()
+            params_file.write_text(committed)
+    assert killed.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    assert (project.folder / "runs" / ".base.next" / "checkpoints").is_dir()  # it was training beside the old run
+    after = {p.relative_to(final).as_posix(): p.read_bytes() for p in sorted(final.rglob("*")) if p.is_file()}
+    assert after == before
+    shutil.rmtree(project.folder / "runs" / ".base.next")
+
+
+# ----------------------------------------------------------------------------------- the README's commands, as written
+
+README_MARK = "<!-- tested: tests/test_cascade.py::test_the_readme_commands_run_as_shown -->"
+SHELL_SYNTAX = re.compile(r"[$`|&;<>*~]")  # what a shell would expand or connect: the test runs no shell
+
+
+@dataclass
+class ReadmeBlock:
+    line: int  # README.md's line of the block's opening fence
+    language: str  # bash | python
+    text: str  # without the indentation of a block inside a list item
+
+
+def readme_blocks(readme: str) -> list[ReadmeBlock]:
+    """The fenced blocks that come right after a README_MARK line."""
+    lines = readme.splitlines()
+    blocks = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip().startswith("<!-- tested"):
+            continue
+        assert line.strip() == README_MARK, f"README.md:{number}: a tested mark reads exactly {README_MARK}"
+        fence = re.fullmatch(r"( *)```(bash|python)", lines[number] if number < len(lines) else "")
+        assert fence, f"README.md:{number}: the mark comes right before a ```bash or ```python block"
+        body = []
+        for text in lines[number + 1:]:
+            if text.strip() == "```":
+                break
+            body.append(text.removeprefix(fence[1]))
+        else:
+            raise AssertionError(f"README.md:{number + 1}: the block never ends")
+        blocks.append(ReadmeBlock(number + 1, fence[2], "\n".join(body)))
+    return blocks
+
+
+def readme_env(prefect_home: Path) -> dict[str, str]:
+    """A new shell in the project folder: the venv not activated (its bin/ off PATH), no PYTHONPATH."""
+    env = _env(prefect_home)
+    venv_bin = Path(sys.prefix, "bin").resolve()
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p and Path(p).resolve() != venv_bin)
+    for name in ("PYTHONPATH", "VIRTUAL_ENV"):
+        env.pop(name, None)
+    return env
+
+
+def run_as_written(argv: list[str], folder: Path, env: dict[str, str], where: str,
+                   stdin: str | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(argv, cwd=folder, env=env, input=stdin, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{where}: {shlex.join(argv)} exited {done.returncode}:\n{done.stdout[-2000:]}\n" \
+                                 f"{done.stderr[-3000:]}"
+    return done
+
+
+def check_mlflow_ui(argv: list[str], folder: Path, env: dict[str, str], where: str, log: Path) -> None:
+    """Start the server on a free port instead of the README's, ask it for the registry, stop it (its whole group).
+    Without MLflow's job runner (GenAI jobs, which show1 has none of; ~25 CPU-s of worker processes at each start)."""
+    assert "--port" in argv, f"{where}: a server the test starts is given a port"
+    shown, argv = shlex.join(argv), list(argv)
+    port = free_port()
+    argv[argv.index("--port") + 1] = str(port)
+    with log.open("w") as output:
+        server = subprocess.Popen(argv, cwd=folder, env=env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                                  stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/search"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    answer = json.loads(response.read())
+                break
+            except urllib.error.HTTPError as error:
+                raise AssertionError(f"{where}: {shown}: {url} answered {error.code}") from None
+            except OSError:  # not listening yet
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{where}: {shown} (port {port}) never answered:\n{log.read_text()[-3000:]}") \
+                        from None
+                time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # what it started and left behind
+    aliases = {m["name"]: {a["alias"] for a in m.get("aliases", [])} for m in answer.get("registered_models", [])}
+    assert "champion" in aliases.get("show1-base", set()), \
+        f"{where}: {shown} serves {sorted(aliases) or 'no model'}, not the project's store mlruns/mlflow.db"
+
+
+def check_generate(argv: list[str], project: Project, env: dict[str, str], where: str) -> Path:
+    """The video is written, from the registry versions REF names (the stages a stage=ref list leaves out: champion),
+    with the profile's denoising steps."""
+    done = run_as_written(argv, project.folder, env, where)
+    video = project.folder / argv[argv.index("--out") + 1]
+    assert video.is_file(), f"{where}: no {video}"
+    client = MlflowClient(tracking_uri=project.store, registry_uri=project.store)
+    run = client.get_run(re.search(r"generation run: (\w+)", done.stdout)[1])
+    stages = argv[argv.index("--stages") + 1].split(",") if "--stages" in argv else ["base", "interp", "sr1", "sr2"]
+    refs = argv[argv.index("--from-registry") + 1].split(",")
+    named = dict(ref.split("=") for ref in refs if "=" in ref)
+    plain = [ref for ref in refs if "=" not in ref]
+    assert len(plain) <= 1, f"{where}: the test reads REF as one alias or version and stage=ref pairs"
+    for stage in stages:
+        ref = named.get(stage) or (plain[0] if plain else "champion")  # what a stage=ref list leaves out: champion
+        version = ref if ref.isdigit() else client.get_model_version_by_alias(f"show1-{stage}", ref).version
+        assert run.data.tags[f"model.{stage}"] == f"show1-{stage}/{version}", f"{where}: {stage} ({ref})"
+    if "--steps" not in argv:
+        steps = load_params(project.folder / "params.yaml").evaluate.steps
+        label = str(steps) if isinstance(steps, int) else ",".join(f"{s}={n}" for s, n in steps.items())
+        assert run.data.params["steps"] == label, f"{where}: the profile's steps ({label}) are the default"
+    return video
+
+
+def run_readme_command(argv: list[str], project: Project, env: dict[str, str], where: str, log: Path) -> str:
+    """Run one command of a marked bash block as written (in `env`, which an `export` changes); what it was."""
+    folder = project.folder
+    if argv == ["make", "demo"]:
+        # The fixture's `show1 run` in this folder is what `make demo` runs (the tiny profile, on smaller params).
+        makefile = (folder / "Makefile").read_text()
+        assert re.search(r"^demo:.*\n\t\$\(VENV\)/bin/show1 --profile tiny run$", makefile, re.M), makefile
+        assert load_params(folder / "params.yaml").profile == "tiny"
+        assert project.first.returncode == 0 and "Finished in state Completed" in project.first.output
+        return "make demo"
+    if argv[0] == "export":
+        for assignment in argv[1:]:
+            name, equals, value = assignment.partition("=")
+            assert equals and name.isidentifier(), f"{where}: export NAME=VALUE …"
+            env[name] = value
+        return "export"
+    if argv[:2] == [".venv/bin/mlflow", "ui"]:
+        check_mlflow_ui(argv, folder, env, where, log)
+        return "mlflow ui"
+    if argv[:2] == [".venv/bin/show1", "lineage"]:
+        done = run_as_written(argv, folder, env, where)
+        for link in ("generation run", "model version show1-base/", "training run", "data_version"):
+            assert link in done.stdout, f"{where}: no {link!r} in\n{done.stdout[-3000:]}"
+        return "show1 lineage"
+    if argv[:2] == [".venv/bin/show1", "generate"] and "--from-registry" in argv and "--out" in argv:
+        check_generate(argv, project, env, where)
+        return "show1 generate"
+    raise AssertionError(f"{where}: {shlex.join(argv)}: the README test does not know how to run this (teach "
+                         "run_readme_command in tests/test_cascade.py, or move it out of the marked block)")
+
+
+def run_readme_python(code: str, folder: Path, env: dict[str, str], where: str) -> str:
+    """Fed to `.venv/bin/python` in the project folder; what it prints is what its `print(…)  # …` lines say."""
+    done = run_as_written([".venv/bin/python", "-"], folder, env, where, stdin=code + "\n")
+    shown = [line.split("#", 1)[1].strip() for line in code.splitlines() if re.match(r"\s*print\(.*#", line)]
+    assert shown, f"{where}: a tested Python block shows what it prints (print(…)  # the output)"
+    assert done.stdout.splitlines() == shown, f"{where}: printed {done.stdout!r}, the README shows {shown}"
+    return "python"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # with the fixture's `show1 run`s when this test runs alone
+def test_the_readme_commands_run_as_shown(project, shared, tmp_path, capsys):
+    """Every README block marked README_MARK runs as written in the project folder after `show1 run`, each block in a
+    new shell (the venv not activated). The only adjustments: `.venv` is a link to the venv of the tests (ignored
+    by git); `mlflow ui --port 5000` is started on a free port, without MLflow's job runner, asked over HTTP for the
+    registry (show1-base@champion must be there) and stopped; `export` sets the environment of the commands after
+    it; a Python block is fed to `.venv/bin/python` on stdin; `make demo` is the fixture's `show1 run`."""
+    assert project.first.returncode == 0
+    folder = project.folder
+    blocks = readme_blocks((ROOT / "README.md").read_text())
+    (folder / ".venv").symlink_to(sys.prefix)
+    with (folder / ".git" / "info" / "exclude").open("a") as exclude:
+        exclude.write("/.venv\n")
+    prefect_home = new_prefect_home(shared, tmp_path / "prefect")
+    ran: list[str] = []
+    written: list[Path] = []
+    started = time.monotonic()
+    try:
+        for block in blocks:
+            env = readme_env(prefect_home)  # a new shell for each block
+            if block.language == "python":
+                ran.append(run_readme_python(block.text, folder, env, f"README.md:{block.line + 1}"))
+                continue
+            for offset, line in enumerate(block.text.splitlines(), 1):
+                where = f"README.md:{block.line + offset}"
+                argv = shlex.split(line, comments=True)
+                if not argv:
+                    continue
+                assert not SHELL_SYNTAX.search(" ".join(argv)), f"{where}: {line!r}: shell syntax the test cannot run"
+                if argv[:2] == [".venv/bin/show1", "generate"] and "--out" in argv:
+                    written.append(folder / argv[argv.index("--out") + 1])
+                ran.append(run_readme_command(argv, project, env, where, tmp_path / f"server-{block.line}.log"))
+        for video in written:
+            video.unlink()
+        assert git(folder, "status", "--porcelain") == ""  # the commands wrote nothing else into the project
+    finally:
+        (folder / ".venv").unlink()
+        for leftover in [*written, folder / "mlflow.db"]:  # the store an MLflow client that misses the project's makes
+            leftover.unlink(missing_ok=True)
+    with capsys.disabled():
+        print(f"\nREADME: {len(ran)} commands in {len(blocks)} marked blocks in {time.monotonic() - started:.0f} s")
+    # The commands the README must show working, in marked blocks (a mark removed is a command no longer tested).
+    assert {"make demo", "export", "mlflow ui", "show1 lineage", "show1 generate", "python"} <= set(ran), ran

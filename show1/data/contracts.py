@@ -185,22 +185,27 @@ def manifest_frame(path: Path, params: Params) -> pd.DataFrame:
     frame["caption"] = frame["caption"].map(lambda c: c if isinstance(c, str) and c.strip() else None)
     frame[["start", "end"]] = frame[["start", "end"]].astype("float64")
     frame["row_error"] = [None if r.rejection is None else f"row {r.row}: {r.rejection.message}" for r in rows]
-    frame["video_error"] = [_video_error(r, path.parent, params.curate) for r in rows]
+    checked: dict[str, str | None] = {}  # by video: a manifest naming one file a million times checks it once
+    frame["video_error"] = [_video_error(r, path.parent, params.curate, checked) for r in rows]
     return frame
 
 
-def _video_error(row: ManifestRow, manifest_dir: Path, cfg: Curate) -> str | None:
-    """Why `row`'s video cannot be found, or None (also for no video: the completeness check counts those)."""
+def _video_error(row: ManifestRow, manifest_dir: Path, cfg: Curate, checked: dict[str, str | None]) -> str | None:
+    """Why `row`'s video cannot be found, or None (also for no video: the completeness check counts those).
+    `checked` caches the answer by video."""
     video = row.video.strip() if row.video else None
     if not video:
         return None
-    try:
-        sources.check_scheme(video)
-        if not sources.is_url(video):
-            sources.resolve_local(video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages)
-    except Rejected as rejection:
-        return f"row {row.row}: {rejection.message}"
-    return None
+    if video not in checked:
+        checked[video] = None
+        try:
+            sources.check_scheme(video)
+            if not sources.is_url(video):
+                sources.resolve_local(video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages)
+        except Rejected as rejection:
+            checked[video] = rejection.message
+    problem = checked[video]
+    return None if problem is None else f"row {row.row}: {problem}"
 
 
 def manifest_expectations(frame: pd.DataFrame, params: Params) -> list[Expectation]:

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,14 @@ from typing import Any
 
 from show1.config import Columns
 from show1.data.errors import ManifestError, Rejected
+from show1.inputs import shown
 
 FIELDS = ("video", "caption", "id", "start", "end", "split")
 REQUIRED = ("video", "caption")
 SPLITS = ("train", "val")
 csv.field_size_limit(16 * 1024 * 1024)
+_UNENCODABLE = re.compile(r"[\x00\ud800-\udfff]")
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,10 @@ def read_manifest(path: Path | str, columns: Columns = Columns()) -> list[Manife
     for name in REQUIRED:
         candidates = getattr(columns, name)
         if not any(c in d for d in dicts for c in candidates):
-            present = sorted({k for d in dicts for k in d})
+            present = sorted({k for d in dicts for k in d})  # quoted and escaped: a name may hold a line break
             raise ManifestError(
-                f"{path}: no '{name}' column (looked for {', '.join(candidates)}; found {', '.join(present)}). "
+                f"{path}: no '{name}' column (looked for {', '.join(candidates)}; found "
+                f"{', '.join(shown(str(k)) for k in present)}). "
                 f"Rename the column or map it in params.yaml under curate.columns.{name}.")
     return rows
 
@@ -96,7 +101,9 @@ def _csv_records(text: str, path: Path, delimiter: str) -> list[Any]:
 
 def _jsonl_records(text: str) -> list[Any]:
     records: list[Any] = []
-    for line in text.splitlines():
+    # Lines end at \n, \r\n or \r only: str.splitlines() also splits at U+0085, U+2028 and U+2029, which a JSON
+    # string may hold unescaped (a caption scraped from the web), and made one good row two malformed ones.
+    for line in _LINE_END.split(text):
         if not line.strip():
             continue
         try:
@@ -104,9 +111,18 @@ def _jsonl_records(text: str) -> list[Any]:
         except json.JSONDecodeError as exc:
             records.append(ValueError(f"not valid JSON: {exc.msg}"))
             continue
-        records.append(value if isinstance(value, dict) else ValueError(
+        except RecursionError:
+            records.append(ValueError("not usable JSON: nested too deeply"))
+            continue
+        records.append({_utf8(k): _utf8(v) for k, v in value.items()} if isinstance(value, dict) else ValueError(
             f"a JSONL row must be an object, got {type(value).__name__}"))
     return records
+
+
+def _utf8(value: Any) -> Any:
+    """A JSON string as the same text written raw would read: a NUL or a lone surrogate (the escapes `\\u0000`,
+    `\\udc80`) becomes U+FFFD, as undecodable bytes do, so every field can be written back as UTF-8."""
+    return _UNENCODABLE.sub("\ufffd", value) if isinstance(value, str) else value
 
 
 def _pick(record: dict[str, Any], names: Iterable[str]) -> Any:

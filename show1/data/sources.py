@@ -10,6 +10,8 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
@@ -44,27 +46,53 @@ def resolve_local(video: str, manifest_dir: Path, allowed_roots: list[Path],
         if not rel or PurePosixPath(rel).is_absolute():
             raise Rejected("path_outside_root", f"{video}: needs a path inside the package")
         root = package_root(package)
-        path = (root / rel).resolve()
+        with _no_such_path(video):
+            path = (root / rel).resolve()
         if not _inside(path, root):
             raise Rejected("path_outside_root", f"{video} resolves to {path}, outside package '{package}'")
     else:
         roots = [manifest_dir.resolve(), *(Path(r).expanduser().resolve() for r in allowed_roots)]
-        path = (manifest_dir / Path(video).expanduser()).resolve()
+        with _no_such_path(video):
+            path = (manifest_dir / Path(video).expanduser()).resolve()
         if not any(_inside(path, root) for root in roots):
             raise Rejected("path_outside_root",
                            f"{video} resolves to {path}, outside the manifest folder {roots[0]}"
                            + (f" and curate.allowed_roots {[str(r) for r in roots[1:]]}" if roots[1:] else ""))
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name longer than the file system allows
+        raise Rejected("missing_file", f"{path}: {exc.strerror or exc}") from None
+    if not found:
         raise Rejected("missing_file", f"{path} does not exist or is not a file")
     return path
 
 
+@contextmanager
+def _no_such_path(video: str) -> Iterator[None]:
+    """A path that resolves to no file (a NUL byte, a lone surrogate, a link to itself, the home of an unknown user)
+    is a missing file, not a crash of the whole run."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop, ~nobody; ValueError: NUL, unencodable
+        raise Rejected("missing_file", f"{video!r}: cannot be resolved to a file ({exc})") from None
+
+
+def _scheme(video: str) -> str | None:
+    """The URL scheme of `video` ("" for a path), or None when it is not a URL Python can parse (`http://[x`)."""
+    try:
+        return urlparse(video).scheme.lower()
+    except ValueError:  # an unbalanced IPv6 bracket in the host
+        return None
+
+
 def is_url(video: str) -> bool:
-    return urlparse(video).scheme.lower() in ("http", "https")
+    return _scheme(video) in ("http", "https")
 
 
 def check_scheme(video: str) -> None:
-    scheme = urlparse(video).scheme.lower()
+    scheme = _scheme(video)
+    if scheme is None:
+        raise Rejected("unsupported_scheme", f"{video}: not a URL that can be parsed (use a path or http(s))")
     if video.startswith(PACKAGE_SCHEME) or scheme in ("", "http", "https") or len(scheme) == 1:
         return  # len 1: a Windows drive letter, not a scheme
     raise Rejected("unsupported_scheme", f"{video}: scheme '{scheme}' is not supported (use a path or http(s))")

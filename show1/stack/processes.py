@@ -149,20 +149,28 @@ def stop(service: Service, grace: float = STOP_GRACE_S) -> Literal["not running"
     _reap(service.pid)
     # Return when the group is gone: a caller told "stopped" may reuse the port or the data folder at once.
     deadline = time.monotonic() + grace
-    while _group_alive(service.pid) and time.monotonic() < deadline:
+    while group_alive(service.pid) and time.monotonic() < deadline:
         _reap(service.pid)
         time.sleep(0.05)
     return how
 
 
-def _group_alive(pid: int) -> bool:
-    """Whether any process of the group `pid` leads is still there (a killed one is gone once its parent reaped it;
-    init reaps those whose parent is gone)."""
+def group_alive(pid: int) -> bool:
+    """Whether a live process of the group `pid` leads is still there (zombies, which a parent other than this
+    process has yet to reap, count as gone)."""
+    import psutil
+
     try:
         os.killpg(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    return True
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
 
 
 def _signal_group(pid: int, signum: int) -> None:

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from services import api
 
 from show1.stack import object_store, postgres
-from show1.stack.processes import StackError, is_running
+from show1.stack.processes import StackError, group_alive, is_running
 from show1.stack.stack import read_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -327,6 +327,10 @@ def test_down_stops_everything_and_up_brings_back_the_registry_and_its_files(sta
     # process with SIGINT, which such a job ignores): none had to be killed
     assert "killed" not in down.stdout, down.stdout
     assert not any(is_running(service) for service in state.services.values())
+    # and no process of any service's group is left either (MLflow's and PostgreSQL's own children included):
+    # `down` returns once they are gone, not when it has sent the signals
+    left = [name for name, service in state.services.items() if group_alive(service.pid)]
+    assert not left, f"processes of {left} still running when `stack down` returned"
     assert not (stack.folder / "stack.json").exists()
     saved = [p for p in (stack.folder / "s3").rglob("*") if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in saved)
