@@ -40,7 +40,8 @@ def test_dataset_frames_are_the_indexed_clip_bytes(demo_curated):
         per_size = [ds[i]["frames"].permute(0, 2, 3, 1).contiguous().numpy() for ds in (small, large)]
         frame_digests = [hashlib.sha256(b"".join(f[k].tobytes() for f in per_size)).digest()
                          for k in range(len(per_size[0]))]
-        assert hashlib.sha256(b"".join(frame_digests)).hexdigest() == small.rows[i]["content_hash"]
+        assert hashlib.sha256(b"".join(frame_digests)).hexdigest() == read_jsonl(demo_curated / "index.jsonl")[i][
+            "content_hash"]
     assert large[0]["frames"].shape == (29, 3, 160, 256) and large[0]["frames"].dtype == torch.uint8
 
 
@@ -58,3 +59,32 @@ def test_dataset_explains_bad_requests(demo_curated, tmp_path):
         CuratedClips(demo_curated, split="test")
     with pytest.raises(FileNotFoundError, match="show1 curate"):
         CuratedClips(tmp_path)
+
+
+def test_the_columnar_index_holds_the_json_index_and_a_split_reads_no_row_it_does_not_use(demo_curated, tmp_path):
+    """index.parquet is index.jsonl as columns: every field of every clip, in order; a Dataset picks its split as row
+    numbers, and reads a clip's fields only when the clip is read."""
+    import pyarrow.parquet as pq
+
+    rows = read_jsonl(demo_curated / "index.jsonl")
+    assert pq.read_table(demo_curated / "index.parquet").to_pylist() == rows
+    for split in ("train", "val", None):
+        clips = CuratedClips(demo_curated, split=split)
+        wanted = [r for r in rows if split is None or r["split"] == split]
+        assert [clips[i]["clip_id"] for i in range(len(clips))] == [r["clip_id"] for r in wanted]
+        assert clips.captions() == list(dict.fromkeys(r["caption"] for r in wanted))
+    with pytest.raises(IndexError):
+        CuratedClips(demo_curated, split="val")[1]
+
+
+def test_a_folder_curated_before_the_columnar_index_says_what_to_run(demo_curated, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(demo_curated, old)
+    (old / "index.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"curated by an earlier show1 .*run `show1 curate MANIFEST --out"):
+        CuratedClips(old)
+    again = curate(ROOT / "data/manifests/demo.csv", old, load_params(ROOT / "params.yaml"))
+    assert again.chunks_skipped > 0  # the chunks were reused: only the index was written again
+    assert len(CuratedClips(old)) == 30

@@ -6,6 +6,7 @@ written last and is the commit marker, so a killed run leaves no half-written sh
 the chunks already done. `finalize` then assembles, in manifest order, the outputs other tools read:
 
   OUT/index.jsonl       one row per kept clip
+  OUT/index.parquet     the same rows as columns: what training opens (show1/data/clip_index.py)
   OUT/quarantine.jsonl  one row per rejected manifest row, with `reason` and `error`
   OUT/summary.json      counts (also the DVC metrics of the curate stage)
   OUT/shards/, OUT/parts/
@@ -41,6 +42,7 @@ import numpy as np
 from show1 import atomic
 from show1.config import Clip, Curate, Params
 from show1.data import captions, dedupe, manifest, quality, shards, sources, video
+from show1.data.clip_index import INDEX_PARQUET, index_bytes
 from show1.data.errors import Rejected
 from show1.data.folder import DataFolder
 from show1.data.manifest import ManifestRow
@@ -735,8 +737,8 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
         plan.out.write_jsonl(f"{REFUSED}/{QUARANTINE}", quarantine)
         plan.out.write_json(f"{REFUSED}/{SUMMARY}", summary.to_dict())
         return summary
-    publish(plan.out, {INDEX: atomic.jsonl_bytes(index_rows), QUARANTINE: atomic.jsonl_bytes(quarantine),
-                       SUMMARY: atomic.json_bytes(summary.to_dict())})
+    publish(plan.out, {INDEX: atomic.jsonl_bytes(index_rows), INDEX_PARQUET: index_bytes(index_rows),
+                       QUARANTINE: atomic.jsonl_bytes(quarantine), SUMMARY: atomic.json_bytes(summary.to_dict())})
     for name in plan.out.glob(f"{REFUSED}/*"):
         plan.out.remove(name)
     plan.out.prune(REFUSED)

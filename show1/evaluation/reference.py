@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from show1.atomic import read_jsonl
 from show1.config import Size
+from show1.data.clip_index import INDEX_PARQUET, ClipIndex
 from show1.data.dataset import CuratedClips
 from show1.evaluation.features import sample_indices
 
@@ -19,11 +19,13 @@ def sample_frames(video: np.ndarray, count: int) -> np.ndarray:
 
 def reference_videos(curated: Path, split: str, max_clips: int) -> tuple[list[np.ndarray], str]:
     """Up to `max_clips` clips of `split` (spread evenly over the split) as uint8 (F, H, W, 3); and the size."""
-    index = Path(curated) / "index.jsonl"
-    rows = read_jsonl(index) if index.is_file() else []
-    if not rows:
-        raise FileNotFoundError(f"{index}: no curated clips to compare with (run show1 curate)")
-    sizes = sorted((Size.model_validate(key) for key in rows[0]["resolutions"]), key=lambda s: s.width * s.height)
+    try:
+        resolutions = ClipIndex(curated).resolutions
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc} (no curated clips to compare with)") from None
+    if not resolutions:
+        raise FileNotFoundError(f"{Path(curated) / INDEX_PARQUET}: no curated clips to compare with (run show1 curate)")
+    sizes = sorted((Size.model_validate(key) for key in resolutions), key=lambda s: s.width * s.height)
     clips = CuratedClips(curated, size=sizes[-1], split=split, normalize=False)
     if not clips:
         raise ValueError(f"{curated}: the {split} split has no clips to compare with (curate more data, or "

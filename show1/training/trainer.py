@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from show1 import atomic, integrity, tensor_tree
 from show1.config import Params, Train
+from show1.data.clip_index import INDEX_PARQUET, ClipIndex
 from show1.data.dataset import CuratedClips
 from show1.data.video import write_video
 from show1.faults import fault_point
@@ -183,15 +184,12 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     ranks = Ranks(accelerator)
     per_process = micro_batch(cfg.batch_size, cfg.grad_accum, ranks.world_size)
     torch.manual_seed(cfg.seed)
-    index = data_dir / "index.jsonl"
-    if not index.is_file():
-        raise FileNotFoundError(f"{index} not found: run `show1 curate MANIFEST --out {data_dir}` first")
-    first = atomic.read_jsonl(index)[:1]
-    if not first:
-        raise ValueError(f"{index} has no clips")
-    clips = CuratedClips(data_dir, size=training_size(stage, first[0]["resolutions"]), split="train")
+    resolutions = ClipIndex(data_dir).resolutions
+    if not resolutions:
+        raise ValueError(f"{data_dir / INDEX_PARQUET} has no clips")
+    clips = CuratedClips(data_dir, size=training_size(stage, resolutions), split="train")
     text_encoder_dir = Path(text_encoder_dir or tiny_text_encoder_dir())
-    captions = embed_captions(text_encoder_dir, [row["caption"] for row in clips.rows] + [""], accelerator.device,
+    captions = embed_captions(text_encoder_dir, [*clips.captions(), ""], accelerator.device,
                               TEXT_DTYPES.get(cfg.mixed_precision))
     model = load_model(stage, params, captions.dim, init_from, init_2d)
     unet = model.unet

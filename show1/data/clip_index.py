@@ -1,0 +1,106 @@
+"""The curated index as a columnar file (`index.parquet`): what training processes open.
+
+`index.jsonl` has one JSON object per clip; every process that read it built a Python dict per row (a synthetic
+1 M-row index: 10.6 s and 3.3 GB per process). `index.parquet` holds the same rows as columns: a process reads only
+the columns it needs, with the strings that repeat (shard names, splits, captions of a source's clips) dictionary
+encoded, and picks a split as an array of row numbers. Nothing is built per row until a row is read.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+INDEX_PARQUET = "index.parquet"
+
+SCHEMA = pa.schema([
+    ("row", pa.int64()), ("clip_id", pa.string()), ("caption", pa.string()), ("source", pa.string()),
+    ("source_id", pa.string()), ("source_hash", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
+    ("fps", pa.float64()), ("num_frames", pa.int32()), ("resolutions", pa.list_(pa.string())),
+    ("source_width", pa.int32()), ("source_height", pa.int32()), ("source_fps", pa.float64()),
+    ("shard", pa.string()), ("tensor", pa.string()), ("frame_start", pa.int32()), ("content_hash", pa.string()),
+    ("split", pa.string()),
+])
+# What a training or evaluation process holds of each clip (`resolutions`, the same for every clip, is read once).
+READ = ("clip_id", "caption", "shard", "tensor", "frame_start", "num_frames", "split")
+# Read as dictionaries: each distinct value is held once (a shard's name is shared by its clips, a source's tensor by
+# the clips cut from it, a split by most of the index). Captions are not: a WebVid clip's caption is its own.
+DICTIONARY = ("shard", "tensor", "split")
+ROW_GROUP = 262_144
+
+
+def index_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
+    """`rows` (index.jsonl's, in order) as a Parquet file, the same bytes for the same rows with one pyarrow."""
+    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP, compression="zstd", use_dictionary=True)
+    return buffer.getvalue()
+
+
+class IndexMissing(FileNotFoundError):
+    """A curated folder without `index.parquet`: not curated, or curated by an earlier show1."""
+
+
+class ClipIndex:
+    """The clips of a curated folder, columnar; `split` "train", "val" or None for both."""
+
+    def __init__(self, root: Path | str, split: str | None = None):
+        self.root = Path(root)
+        path = self.root / INDEX_PARQUET
+        if not path.is_file():
+            again = f"show1 curate MANIFEST --out {self.root}"
+            if (self.root / "index.jsonl").is_file():
+                raise IndexMissing(f"{path} not found: {self.root} was curated by an earlier show1 (index.jsonl only); "
+                                   f"run `{again}` once more (its chunks are reused, only the index is written)")
+            raise IndexMissing(f"{path} not found: run `{again}` first")
+        if split not in (None, "train", "val"):
+            raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
+        try:
+            # One row group at a time, on this thread: the peak is the table plus one group's decoding (10.7 M rows:
+            # 1.24 GB above the process's own, against 1.43 GB read whole on threads; benchmarks/bench_index.py).
+            parquet = pq.ParquetFile(path, memory_map=True, read_dictionary=list(DICTIONARY))
+            groups = [parquet.read_row_group(i, columns=list(READ), use_threads=False)
+                      for i in range(parquet.num_row_groups)]
+            self.table = pa.concat_tables(groups) if groups else SCHEMA.empty_table().select(list(READ))
+            self._resolutions = (parquet.read_row_group(0, columns=["resolutions"])["resolutions"][0].as_py()
+                                 if self.table.num_rows else [])
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{path}: not a readable Parquet index ({exc}); curate the folder again") from None
+        self.positions = np.arange(self.table.num_rows) if split is None else _rows_equal(self.table["split"], split)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def resolutions(self) -> list[str]:
+        """The sizes the clips were curated at (every clip has the same), or [] for an empty index."""
+        return list(self._resolutions)
+
+    def row(self, index: int) -> dict[str, Any]:
+        """The `index`-th clip of the split: its fields in `READ`."""
+        position = int(self.positions[index])
+        return {name: self.table[name][position].as_py() for name in READ} | {"resolutions": self.resolutions}
+
+    def captions(self) -> list[str]:
+        """Every distinct caption of the split, in the order of their first clip."""
+        chosen = self.table["caption"].take(pa.array(self.positions))
+        return pc.unique(chosen.cast(pa.string())).to_pylist()
+
+
+def _rows_equal(column: pa.ChunkedArray, value: str) -> np.ndarray:
+    """The row numbers where a dictionary-encoded `column` holds `value`, compared as dictionary codes (no string is
+    built per row)."""
+    found, offset = [], 0
+    for chunk in column.chunks:
+        matches = pc.index(chunk.dictionary, value).as_py()
+        if matches >= 0:
+            found.append(np.flatnonzero(chunk.indices.to_numpy(zero_copy_only=False) == matches) + offset)
+        offset += len(chunk)
+    return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
