@@ -48,18 +48,38 @@ class IndexMissing(FileNotFoundError):
     """A curated folder without `index.parquet`: not curated, or curated by an earlier show1."""
 
 
+def index_path(root: Path | str) -> Path:
+    """`root/index.parquet`, or `IndexMissing` saying what to run."""
+    root = Path(root)
+    path = root / INDEX_PARQUET
+    if not path.is_file():
+        again = f"show1 curate MANIFEST --out {root}"
+        if (root / "index.jsonl").is_file():
+            raise IndexMissing(f"{path} not found: {root} was curated by an earlier show1 (index.jsonl only); "
+                               f"run `{again}` once more (its chunks are reused, only the index is written)")
+        raise IndexMissing(f"{path} not found: run `{again}` first")
+    return path
+
+
+def curated_sizes(root: Path | str) -> list[str]:
+    """The sizes the clips of `root` were curated at (every clip has the same), read from the first clip only; []
+    when there is none."""
+    path = index_path(root)
+    try:
+        parquet = pq.ParquetFile(path)
+        if not parquet.metadata.num_rows:
+            return []
+        return list(parquet.read_row_group(0, columns=["resolutions"])["resolutions"][0].as_py())
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet index ({exc}); curate the folder again") from None
+
+
 class ClipIndex:
     """The clips of a curated folder, columnar; `split` "train", "val" or None for both."""
 
     def __init__(self, root: Path | str, split: str | None = None):
         self.root = Path(root)
-        path = self.root / INDEX_PARQUET
-        if not path.is_file():
-            again = f"show1 curate MANIFEST --out {self.root}"
-            if (self.root / "index.jsonl").is_file():
-                raise IndexMissing(f"{path} not found: {self.root} was curated by an earlier show1 (index.jsonl only); "
-                                   f"run `{again}` once more (its chunks are reused, only the index is written)")
-            raise IndexMissing(f"{path} not found: run `{again}` first")
+        path = index_path(self.root)
         if split not in (None, "train", "val"):
             raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
         try:

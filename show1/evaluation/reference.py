@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from show1.config import Size
-from show1.data.clip_index import INDEX_PARQUET, ClipIndex
+from show1.data.clip_index import INDEX_PARQUET, curated_sizes
 from show1.data.dataset import CuratedClips
 from show1.evaluation.features import sample_indices
 
@@ -20,7 +20,7 @@ def sample_frames(video: np.ndarray, count: int) -> np.ndarray:
 def reference_videos(curated: Path, split: str, max_clips: int) -> tuple[list[np.ndarray], str]:
     """Up to `max_clips` clips of `split` (spread evenly over the split) as uint8 (F, H, W, 3); and the size."""
     try:
-        resolutions = ClipIndex(curated).resolutions
+        resolutions = curated_sizes(curated)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc} (no curated clips to compare with)") from None
     if not resolutions:

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from show1 import atomic, integrity, tensor_tree
 from show1.config import Params, Train
-from show1.data.clip_index import INDEX_PARQUET, ClipIndex
+from show1.data.clip_index import INDEX_PARQUET, curated_sizes
 from show1.data.dataset import CuratedClips
 from show1.data.video import write_video
 from show1.faults import fault_point
@@ -184,7 +184,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     ranks = Ranks(accelerator)
     per_process = micro_batch(cfg.batch_size, cfg.grad_accum, ranks.world_size)
     torch.manual_seed(cfg.seed)
-    resolutions = ClipIndex(data_dir).resolutions
+    resolutions = curated_sizes(data_dir)
     if not resolutions:
         raise ValueError(f"{data_dir / INDEX_PARQUET} has no clips")
     clips = CuratedClips(data_dir, size=training_size(stage, resolutions), split="train")
