@@ -66,12 +66,15 @@ def curated_sizes(root: Path | str) -> list[str]:
     when there is none."""
     path = index_path(root)
     try:
-        parquet = pq.ParquetFile(path)
-        if not parquet.metadata.num_rows:
-            return []
-        return list(parquet.read_row_group(0, columns=["resolutions"])["resolutions"][0].as_py())
+        return _first_sizes(pq.ParquetFile(path))
     except (pa.ArrowException, OSError) as exc:
         raise ValueError(f"{path}: not a readable Parquet index ({exc}); curate the folder again") from None
+
+
+def _first_sizes(parquet: pq.ParquetFile) -> list[str]:
+    if not parquet.metadata.num_rows:
+        return []
+    return list(parquet.read_row_group(0, columns=["resolutions"])["resolutions"][0].as_py())
 
 
 class ClipIndex:
@@ -89,8 +92,7 @@ class ClipIndex:
             groups = [parquet.read_row_group(i, columns=list(READ), use_threads=False)
                       for i in range(parquet.num_row_groups)]
             self.table = pa.concat_tables(groups) if groups else SCHEMA.empty_table().select(list(READ))
-            self._resolutions = (parquet.read_row_group(0, columns=["resolutions"])["resolutions"][0].as_py()
-                                 if self.table.num_rows else [])
+            self._resolutions = _first_sizes(parquet)
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"{path}: not a readable Parquet index ({exc}); curate the folder again") from None
         self.positions = np.arange(self.table.num_rows) if split is None else _rows_equal(self.table["split"], split)

@@ -27,8 +27,7 @@ import pandas as pd
 
 from show1 import atomic
 from show1.config import Curate, Params, apply_environment_defaults
-from show1.data import sources
-from show1.data.curate import INDEX
+from show1.data.curate import INDEX, locate_video
 from show1.data.errors import ManifestError, Rejected
 from show1.data.folder import DataFolder
 from show1.data.manifest import SPLITS, ManifestRow, read_manifest
@@ -185,27 +184,17 @@ def manifest_frame(path: Path, params: Params) -> pd.DataFrame:
     frame["caption"] = frame["caption"].map(lambda c: c if isinstance(c, str) and c.strip() else None)
     frame[["start", "end"]] = frame[["start", "end"]].astype("float64")
     frame["row_error"] = [None if r.rejection is None else f"row {r.row}: {r.rejection.message}" for r in rows]
-    checked: dict[str, str | None] = {}  # by video: a manifest naming one file a million times checks it once
-    frame["video_error"] = [_video_error(r, path.parent, params.curate, checked) for r in rows]
+    located: dict[str, Any] = {}  # by video: a manifest naming one file a million times checks it once
+    frame["video_error"] = [_video_error(r, path.parent, params.curate, located) for r in rows]
     return frame
 
 
-def _video_error(row: ManifestRow, manifest_dir: Path, cfg: Curate, checked: dict[str, str | None]) -> str | None:
-    """Why `row`'s video cannot be found, or None (also for no video: the completeness check counts those).
-    `checked` caches the answer by video."""
+def _video_error(row: ManifestRow, manifest_dir: Path, cfg: Curate, located: dict[str, Any]) -> str | None:
+    """Why `row`'s video cannot be found (curation's own check, `locate_video`), or None (also for no video: the
+    completeness check counts those)."""
     video = row.video.strip() if row.video else None
-    if not video:
-        return None
-    if video not in checked:
-        checked[video] = None
-        try:
-            sources.check_scheme(video)
-            if not sources.is_url(video):
-                sources.resolve_local(video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages)
-        except Rejected as rejection:
-            checked[video] = rejection.message
-    problem = checked[video]
-    return None if problem is None else f"row {row.row}: {problem}"
+    found = locate_video(video, manifest_dir, cfg, located) if video else None
+    return f"row {row.row}: {found.message}" if isinstance(found, Rejected) else None
 
 
 def manifest_expectations(frame: pd.DataFrame, params: Params) -> list[Expectation]:

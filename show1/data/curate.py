@@ -188,21 +188,30 @@ def screen(row: ManifestRow, manifest_dir: Path, cfg: Curate,
         return row.rejection
     if not row.video:
         return Rejected("missing_video", "the row has no video path or URL")
-    found = located.get(row.video, False) if located is not None else False
-    if found is False:
-        try:
-            sources.check_scheme(row.video)
-            found = None if sources.is_url(row.video) else _stamp(
-                sources.resolve_local(row.video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages))
-        except Rejected as rejection:
-            found = rejection
-        if located is not None:
-            located[row.video] = found
+    found = locate_video(row.video, manifest_dir, cfg, located)
     if isinstance(found, Rejected):
         try:
             captions.check_caption(row.caption, cfg.caption)
         except Rejected as rejection:
             return rejection
+    return found
+
+
+def locate_video(video: str, manifest_dir: Path, cfg: Curate,
+                 located: dict[str, Rejected | list[int] | None] | None = None) -> Rejected | list[int] | None:
+    """Where a manifest's `video` is, checked without opening it: why it cannot be used (an unsupported scheme, a
+    path outside the allowed roots, no such file), else its size and mtime, or None for a URL (fetched later).
+    `located` caches the answers by video."""
+    if located is not None and video in located:
+        return located[video]
+    try:
+        sources.check_scheme(video)
+        found = None if sources.is_url(video) else _stamp(
+            sources.resolve_local(video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages))
+    except Rejected as rejection:
+        found = rejection
+    if located is not None:
+        located[video] = found
     return found
 
 
@@ -753,9 +762,7 @@ def publish(out: DataFolder, files: dict[str, bytes]) -> None:
     They are staged in OUT/publish/, then OUT/publish/COMMIT (the list of names) commits them, then each is moved
     into place. A kill before the commit leaves the previous files, and the next curation clears the staging; a
     kill after it leaves the move to the next curation (`finish_publication`), which completes it first."""
-    for name in out.glob(f"{PUBLISH}/*"):
-        out.remove(name)
-    for name, data in files.items():
+    for name, data in files.items():  # `curate` cleared what a killed run left here (`finish_publication`)
         out.write_bytes(f"{PUBLISH}/{name}", data)
     fault_point("curate.publish.before_commit")
     out.write_json(PUBLISH_COMMIT, sorted(files))
