@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from safetensors.numpy import save_file
 
+from show1.config import Encoding
+from show1.data.clip_codec import encode_frames
 from show1.data.clip_index import INDEX_PARQUET, ROW_GROUP, SCHEMA
-from show1.data.shards import FORMAT
+from show1.data.shards import as_tensor, shard_bytes
 
 SIZES = ["64x40", "256x160"]
 FRAMES = 29
@@ -45,7 +46,8 @@ def write_folder(folder: Path, rows: int, json_rows: int) -> None:
     (folder / "shards").mkdir(parents=True)
     frames = {f"r0000000/{size}": rng.integers(0, 256, (FRAMES, *map(int, reversed(size.split("x"))), 3),
                                                dtype=np.uint8) for size in SIZES}
-    save_file(frames, str(folder / "shards" / "shard-00000-0123456789abcdef.safetensors"), metadata={"format": FORMAT})
+    encoded = {name: as_tensor(encode_frames(f, Encoding(), [0])) for name, f in frames.items()}
+    (folder / "shards" / "shard-00000-0123456789abcdef.safetensors").write_bytes(shard_bytes(encoded))
     numbers = np.arange(rows)
     words = np.array(["waves", "a city street", "aerial view of", "forest", "people walking", "sunset over",
                       "close-up of", "a dog running", "snow falling", "timelapse of clouds"])

@@ -41,6 +41,9 @@ SMALL: dict[str, Any] = {
         "filters": {"min_width": 64, "min_height": 40},
         "clip": {"frames": 8, "fps": 8, "stride": 8, "sizes": [[32, 20], [64, 40]]},
         "rows_per_shard": 4,
+        # The lossless setting: tests compare stored frames with the curated ones bit for bit (tests/test_dataset.py
+        # checks the default encoding's size and PSNR).
+        "encoding": {"codec": "libx264rgb", "pixel_format": "rgb24", "crf": 0},
     },
 }
 CLIPS_PER_GOOD_VIDEO = 2

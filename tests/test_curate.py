@@ -27,6 +27,7 @@ from safetensors.numpy import load_file
 
 from show1.config import Params, Size, load_params
 from show1.data import quality, video
+from show1.data.clip_codec import decode_frames
 from show1.data.curate import NothingKept, curate, plan_curation
 from show1.data.errors import REASONS
 
@@ -330,7 +331,7 @@ def test_curate_stores_every_clip_at_every_size_in_its_shard(mixed: MixedRun) ->
         first, count = clip["frame_start"], clip["num_frames"]
         at_size = []
         for width, height in sizes:
-            frames = tensors[f"{clip['tensor']}/{width}x{height}"]
+            frames = decode_frames(tensors[f"{clip['tensor']}/{width}x{height}"])
             assert frames.dtype == np.uint8
             assert frames.shape[1:] == (height, width, 3)
             assert first + count <= frames.shape[0]
@@ -366,7 +367,7 @@ def _nearest_source_frames(tensor: np.ndarray, source: np.ndarray) -> list[int]:
 def test_curate_samples_frames_on_the_clip_fps_grid(mixed: MixedRun) -> None:
     """At 8 fps from a 24 fps source, stored frame k is source frame 3k."""
     clip = next(c for c in mixed.index if c["row"] == mixed.row_of("good1"))
-    frames = load_file(str(mixed.out / clip["shard"]))[f"{clip['tensor']}/64x40"]
+    frames = decode_frames(load_file(str(mixed.out / clip["shard"]))[f"{clip['tensor']}/64x40"])
     source = _source_frames(mixed.root / mixed.rows[mixed.row_of("good1")]["video"], 64, 40)
     assert _nearest_source_frames(frames, source) == [3 * k for k in range(16)]
 
@@ -567,7 +568,7 @@ def test_curate_cuts_clips_only_inside_the_row_time_span(
     assert clip["row"] == 0
     assert clip["start"] >= 0.5 and clip["end"] <= 1.5
     # The stored frames are the source's frames from 0.5 s on (source frame 12, 15, 18, ...).
-    frames = load_file(str(tmp_path / "out" / clip["shard"]))[f"{clip['tensor']}/64x40"]
+    frames = decode_frames(load_file(str(tmp_path / "out" / clip["shard"]))[f"{clip['tensor']}/64x40"])
     source = _source_frames(root / path, 64, 40)
     assert frames.shape[0] == 8
     assert _nearest_source_frames(frames, source) == [12 + 3 * k for k in range(8)]

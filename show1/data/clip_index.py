@@ -19,6 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 INDEX_PARQUET = "index.parquet"
+# What the index's shards hold, recorded in the file's schema: an index without it (or with another) was written by
+# an earlier show1 whose shards held raw frames (see show1/data/shards.py).
+CLIPS_FORMAT = "show1-clips-v2"
 
 SCHEMA = pa.schema([
     ("row", pa.int64()), ("clip_id", pa.string()), ("caption", pa.string()), ("source", pa.string()),
@@ -27,7 +30,7 @@ SCHEMA = pa.schema([
     ("source_width", pa.int32()), ("source_height", pa.int32()), ("source_fps", pa.float64()),
     ("shard", pa.string()), ("tensor", pa.string()), ("frame_start", pa.int32()), ("content_hash", pa.string()),
     ("split", pa.string()),
-])
+], metadata={"show1.clips": CLIPS_FORMAT})
 # What a training or evaluation process holds of each clip (`resolutions`, the same for every clip, is read once).
 READ = ("clip_id", "caption", "shard", "tensor", "frame_start", "num_frames", "split")
 # Read as dictionaries: each distinct value is held once (a shard's name is shared by its clips, a source's tensor by
@@ -61,14 +64,33 @@ def index_path(root: Path | str) -> Path:
     return path
 
 
+class IndexOutdated(ValueError):
+    """An index written by an earlier show1, whose shards this one cannot read."""
+
+
+def open_index(root: Path | str, **options: Any) -> pq.ParquetFile:
+    """`root/index.parquet` opened (`options` go to `pq.ParquetFile`), or a one-line error saying what to run."""
+    path = index_path(root)
+    try:
+        parquet = pq.ParquetFile(path, **options)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet index ({exc}); curate the folder again") from None
+    found = (parquet.schema_arrow.metadata or {}).get(b"show1.clips", b"").decode()
+    if found != CLIPS_FORMAT:
+        raise IndexOutdated(f"{path}: curated by an earlier show1 (shards of raw frames, ~20 MB per paper clip); run "
+                            f"`show1 curate MANIFEST --out {Path(root)}` again: the clips are stored compressed now")
+    return parquet
+
+
 def curated_sizes(root: Path | str) -> list[str]:
     """The sizes the clips of `root` were curated at (every clip has the same), read from the first clip only; []
     when there is none."""
-    path = index_path(root)
+    parquet = open_index(root)
     try:
-        return _first_sizes(pq.ParquetFile(path))
+        return _first_sizes(parquet)
     except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{path}: not a readable Parquet index ({exc}); curate the folder again") from None
+        raise ValueError(f"{index_path(root)}: not a readable Parquet index ({exc}); curate the "
+                         "folder again") from None
 
 
 def _first_sizes(parquet: pq.ParquetFile) -> list[str]:
@@ -82,13 +104,13 @@ class ClipIndex:
 
     def __init__(self, root: Path | str, split: str | None = None):
         self.root = Path(root)
-        path = index_path(self.root)
         if split not in (None, "train", "val"):
             raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
+        parquet = open_index(self.root, memory_map=True, read_dictionary=list(DICTIONARY))
+        path = index_path(self.root)
         try:
             # One row group at a time, on this thread: the peak is the table plus one group's decoding (10.7 M rows:
             # 1.24 GB above the process's own, against 1.43 GB read whole on threads; benchmarks/bench_index.py).
-            parquet = pq.ParquetFile(path, memory_map=True, read_dictionary=list(DICTIONARY))
             groups = [parquet.read_row_group(i, columns=list(READ), use_threads=False)
                       for i in range(parquet.num_row_groups)]
             self.table = pa.concat_tables(groups) if groups else SCHEMA.empty_table().select(list(READ))

@@ -1,35 +1,41 @@
-"""Shards: many clips per safetensors file, uint8 frames, one tensor per source and size.
+"""Shards: many sources' encoded frames per safetensors file.
 
-A source's sampled frames are stored once per size as `<source_key>/<W>x<H>` with shape (N, H, W, 3);
-clips are frame ranges into it (overlapping clips share frames instead of copying them).
+A source's sampled frames at one size are stored once, encoded (`show1.data.clip_codec`: an MP4 with a keyframe
+at every clip's first frame), as the uint8 tensor `<source_key>/<W>x<H>` holding the file's bytes; clips are frame
+ranges into it (clips that overlap share frames instead of copying them). safetensors is the container: a header
+naming each source's byte range, so a reader takes one source's bytes without reading the rest, and dropping a
+source (`drop_sources`) is rewriting the file without it.
+
+A shard verifies itself: its header's metadata (`show1`) holds `content_sha256`, the sha256 of every tensor's name
+and bytes in name order (`verify_shard`). A copy damaged anywhere, header or data, fails the check, so a shard
+fetched into a cache is checked before training reads it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import load, save, save_file
+from safetensors.numpy import load, save
 
-from show1 import atomic
+from show1.data.clip_codec import decode_frames
 from show1.data.folder import DataFolder
 
-FORMAT = "show1-clips-v1"
+FORMAT = "show1-clips-v2"  # v1 (show1 before issue 34) stored raw uint8 frames: ~20 MB per paper clip
+RAW_FORMAT = "show1-clips-v1"
+METADATA = "show1"  # the header's metadata entry describing the shard: {"format": …, "content_sha256": …}
+
+
+class ShardFormatError(ValueError):
+    """A file that is not a shard this show1 reads: damaged, or written by an earlier show1."""
 
 
 def tensor_name(source_key: str, size_key: str) -> str:
     return f"{source_key}/{size_key}"
-
-
-def write_shard(folder: DataFolder, name: str, tensors: dict[str, np.ndarray]) -> None:
-    """Write `tensors` as the shard `name` of `folder`, whole (a local temporary renamed into place, or one upload)."""
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    if folder.local:  # streamed to the temporary: no second copy of the frames in memory
-        with atomic.atomic_path(folder.local / name) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    else:
-        folder.write_bytes(name, save(tensors, metadata={"format": FORMAT}))
 
 
 def source_of(tensor: str) -> str:
@@ -37,32 +43,82 @@ def source_of(tensor: str) -> str:
     return tensor.rsplit("/", 1)[0]
 
 
-def _kept_tensors(folder: DataFolder, name: str, sources: set[str]) -> dict[str, np.ndarray] | None:
-    """The shard's tensors that do not belong to `sources`; None when it holds none of `sources`."""
-    if folder.local:
-        with safe_open(str(folder.local / name), framework="np") as handle:
-            names = list(handle.keys())
-            if not any(source_of(n) in sources for n in names):
-                return None
-            return {n: handle.get_tensor(n) for n in names if source_of(n) not in sources}
-    tensors = load(folder.read_bytes(name))
-    if not any(source_of(n) in sources for n in tensors):
-        return None
-    return {n: t for n, t in tensors.items() if source_of(n) not in sources}
+def content_sha256(tensors: Mapping[str, np.ndarray]) -> str:
+    """sha256 over each tensor's name, length and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        data = np.ascontiguousarray(tensors[name]).tobytes()
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def as_tensor(encoded: bytes) -> np.ndarray:
+    """Encoded bytes as the 1-D uint8 tensor a shard stores."""
+    return np.frombuffer(encoded, dtype=np.uint8)
+
+
+def shard_bytes(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """A shard file holding `tensors` (encoded sources, see `as_tensor`), with its content hash."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    # One metadata entry: safetensors writes several in an order that changes from process to process.
+    described = json.dumps({"format": FORMAT, "content_sha256": content_sha256(tensors)}, sort_keys=True)
+    return save(tensors, metadata={METADATA: described})
+
+
+def write_shard(folder: DataFolder, name: str, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write `tensors` as the shard `name` of `folder`, whole (a local temporary renamed into place, or one upload).
+    Encoded frames are small (~0.5 MB per paper clip): the file is made in memory."""
+    folder.write_bytes(name, shard_bytes(tensors))
+
+
+def _loaded(folder: DataFolder, name: str) -> dict[str, np.ndarray]:
+    return load(folder.read_bytes(name))
 
 
 def drop_sources(folder: DataFolder, name: str, sources: set[str]) -> bool:
     """Rewrite the shard `name` of `folder` without the tensors of `sources` (whole, as `write_shard` writes);
     False when it had none of them. The caller removes a shard that would be left empty."""
-    kept = _kept_tensors(folder, name, sources)
-    if kept is None:
+    tensors = _loaded(folder, name)
+    if not any(source_of(n) in sources for n in tensors):
         return False
-    write_shard(folder, name, kept)
+    write_shard(folder, name, {n: t for n, t in tensors.items() if source_of(n) not in sources})
     return True
 
 
+def _described(path: Path, metadata: dict[str, str] | None) -> dict[str, str]:
+    """The shard's own description (format, content hash), or ShardFormatError saying what the file is."""
+    metadata = metadata or {}
+    if metadata.get("format") == RAW_FORMAT:
+        raise ShardFormatError(f"{path}: raw frames curated by an earlier show1; curate the folder again "
+                               f"(show1 curate MANIFEST --out {path.parent.parent})")
+    try:
+        described = json.loads(metadata.get(METADATA, "{}"))
+    except ValueError:
+        described = {}
+    found = described.get("format") if isinstance(described, dict) else None
+    if found != FORMAT:
+        raise ShardFormatError(f"{path}: not a show1 clip shard (format {found!r}, expected {FORMAT})")
+    return described
+
+
+def verify_shard(path: Path | str) -> None:
+    """Raise ShardFormatError unless `path` is a whole shard whose content matches the hash in its header."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            described = _described(path, handle.metadata())
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    except ShardFormatError:
+        raise
+    except Exception as exc:  # (safetensors raises its own errors for a damaged header or size)
+        raise ShardFormatError(f"{path}: damaged shard ({exc})") from None
+    if content_sha256(tensors) != described.get("content_sha256"):
+        raise ShardFormatError(f"{path}: damaged shard (its content does not match the sha256 in its header)")
+
+
 class ShardReader:
-    """Lazily opened shards; reads only the frames a clip needs."""
+    """Shards opened on first use; reads only the source a clip needs and decodes only the clip's frames."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -74,18 +130,24 @@ class ShardReader:
             path = self.root / shard
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: shard listed in the index is missing")
-            handle = safe_open(str(path), framework="pt")
-            if (handle.metadata() or {}).get("format") != FORMAT:
-                raise ValueError(f"{path}: not a show1 clip shard (format {handle.metadata()})")
+            handle = safe_open(str(path), framework="np")
+            _described(path, handle.metadata())
             self._handles[shard] = handle
         return handle
 
-    def frames(self, shard: str, name: str, first: int, count: int):
-        """Frames `first … first+count-1` of tensor `name` as a uint8 torch tensor (count, H, W, 3)."""
+    def encoded(self, shard: str, name: str) -> np.ndarray:
+        """The stored bytes of tensor `name` (one source at one size)."""
         handle = self._handle(shard)
         if name not in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             raise KeyError(f"{self.root / shard}: no tensor '{name}'")
-        return handle.get_slice(name)[first:first + count]
+        return handle.get_tensor(name)
+
+    def frames(self, shard: str, name: str, first: int, count: int | None) -> np.ndarray:
+        """Frames `first … first+count-1` (None: to the end) of tensor `name` as uint8 (count, H, W, 3)."""
+        try:
+            return decode_frames(memoryview(self.encoded(shard, name)), first, count)
+        except ValueError as exc:
+            raise ShardFormatError(f"{self.root / shard}, {name}: {exc}") from None
 
     def __getstate__(self) -> dict:
         # safetensors handles do not pickle: DataLoader workers reopen shards themselves.

@@ -26,6 +26,7 @@ from shared_cache import new_mlflow_store
 
 from show1.config import load_params
 from show1.data.curate import curate
+from show1.data.shards import ShardReader, verify_shard
 from show1.pipelines.keyframes import Show1BasePipeline
 from show1.pipelines.weights import init_weights
 from show1.registry.register import linked_model_id
@@ -64,7 +65,8 @@ def assert_consistent(out: Path) -> None:
     for part in (out / "parts").glob("part-*.json"):
         record = json.loads(part.read_text())
         if record["shard"]:
-            tensors = load_file(str(out / record["shard"]))  # raises on a half-written shard
+            verify_shard(out / record["shard"])  # raises on a half-written shard
+            tensors = load_file(str(out / record["shard"]))
             assert {s["source_key"] for s in record["sources"]} == {name.split("/")[0] for name in tensors}
 
 
@@ -99,11 +101,12 @@ def published(out: Path) -> dict[str, bytes]:
     index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     shards = sorted({row["shard"] for row in index})
     for shard in shards:
-        tensors = load_file(str(out / shard))
+        verify_shard(out / shard)
+        reader = ShardReader(out)
         for row in (r for r in index if r["shard"] == shard):
             for size in row["resolutions"]:
-                frames = tensors[f"{row['tensor']}/{size}"]
-                assert frames.shape[0] >= row["frame_start"] + row["num_frames"], (shard, row["clip_id"])
+                frames = reader.frames(shard, f"{row['tensor']}/{size}", row["frame_start"], row["num_frames"])
+                assert len(frames) == row["num_frames"], (shard, row["clip_id"])
     return {name: (out / name).read_bytes() for name in ("index.jsonl", "quarantine.jsonl", "summary.json", *shards)}
 
 

@@ -25,11 +25,11 @@ import media
 import numpy as np
 import pytest
 from conftest import CLIPS_PER_GOOD_VIDEO, REPO
-from safetensors.numpy import load_file
 
 from show1.config import Params, Size
 from show1.data import video
 from show1.data.errors import REASONS, Rejected
+from show1.data.shards import ShardReader, verify_shard
 
 CLIP_FPS = 8  # conftest.SMALL: 8-frame clips at 8 fps, sizes 32x20 and 64x40
 # Irregular presentation times (s): bursts (frames the 8 fps grid skips) and gaps (frames it repeats).
@@ -158,7 +158,7 @@ class Corpus:
     def frames(self, label: str, size: str = "64x40") -> np.ndarray:
         """The curated frames of a kept row at one size, as stored in its shard."""
         clip = self.clips(label)[0]
-        return load_file(str(self.out / clip["shard"]))[f"{clip['tensor']}/{size}"]
+        return ShardReader(self.out).frames(clip["shard"], f"{clip['tensor']}/{size}", 0, None)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -251,14 +251,15 @@ def test_two_dask_workers_curate_the_hostile_corpus_like_the_cli_did(corpus: Cor
 
 def test_shards_load_with_every_clip_at_every_size(corpus: Corpus) -> None:
     sizes = [(s.width, s.height) for s in corpus.params.curate.clip.sizes]
-    loaded: dict[str, dict[str, np.ndarray]] = {}
+    for shard in {clip["shard"] for clip in corpus.index}:
+        verify_shard(corpus.out / shard)
+    reader = ShardReader(corpus.out)
     for clip in corpus.index:
-        tensors = loaded.setdefault(clip["shard"], load_file(str(corpus.out / clip["shard"])))
         for width, height in sizes:
-            frames = tensors[f"{clip['tensor']}/{width}x{height}"]
+            frames = reader.frames(clip["shard"], f"{clip['tensor']}/{width}x{height}", clip["frame_start"],
+                                   clip["num_frames"])
             assert frames.dtype == np.uint8
-            assert frames.shape[1:] == (height, width, 3)
-            assert clip["frame_start"] + clip["num_frames"] <= frames.shape[0]
+            assert frames.shape == (clip["num_frames"], height, width, 3)
     assert len({c["content_hash"] for c in corpus.index}) == len(corpus.index)
 
 
