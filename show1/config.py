@@ -247,6 +247,15 @@ class Contracts(_Model):
     min_train_clips: int = Field(1, ge=0)
 
 
+class DataCache(_Model):
+    """Where training keeps the shards it streams from a curated folder at a URL (show1/data/shard_cache.py)."""
+
+    dir: Path | None = None  # null: <paths.cache>/streamed; shared by every training process of the machine
+    limit_gb: float = Field(100.0, gt=0, description="the cache's size bound; it must hold the index, the shards "
+                                                     "the loader reads at once and those fetched ahead")
+    ahead: int = Field(4, ge=1, le=64, description="shards downloaded at once ahead of the loader")
+
+
 class Train(_Model):
     """Training hyper-parameters shared by every stage (see show1/training)."""
 
@@ -270,6 +279,7 @@ class Train(_Model):
     # DataLoader worker processes decoding the next steps' clips while the model trains (0: read them in the training
     # process); the batches are the same with any number (show1/training/clip_batches.py).
     loader_workers: int = Field(0, ge=0, le=64)
+    data_cache: DataCache = DataCache()  # for `--data s3://…` (any fsspec URL)
     checkpoint_every: int = Field(20, ge=1)
     sample_every: int = Field(20, ge=0)  # a sample video from the EMA weights every N steps (0: never)
     sample_steps: int = Field(4, ge=1)

@@ -27,6 +27,7 @@ POINTS = (
     "register.after_logged_model",     # a logged model exists (PENDING), nothing uploaded
     "register.after_upload",           # artifacts uploaded and finalized, no model version yet
     "register.after_version",          # the version exists, the alias does not point at it yet
+    "train.data_cache.mid_download",   # a block of a shard is in the data cache's temporary, the rest is not
 )
 _reached: Counter[str] = Counter()
 

@@ -15,6 +15,11 @@ from show1.stack.processes import free_port, stop
 @contextlib.contextmanager
 def s3_store(folder: Path) -> Iterator[str]:
     """The stack's S3 server (moto) with its bucket, logging into `folder`; yields its endpoint URL."""
+    import s3fs
+
+    # s3fs keeps one filesystem per set of arguments, with the endpoint it found in the environment then: a test
+    # module's server must not be reached through the previous module's (stopped) one.
+    s3fs.S3FileSystem.clear_instance_cache()
     service = object_store.start_server("127.0.0.1", free_port(), folder / "s3.log")
     try:
         object_store.wait_ready(service, timeout=300)
@@ -22,6 +27,7 @@ def s3_store(folder: Path) -> Iterator[str]:
         yield service.url
     finally:
         stop(service)
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def api(base: str, path: str, body: dict | None = None) -> dict | list:

@@ -43,8 +43,21 @@ def index_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
     """`rows` (index.jsonl's, in order) as a Parquet file, the same bytes for the same rows with one pyarrow."""
     table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, row_group_size=ROW_GROUP, compression="zstd", use_dictionary=True)
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP, compression="zstd", use_dictionary=True,
+                   write_page_checksum=True)  # a damaged copy fails `verify_index`
     return buffer.getvalue()
+
+
+def verify_index(path: Path | str) -> None:
+    """Raise ValueError unless `path` is a whole index of this show1's format: every page read back against its
+    checksum (a copy fetched into a data cache is checked before training opens it)."""
+    path = Path(path)
+    parquet = open_index(path.parent, path)
+    try:
+        for group in range(parquet.num_row_groups):
+            parquet.read_row_group(group)  # the pages' CRCs are checked as they are read
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: damaged index ({exc})") from None
 
 
 class IndexMissing(FileNotFoundError):
@@ -68,28 +81,29 @@ class IndexOutdated(ValueError):
     """An index written by an earlier show1, whose shards this one cannot read."""
 
 
-def open_index(root: Path | str, **options: Any) -> pq.ParquetFile:
-    """`root/index.parquet` opened (`options` go to `pq.ParquetFile`), or a one-line error saying what to run."""
-    path = index_path(root)
+def open_index(root: Path | str, path: Path | None = None, **options: Any) -> pq.ParquetFile:
+    """`root/index.parquet` (or its local copy `path`) opened (`options` go to `pq.ParquetFile`), or a one-line error
+    saying what to run."""
+    path = path or index_path(root)
     try:
-        parquet = pq.ParquetFile(path, **options)
+        parquet = pq.ParquetFile(path, page_checksum_verification=True, **options)
     except (pa.ArrowException, OSError) as exc:
         raise ValueError(f"{path}: not a readable Parquet index ({exc}); curate the folder again") from None
     found = (parquet.schema_arrow.metadata or {}).get(b"show1.clips", b"").decode()
     if found != CLIPS_FORMAT:
         raise IndexOutdated(f"{path}: curated by an earlier show1 (shards of raw frames, ~20 MB per paper clip); run "
-                            f"`show1 curate MANIFEST --out {Path(root)}` again: the clips are stored compressed now")
+                            f"`show1 curate MANIFEST --out {root}` again: the clips are stored compressed now")
     return parquet
 
 
-def curated_sizes(root: Path | str) -> list[str]:
+def curated_sizes(root: Path | str, path: Path | None = None) -> list[str]:
     """The sizes the clips of `root` were curated at (every clip has the same), read from the first clip only; []
-    when there is none."""
-    parquet = open_index(root)
+    when there is none. `path`: the index's local copy, for a folder at a URL (`CuratedFiles.index`)."""
+    parquet = open_index(root, path)
     try:
         return _first_sizes(parquet)
     except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{index_path(root)}: not a readable Parquet index ({exc}); curate the "
+        raise ValueError(f"{path or index_path(root)}: not a readable Parquet index ({exc}); curate the "
                          "folder again") from None
 
 
@@ -102,12 +116,13 @@ def _first_sizes(parquet: pq.ParquetFile) -> list[str]:
 class ClipIndex:
     """The clips of a curated folder, columnar; `split` "train", "val" or None for both."""
 
-    def __init__(self, root: Path | str, split: str | None = None):
-        self.root = Path(root)
+    def __init__(self, root: Path | str, split: str | None = None, path: Path | None = None):
+        """`path`: the index's local copy, for a folder at a URL (`CuratedFiles.index`)."""
+        self.root = root
         if split not in (None, "train", "val"):
             raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
-        parquet = open_index(self.root, memory_map=True, read_dictionary=list(DICTIONARY))
-        path = index_path(self.root)
+        parquet = open_index(root, path, memory_map=True, read_dictionary=list(DICTIONARY))
+        path = path or index_path(root)
         try:
             # One row group at a time, on this thread: the peak is the table plus one group's decoding (10.7 M rows:
             # 1.24 GB above the process's own, against 1.43 GB read whole on threads; benchmarks/bench_index.py).

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from show1.config import Size
 from show1.data.clip_index import INDEX_PARQUET, ClipIndex
+from show1.data.curated_files import CuratedFiles
 from show1.data.shards import ShardReader, tensor_name
 
 
@@ -23,16 +24,22 @@ class CuratedClips(Dataset):
     """
 
     def __init__(self, root: Path | str, size: Size | str = "64x40", split: str | None = "train",
-                 normalize: bool = True):
-        self.root = Path(root)
+                 normalize: bool = True, files: CuratedFiles | None = None):
+        """`root`: a curated folder; one at a URL is read through `files` (`CuratedFiles` with a data cache)."""
+        self.files = files or CuratedFiles(root)
+        self.root = self.files.root
         self.size = size if isinstance(size, Size) else Size.model_validate(size)
-        self.index = ClipIndex(self.root, split)
+        self.index = ClipIndex(self.root, split, None if self.files.local else self.files.index())
         curated = self.index.resolutions
         if curated and self.size.key not in curated:
-            raise ValueError(f"{self.root / INDEX_PARQUET}: clips were curated at {curated}, not {self.size.key}; "
-                             "add it to curate.clip.sizes and curate again")
+            raise ValueError(f"{self.files.folder.name(INDEX_PARQUET)}: clips were curated at {curated}, not "
+                             f"{self.size.key}; add it to curate.clip.sizes and curate again")
         self.normalize = normalize
-        self._reader = ShardReader(self.root)
+        self._reader = ShardReader(self.root if self.files.local else self.files)
+
+    def shards_of(self, indices: list[int]) -> list[str]:
+        """The shards clips `indices` are read from, in order (each once): what a streamed loader fetches ahead."""
+        return list(dict.fromkeys(self.index.row(i)["shard"] for i in indices))
 
     def __len__(self) -> int:
         return len(self.index)

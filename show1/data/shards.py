@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import safe_open
@@ -118,16 +119,19 @@ def verify_shard(path: Path | str) -> None:
 
 
 class ShardReader:
-    """Shards opened on first use; reads only the source a clip needs and decodes only the clip's frames."""
+    """Reads one source's bytes from its shard and decodes only the clip's frames.
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self._handles: dict[str, object] = {}
+    `files` is a local folder (shards opened once and kept open) or a `CuratedFiles` of a folder at a URL (each read
+    takes the shard's cached copy for the read only, so the cache may evict it between reads)."""
 
-    def _handle(self, shard: str):
+    def __init__(self, files: Path | str | Any):
+        self.files = files
+        self._handles: dict[str, Any] = {}
+
+    def _local_handle(self, shard: str) -> Any:
         handle = self._handles.get(shard)
         if handle is None:
-            path = self.root / shard
+            path = Path(self.files) / shard
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: shard listed in the index is missing")
             handle = safe_open(str(path), framework="np")
@@ -137,9 +141,16 @@ class ShardReader:
 
     def encoded(self, shard: str, name: str) -> np.ndarray:
         """The stored bytes of tensor `name` (one source at one size)."""
-        handle = self._handle(shard)
+        if isinstance(self.files, (str, Path)):
+            return self._tensor(self._local_handle(shard), Path(self.files) / shard, name)
+        with self.files.shard(shard) as path, safe_open(str(path), framework="np") as handle:
+            _described(path, handle.metadata())
+            return self._tensor(handle, path, name)
+
+    @staticmethod
+    def _tensor(handle: Any, path: Path, name: str) -> np.ndarray:
         if name not in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-            raise KeyError(f"{self.root / shard}: no tensor '{name}'")
+            raise KeyError(f"{path}: no tensor '{name}'")
         return handle.get_tensor(name)
 
     def frames(self, shard: str, name: str, first: int, count: int | None) -> np.ndarray:
@@ -147,8 +158,8 @@ class ShardReader:
         try:
             return decode_frames(memoryview(self.encoded(shard, name)), first, count)
         except ValueError as exc:
-            raise ShardFormatError(f"{self.root / shard}, {name}: {exc}") from None
+            raise ShardFormatError(f"{shard}, {name}: {exc}") from None
 
     def __getstate__(self) -> dict:
         # safetensors handles do not pickle: DataLoader workers reopen shards themselves.
-        return {"root": self.root, "_handles": {}}
+        return {"files": self.files, "_handles": {}}
