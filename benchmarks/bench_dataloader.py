@@ -1,6 +1,6 @@
 """How fast one CPU core feeds training from curated shards, and what the stored clips cost and lose.
 
-    python benchmarks/bench_dataloader.py [--folder DIR] [--size 576x320] [--seconds 10] [--json OUT]
+    python benchmarks/bench_dataloader.py [--folder DIR] [--size 576x320] [--seconds 10] [--s3] [--json OUT]
 
 Without --folder the demo manifest is curated at the paper profile (29 frames at 64x40, 256x160 and 576x320) twice
 into a temporary folder: with the default encoding (params.yaml `curate.encoding`) and with the lossless one, whose
@@ -13,7 +13,8 @@ frames are the curated frames bit for bit (tests/test_dataset.py). Reported:
   decodes every frame of the shards' streams and converts nothing (the codec's own speed),
   `loader` reads clips in a seeded random order through `CuratedClips` as the trainer does (the source's bytes
   from its shard, its frames decoded from the clip's keyframe, RGB, float in [-1, 1]). Both run in the same
-  invocation, so their ratio holds on any machine.
+  invocation, so their ratio holds on any machine. `--s3` adds the loader on the same folder uploaded to the
+  stack's S3 server (moto, on this machine), through a data cache that starts empty.
 
 The demo's sources are a 1280x720 cartoon and a 640x272 street scene; WebVid's are 336x596-ish stock footage, which
 x264 compresses less well than a cartoon: read the rates as the decode cost of 576x320 frames, not a WebVid
@@ -34,13 +35,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 MEASURE = r"""
-import json, os, random, sys, time
+import json, os, random, sys, tempfile, time
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 import torch
 torch.set_num_threads(1)
+from show1.config import DataCache
+from show1.data.curated_files import CuratedFiles
 from show1.data.dataset import CuratedClips
 folder, size, seconds, kind = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
-clips = CuratedClips(folder, size=size, split=None)
+files = CuratedFiles(folder, DataCache(limit_gb=4.0), tempfile.mkdtemp(prefix="bench-cache-"))
+clips = CuratedClips(folder, size=size, split=None, files=files)
 frames_per_clip = clips.index.row(0)["num_frames"]
 if kind == "loader":
     order = random.Random(0)
@@ -55,7 +59,7 @@ if kind == "loader":
 else:
     import io, av
     from show1.data.shards import ShardReader, tensor_name
-    reader = ShardReader(clips.root)
+    reader = ShardReader(clips.root if files.local else files)
     streams = {(r["shard"], r["tensor"]) for r in (clips.index.row(i) for i in range(len(clips)))}
     encoded = [bytes(reader.encoded(shard, tensor_name(tensor, size))) for shard, tensor in sorted(streams)]
     count, started, wall = 0, time.process_time(), time.perf_counter()
@@ -124,6 +128,28 @@ def rate(folder: Path, size: str, seconds: float, kind: str) -> dict[str, float]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def rate_from_s3(folder: Path, scratch: Path, size: str, seconds: float) -> dict[str, float]:
+    """The loader's rate on the same folder uploaded to the stack's S3 server (moto, on this machine), read through
+    a data cache that starts empty: the first reads wait for their shard's download."""
+    from show1.stack import object_store
+    from show1.stack.processes import free_port, stop
+
+    service = object_store.start_server("127.0.0.1", free_port(), scratch / "s3.log")
+    try:
+        object_store.wait_ready(service, timeout=300)
+        object_store.ensure_bucket(service.url)
+        client = object_store.s3_client(service.url)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ".lock"):
+            client.put_object(Bucket=object_store.BUCKET, Key=f"bench/{path.relative_to(folder).as_posix()}",
+                              Body=path.read_bytes())
+        env = os.environ | object_store.client_env(service.url)
+        done = subprocess.run([sys.executable, "-c", MEASURE, f"s3://{object_store.BUCKET}/bench", size,
+                               str(seconds), "loader"], cwd=ROOT, check=True, capture_output=True, text=True, env=env)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        stop(service)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path,
@@ -131,6 +157,8 @@ def main() -> None:
     parser.add_argument("--size", default="576x320", help="the size whose decode rate is measured")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per rate measurement")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--s3", action="store_true",
+                        help="also measure the loader on the folder uploaded to the stack's S3 server (moto, local)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="bench-dataloader-") as scratch:
@@ -148,6 +176,8 @@ def main() -> None:
         for kind in ("bare", "loader"):
             results[kind] = rate(folder, args.size, args.seconds, kind)
         results["loader_vs_bare"] = results["loader"]["clips_per_s"] / results["bare"]["clips_per_s"]
+        if args.s3:
+            results["loader_s3"] = rate_from_s3(folder, Path(scratch), args.size, args.seconds)
     print(json.dumps(results, indent=2))
     if "storage" in results:
         s, exact = results["storage"], results["storage_lossless"]
@@ -158,6 +188,9 @@ def main() -> None:
         print(f"PSNR against the curated frames: {psnr}")
     print(f"{args.size} on one core: loader {results['loader']['clips_per_s']:.1f} clips/s, bare decode "
           f"{results['bare']['clips_per_s']:.1f} clips/s ({results['loader_vs_bare']:.2f}x)")
+    if "loader_s3" in results:
+        print(f"{args.size} on one core from S3 through the data cache: {results['loader_s3']['clips_per_s']:.1f} "
+              f"clips/s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -6,12 +6,14 @@ Writes a synthetic curated folder: one real shard, and an index of `--rows` clip
 distinct caption, clip id and source per clip, shards named as curation names them (16 sources each), 10% `val`.
 Then, each in a fresh process, so that its peak resident memory is its own:
 
-- parquet: `CuratedClips(FOLDER, split="train")` (what a training process opens) and its first batch in a random
+- view: `CuratedClips(FOLDER, split="train")` (what a training process opens: the training view index.arrow,
+  memory-mapped) and its first batch in a random
   order drawn as the trainer draws it (a torch permutation, not a Python list of 10 M ints, which a DataLoader's
   shuffle would build: +350 MB); seconds and peak resident memory.
 - jsonl (the baseline): what a process did before index.parquet, reading index.jsonl into a dict per row and keeping
   the train split, on `--json-rows` rows (the same rows' first part; a 10.7 M-row JSON index is ~7 GB), and the
   same per row scaled to `--rows`.
+- parquet: the same as `view`, from index.parquet alone (a folder curated before the training view existed).
 
 Goals (issue 34): open + first batch <= 30 s and <= 1.5 GB resident per training process at 10.7 M rows.
 """
@@ -32,7 +34,7 @@ import pyarrow.parquet as pq
 
 from show1.config import Encoding
 from show1.data.clip_codec import encode_frames
-from show1.data.clip_index import INDEX_PARQUET, ROW_GROUP, SCHEMA
+from show1.data.clip_index import INDEX_PARQUET, INDEX_VIEW, ROW_GROUP, SCHEMA, view_bytes
 from show1.data.shards import as_tensor, shard_bytes
 
 SIZES = ["64x40", "256x160"]
@@ -70,6 +72,7 @@ def write_folder(folder: Path, rows: int, json_rows: int) -> None:
         pa.array(np.where(numbers % 10 == 0, "val", "train")),
     ], schema=SCHEMA)
     pq.write_table(table, folder / INDEX_PARQUET, row_group_size=ROW_GROUP, compression="zstd", use_dictionary=True)
+    (folder / INDEX_VIEW).write_bytes(view_bytes(table))  # the training view, as curation writes it
     with open(folder / "index.jsonl", "w") as out:
         for row in table.slice(0, json_rows).to_pylist():
             out.write(json.dumps(row) + "\n")
@@ -133,9 +136,17 @@ def main() -> None:
               f"{(folder / 'index.jsonl').stat().st_size / 1e6:.0f} MB")
         _, bare_rss, _ = measure(BARE)
         seconds, rss, count = measure(PARQUET, str(folder), str(args.batch))
-        print(f"parquet, {args.rows:,} rows: open + first batch of {args.batch} in {seconds:.1f} s, peak resident "
+        print(f"view, {args.rows:,} rows: open + first batch of {args.batch} in {seconds:.1f} s, peak resident "
               f"{rss:.0f} MB ({rss - bare_rss:.0f} MB above a process that imported torch and show1: {bare_rss:.0f} "
               f"MB); {count:,} train clips")
+        parquet_only = folder.parent / "parquet-only"
+        parquet_only.mkdir(exist_ok=True)
+        for name in (INDEX_PARQUET, "shards"):
+            if not (parquet_only / name).exists():
+                (parquet_only / name).symlink_to(folder / name)
+        p_seconds, p_rss, _ = measure(PARQUET, str(parquet_only), str(args.batch))
+        print(f"parquet alone (no training view): {p_seconds:.1f} s, peak resident {p_rss:.0f} MB "
+              f"({p_rss - bare_rss:.0f} MB above)")
         json_seconds, json_rss, _ = measure(JSONL, str(folder))
         scale = args.rows / min(args.json_rows, args.rows)
         print(f"jsonl, {args.json_rows:,} rows: read and split in {json_seconds:.1f} s, peak resident {json_rss:.0f} "

@@ -1,4 +1,5 @@
-"""Prefect flow: curate a manifest (chunks mapped as tasks, retried on IO errors), then validate.
+"""Prefect flow: curate a manifest (chunks mapped as tasks, retried on IO errors), validate, then embed the captions
+once (`show1 embed`: what training reads instead of loading the text encoder).
 
 `curate.executor` says where the chunk tasks run: on this flow's threads (`local`), or through prefect-dask's
 DaskTaskRunner (`dask`) on the worker processes of a LocalCluster started for the run, or of the running
@@ -48,10 +49,20 @@ def validate(curated: Path | str, params_path: Path, profile: str | None, manife
     return {"success": report.success, "result": str(report.result_path), "docs": str(report.docs_path)}
 
 
+@task(name="embed-captions", cache_policy=NO_CACHE)
+def embed(curated: Path | str) -> dict[str, Any]:
+    from show1.training.embed import embed_folder
+
+    report = embed_folder(curated)  # the encoder training uses by default; a rerun embeds only new captions
+    print(f"captions: {report.added} embedded, {report.stored} stored in {report.store}")
+    return {"store": str(report.store), "encoder_key": report.encoder_key, "added": report.added}
+
+
 @flow(name="show1-curate", log_prints=True)
 def curate_flow(manifest: str | None = None, out: str | None = None, params_path: str = str(DEFAULT_PARAMS),
-                profile: str | None = None, run_validation: bool = True, force: bool = False) -> dict[str, Any]:
-    """Curate `manifest` into `out` (defaults from params.yaml), then check the data contracts."""
+                profile: str | None = None, run_validation: bool = True, force: bool = False,
+                embed_captions: bool = True) -> dict[str, Any]:
+    """Curate `manifest` into `out` (defaults from params.yaml), check the data contracts, embed the captions."""
     apply_environment_defaults()
     params = load_params(params_path, profile)
     manifest_path = Path(manifest) if manifest else params.paths.manifest
@@ -71,6 +82,11 @@ def curate_flow(manifest: str | None = None, out: str | None = None, params_path
     result: dict[str, Any] = {"summary": summary}
     if run_validation:
         result["validation"] = validate(out_path, Path(params_path), profile, manifest_path)
+    if embed_captions and "://" in str(out_path):
+        print(f"captions not embedded: show1 embed reads local folders only for now ({out_path}); training embeds "
+              "them when it starts")
+    elif embed_captions:
+        result["embeddings"] = embed(out_path)
     return result
 
 
@@ -85,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=str(DEFAULT_PARAMS))
     parser.add_argument("--profile", choices=["tiny", "paper"])
     parser.add_argument("--no-validate", action="store_true", help="skip the data contracts")
+    parser.add_argument("--no-embed", action="store_true", help="leave the captions to be embedded at train start")
     args = parser.parse_args(argv)
-    result = curate_flow(args.manifest, args.out, args.params, args.profile, not args.no_validate)
+    result = curate_flow(args.manifest, args.out, args.params, args.profile, not args.no_validate,
+                         embed_captions=not args.no_embed)
     summary = result["summary"]
     print("\ncuration summary:\n" + json.dumps(summary, indent=2))
     print(f"\ncurated clips: {summary['out']}/index.jsonl (shards in {summary['out']}/shards)")
@@ -94,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     if "validation" in result:
         print(f"contracts:     {result['validation']['result']}")
         print(f"data docs:     {result['validation']['docs']}")
+    if "embeddings" in result:
+        print(f"embeddings:    {result['embeddings']['store']}")
 
 
 if __name__ == "__main__":

@@ -236,13 +236,68 @@ def validate(
 
 
 @app.command()
+def embed(
+    ctx: typer.Context,
+    data: Annotated[str | None, typer.Option(
+        help="Curated folder (show1 curate), on this machine. Default: paths.curated.")] = None,
+    text_encoder: Annotated[Path | None, typer.Option(
+        help="Text encoder folder, the one training will use (paper: T5-XXL). Default: the packaged MiniLM of the "
+             "tiny profile, as show1 train's.")] = None,
+    dtype: Annotated[str, typer.Option(help="Stored precision: bf16 | fp16.")] = "bf16",
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Captions per encoder call. Training embeds a folder without a store at 16, so the default "
+                    "stores the very numbers it would compute.")] = 16,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Where the stores go (one folder per encoder, named by its content hash). Default: "
+                      "DATA/embeddings, where show1 train looks.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Embed every distinct caption of a curated folder once, for training to read instead of the text encoder.
+
+    Stores each caption's real tokens (and their count), keyed by the caption and the encoder's content hash: a
+    changed encoder makes a new store. Resumable: a rerun embeds only the captions not stored yet (none: nothing is
+    loaded or written). base, interp and sr1 training then never load the text encoder.
+    """
+    from tqdm import tqdm
+
+    from show1.data.clip_index import IndexMissing
+    from show1.data.text_embeddings import StoreError
+    from show1.training.embed import embed_folder
+
+    params = ctx.obj.params()
+    data = data or str(params.paths.curated)
+    if "://" in data:
+        fail(f"--data {data}: show1 embed reads a curated folder on this machine; object stores are not supported "
+             f"yet (copy it down first: aws s3 sync {data} DIR)", code=2)
+    if dtype not in ("bf16", "fp16"):
+        fail(f"--dtype {dtype!r} is not one of bf16, fp16", code=2)
+    if text_encoder is not None and not text_encoder.is_dir():
+        fail(f"--text-encoder {text_encoder}: folder not found", code=2)
+    if not Path(data).is_dir():
+        fail(f"--data {data}: folder not found (run show1 curate first)", code=2)
+    _quiet_libraries()
+    with tqdm(unit="caption", desc="embedding", disable=quiet or None, file=sys.stderr) as bar:
+        try:
+            report = embed_folder(Path(data), text_encoder, out_dir, dtype, batch_size,
+                                  on_start=lambda n: setattr(bar, "total", n), on_caption=lambda: bar.update(1))
+        except (IndexMissing, StoreError, FileNotFoundError, ValueError) as exc:
+            fail(str(exc), code=2)
+        except RuntimeError as exc:  # another show1 embed holds the store
+            fail(str(exc))
+    out.print(f"{report.added} caption(s) embedded, {report.captions - report.added} already stored; "
+              f"{report.stored} in {report.store}", highlight=False)
+
+
+@app.command()
 def train(
     ctx: typer.Context,
     stage: Annotated[str, typer.Option(help="base | interp | sr1 | sr2.")],
     profile: Annotated[str | None, typer.Option(help="tiny | paper (overrides params.yaml and show1 --profile).")]
     = None,
     data: Annotated[str | None, typer.Option(
-        help="Curated folder (show1 curate), on this machine. Default: paths.curated.")] = None,
+        help="Curated folder (show1 curate): a path, or any fsspec URL (s3://bucket/curated), whose shards are "
+             "streamed through a bounded, verified cache (train.data_cache; set train.shard_block too). "
+             "Default: paths.curated.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder. Default: paths.runs/STAGE.")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.max_steps).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(min=1, help="Default: train.checkpoint_every.")] = None,
@@ -252,6 +307,9 @@ def train(
     init_2d: Annotated[Path | None, typer.Option(help="Inflate an IF-style 2D UNet folder.")] = None,
     text_encoder: Annotated[Path | None, typer.Option(
         help="Text encoder folder (paper: T5-XXL). Default: the packaged MiniLM of the tiny profile.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(
+        help="Where show1 embed stored the captions' embeddings (the store of the --text-encoder is read, and the "
+             "encoder never loaded, when it holds every caption). Default: DATA/embeddings.")] = None,
     metrics: Annotated[Path | None, typer.Option(
         help="Also write a summary (steps, final and mean last-10 loss) here (a DVC metrics file).")] = None,
     quiet: Annotated[bool, typer.Option(help="No per-step lines.")] = False,
@@ -264,6 +322,7 @@ def train(
     `accelerate launch --multi_gpu --num_processes N -m show1.cli train ...` (CPU-only machines too).
     train.batch_size stays the global batch; only the main process writes and prints.
     """
+    from show1.data.shard_cache import CacheFull, StoreUnreachable
     from show1.training.trainer import TRAINABLE_STAGES
     from show1.training.trainer import train as run_training
 
@@ -274,19 +333,16 @@ def train(
     params = ctx.obj.params()
     if stage not in TRAINABLE_STAGES:
         fail(f"--stage {stage!r}: trainable stages are {', '.join(TRAINABLE_STAGES)}", code=2)
-    if data and "://" in data:
-        fail(f"--data {data}: training reads a curated folder on this machine; copy the curated data down first "
-             f"(aws s3 sync {data} DIR, or dvc pull)", code=2)
-    data = Path(data) if data else params.paths.curated
+    data = data if data and "://" in data else Path(data) if data else params.paths.curated
     out_dir = out_dir or params.paths.runs / stage
     try:
         result = run_training(stage, data, out_dir, params, max_steps=max_steps, checkpoint_every=checkpoint_every,
                               resume=resume, init_from=init_from, init_2d=init_2d, text_encoder_dir=text_encoder,
-                              track=track,
+                              track=track, embeddings_dir=embeddings,
                               on_step=None if quiet else lambda row: out.print(
                                   f"step {row['step']:>6}  loss {row['loss']:.5f}  lr {row['lr']:.2e}  "
                                   f"{row['samples_per_s']:.2f} samples/s", highlight=False))
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (FileExistsError, FileNotFoundError, ValueError, CacheFull, StoreUnreachable) as exc:
         fail(str(exc), code=2)
     if not result.main_process:  # the other processes of a data-parallel run: the main one reports
         return

@@ -280,6 +280,9 @@ class Train(_Model):
     # process); the batches are the same with any number (show1/training/clip_batches.py).
     loader_workers: int = Field(0, ge=0, le=64)
     data_cache: DataCache = DataCache()  # for `--data s3://…` (any fsspec URL)
+    # 0: each epoch shuffles every clip; N: shuffles the shards, then the clips within each block of N shards, so a
+    # streamed data set's cache must hold about N shards (show1/training/data_order.py).
+    shard_block: int = Field(0, ge=0)
     checkpoint_every: int = Field(20, ge=1)
     sample_every: int = Field(20, ge=0)  # a sample video from the EMA weights every N steps (0: never)
     sample_steps: int = Field(4, ge=1)

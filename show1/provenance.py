@@ -40,17 +40,29 @@ def params_hash(params: Params, stage: str | None = None) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 
-def data_version(curated_dir: Path) -> str:
-    """A content hash of the curated data: sha256 of its index (which lists every clip's content hash)."""
-    index = Path(curated_dir) / "index.jsonl"
-    if not index.is_file():
-        raise FileNotFoundError(f"{index} not found: not a curated folder (run `show1 curate`)")
-    return hashlib.sha256(index.read_bytes()).hexdigest()
+def data_version(curated_dir: Path | str) -> str:
+    """A content hash of the curated data: the sha256 of its index.jsonl (which lists every clip's content hash), as
+    curation recorded it in version.json beside the index (a folder at a URL is not read whole), or computed from
+    index.jsonl for a folder curated before version.json."""
+    from show1.data.folder import DataFolder
+
+    folder = DataFolder(curated_dir)
+    try:
+        recorded = folder.read_json("version.json")
+    except (FileNotFoundError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict) and isinstance(recorded.get("data_version"), str):
+        return recorded["data_version"]
+    if not folder.exists("index.jsonl"):
+        raise FileNotFoundError(f"{folder.name('index.jsonl')} not found: not a curated folder (run `show1 curate`)")
+    return hashlib.sha256(folder.read_bytes("index.jsonl")).hexdigest()
 
 
-def dvc_data_hash(curated_dir: Path) -> str | None:
+def dvc_data_hash(curated_dir: Path | str) -> str | None:
     """DVC's hash of the curated folder (`md5` of its out in dvc.lock) when dvc.lock describes the folder as it
     is on disk (same file count and size); None outside DVC or when the lock is stale."""
+    if "://" in str(curated_dir):
+        return None  # DVC tracks local folders here
     folder = Path(curated_dir).resolve()
     for root in (folder, *folder.parents):
         lock = root / "dvc.lock"

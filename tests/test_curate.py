@@ -469,10 +469,10 @@ def test_curate_with_parallel_workers_matches_a_sequential_run(mixed: MixedRun, 
 
 def test_curate_one_row_at_a_time_matches_the_rows_decoded_ahead(mixed: MixedRun, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from show1.data import curate as curation
+    from show1.data import chunks
 
-    assert curation.ROWS_IN_FLIGHT > 1  # the mixed run decoded each chunk's next row while storing the last
-    monkeypatch.setattr(curation, "ROWS_IN_FLIGHT", 1)
+    assert chunks.ROWS_IN_FLIGHT > 1  # the mixed run decoded each chunk's next row while storing the last
+    monkeypatch.setattr(chunks, "ROWS_IN_FLIGHT", 1)
     curate(mixed.manifest, tmp_path / "out", mixed.params)
     assert tree_bytes(tmp_path / "out") == tree_bytes(mixed.out)
 
@@ -731,10 +731,10 @@ def test_curate_decodes_only_the_frames_its_clips_use_and_stores_what_a_full_dec
 
 
 def test_rows_decoding_at_once_share_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    from show1.data import curate as curation
+    from show1.data import chunks
 
-    monkeypatch.setattr(curation, "usable_cpus", lambda: 8)
-    shares = curation.DecoderShares()
+    monkeypatch.setattr(chunks, "usable_cpus", lambda: 8)
+    shares = chunks.DecoderShares()
     assert shares.threads() == 8  # a row decoding alone: every CPU
     with shares.decoding(2):  # a chunk's 2 rows in flight
         assert shares.threads() == 4

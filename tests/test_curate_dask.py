@@ -77,7 +77,7 @@ def bucket_folder(endpoint: str, prefix: str, into: Path) -> Path:
     """The objects under `prefix`/ downloaded into a folder; every one must be an output curation writes (no
     temporary, no lock)."""
     names = [key[len(prefix) + 1:] for key in object_store.keys(endpoint, prefix=prefix + "/")]
-    expected = ("index.jsonl", "index.parquet", "quarantine.jsonl", "summary.json")
+    expected = ("index.jsonl", "index.parquet", "index.arrow", "quarantine.jsonl", "summary.json", "version.json")
     assert set(expected) <= set(names), names
     assert all(n in expected or n.startswith(("shards/shard-", "parts/part-")) for n in names), names
     object_store.save(endpoint, into)

@@ -160,3 +160,28 @@ def test_a_folder_of_raw_frames_from_an_earlier_show1_says_what_to_run(demo_cura
         ShardReader(old).frames(shard.relative_to(old).as_posix(), "r0000000/64x40", 0, 1)
     curate(ROOT / "data/manifests/demo.csv", old, load_params(ROOT / "params.yaml"), force=True)
     assert len(CuratedClips(old)) == 30
+
+
+def test_the_training_view_is_memory_mapped_and_holds_what_the_index_holds(demo_curated, tmp_path):
+    """index.arrow (what training opens, memory-mapped) gives every clip's fields as index.parquet does, and its
+    columns are the file's own memory (no copy was made)."""
+    import shutil
+
+    from show1.data.clip_index import INDEX_VIEW, ClipIndex
+
+    parquet_only = tmp_path / "parquet-only"
+    shutil.copytree(demo_curated, parquet_only)
+    (parquet_only / INDEX_VIEW).unlink()
+    for split in ("train", "val", None):
+        view, parquet = ClipIndex(demo_curated, split), ClipIndex(parquet_only, split)
+        assert [view.row(i) for i in range(len(view))] == [parquet.row(i) for i in range(len(parquet))]
+        assert view.resolutions == parquet.resolutions == ["64x40", "256x160"]
+        assert list(view.shard_numbers()) == list(parquet.shard_numbers())
+        assert view.captions() == parquet.captions()
+    view = ClipIndex(demo_curated)
+    view.mapped.seek(0)
+    start = view.mapped.read_buffer(1).address  # zero-copy: where the file is mapped
+    for name in ("caption", "clip_id", "frame_start"):  # each column's values are the mapped file's own bytes
+        values = view.table[name].chunks[0].buffers()[-1]
+        assert start <= values.address < start + view.mapped.size(), name
+    assert ClipIndex(parquet_only).mapped is None

@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import posixpath
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import pytest
 from services import s3_store
 
 from show1.data.folder import DataFolder
-from show1.data.shard_cache import CacheFull, ShardCache
+from show1.data.shard_cache import CacheFull, ShardCache, StoreUnreachable
 from show1.stack import object_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +86,14 @@ def cached_names(cache_dir: Path) -> set[str]:
     return {p.name.split("-", 1)[1] for p in (cache_dir / "files").iterdir()}
 
 
+def wait_until(done, what: str, timeout: float = 300) -> None:
+    """Poll `done()` until true: the timeout only stops a hung test (a loaded CI machine is slow, not wrong)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"not {what} after {timeout:.0f} s"
+        time.sleep(0.02)
+
+
 # ------------------------------------------------------------------------------------------------ one process
 
 
@@ -111,9 +120,7 @@ def test_fetching_ahead_more_than_fits_never_evicts_a_file_before_it_is_read(s3,
     limit = 3 * 30_032 + 1000  # three files: asking for all eight ahead must not fetch, evict and fetch again
     with ShardCache(folder, tmp_path / "cache", limit, verify, ahead=2) as cache:
         cache.prefetch(names)
-        deadline = time.monotonic() + 30
-        while cache._queued and time.monotonic() < deadline:  # every fetch ahead done or given up
-            time.sleep(0.05)
+        wait_until(lambda: not cache._queued, "every fetch ahead done or given up")
         # Three fetched ahead (the first ones: two downloads at once may finish out of order), the rest skipped.
         ahead = cached_names(tmp_path / "cache")
         assert len(ahead) == 3 and ahead <= {posixpath.basename(n) for n in names[:4]}, ahead
@@ -205,6 +212,49 @@ def test_errors_name_the_url_and_say_what_to_do(s3, tmp_path) -> None:
         assert cache.path(small).read_bytes() == files[small]  # the cache still works
 
 
+def test_a_store_that_cannot_be_reached_or_refuses_the_credentials_is_store_unreachable(s3, tmp_path,
+                                                                                       monkeypatch) -> None:
+    import s3fs
+
+    check = re.escape("; check the store's credentials and endpoint: AWS_PROFILE or AWS_ACCESS_KEY_ID/"
+                      "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL; `eval \"$(show1 stack env)\"` for the stack's") + "$"
+    reachable, [private] = upload("no-credentials", [1000])  # on the module's store, while the credentials are set
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries of a refused connection: 6 s → 0.1 s
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no credentials: no probe of an instance's metadata
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    try:
+        # A store that goes away while the cache is in use (its sizes read already, then only downloads).
+        with s3_store(tmp_path / "s3") as gone:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", gone)
+            folder, files = upload("gone", [30_000] * 3)
+            first, _, last = files
+            cache = ShardCache(folder, tmp_path / "cache", 70_000, verify)  # two files
+            for name in files:
+                assert cache.path(name).read_bytes() == files[name]  # the last one evicts the first
+        with cache, cache.open(last) as held:
+            with pytest.raises(StoreUnreachable, match=r"^s3://show1/gone/shards/shard-00000\.bin: the store cannot "
+                                                       r"be reached .*\(EndpointConnectionError: .*\)" + check):
+                cache.path(first)  # fetched again: the download fails
+            with pytest.raises(StoreUnreachable, match=r"^s3://show1/gone/shards/shard-00003\.bin: .*" + check):
+                cache.path("shards/shard-00003.bin")  # asked of the store: its size and version
+            assert held.read_bytes() == files[last]  # what is cached is still read
+            assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+        # A store that can be reached, with no credentials in the environment.
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        for name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()  # one opened with credentials would be reused
+        with ShardCache(str(reachable), tmp_path / "cache", 70_000, verify) as cache, \
+                pytest.raises(StoreUnreachable, match=r"^s3://show1/no-credentials/shards/shard-00000\.bin: .*"
+                                                      r"\(NoCredentialsError: Unable to locate credentials\)" + check):
+            cache.path(private)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # the next test's folders open the store with the module's settings
+
+
 # ----------------------------------------------------------------------------------------- several processes
 
 
@@ -250,7 +300,9 @@ def test_two_processes_sharing_the_cache_download_each_file_once(s3, tmp_path) -
     go = tmp_path / "go"
     # One reads from the first file, the other from the last: they meet in the middle, on the same files.
     processes = [reader(folder, tmp_path / "cache", 64 << 20, order, go) for order in (names, names[::-1])]
-    time.sleep(0.5)  # both started (their imports done or nearly): released together
+    # Both started (imports done, waiting for `go`), however slow the machine: then released together.
+    wait_until(lambda: len(list(tmp_path.glob("go.ready.*"))) == 2 or any(p.poll() is not None for p in processes),
+               "both readers ready")
     go.touch()
     expected = {n: sha(data) for n, data in files.items()}
     assert [finished(p) for p in processes] == [expected, expected]
@@ -260,6 +312,7 @@ def test_two_processes_sharing_the_cache_download_each_file_once(s3, tmp_path) -
 def main(job: dict) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     if job["go"]:
+        Path(f"{job['go']}.ready.{os.getpid()}").touch()
         while not Path(job["go"]).exists():
             time.sleep(0.01)
     with ShardCache(job["folder"], Path(job["cache"]), job["limit"], verify, block_bytes=job["block"]) as cache:

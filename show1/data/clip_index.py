@@ -9,6 +9,7 @@ encoded, and picks a split as an array of row numbers. Nothing is built per row 
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 INDEX_PARQUET = "index.parquet"
+INDEX_VIEW = "index.arrow"  # the training view: READ's columns, memory-mapped (`view_bytes`)
 # What the index's shards hold, recorded in the file's schema: an index without it (or with another) was written by
 # an earlier show1 whose shards held raw frames (see show1/data/shards.py).
 CLIPS_FORMAT = "show1-clips-v2"
@@ -39,9 +41,35 @@ DICTIONARY = ("shard", "tensor", "split")
 ROW_GROUP = 262_144
 
 
-def index_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
-    """`rows` (index.jsonl's, in order) as a Parquet file, the same bytes for the same rows with one pyarrow."""
-    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+def index_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """`rows` (index.jsonl's, in order) as a table of the index's schema."""
+    return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+
+
+def view_bytes(table: pa.Table) -> bytes:
+    """The training view of an index table: the columns a training process reads (`READ`), uncompressed, in the
+    Arrow IPC file format, which a process memory-maps instead of decoding: opening it costs no copy, its pages are
+    the page cache's (shared by every process of the machine that reads it) and only those a process touches become
+    resident. Captions and clip ids as large strings (no 2 GB limit per column), the repeated names as dictionaries;
+    the sizes, the same for every clip, in the schema's metadata."""
+    sizes = table["resolutions"][0].as_py() if table.num_rows else []
+    columns = {name: table[name].combine_chunks() for name in READ}
+    for name in ("caption", "clip_id"):
+        columns[name] = columns[name].cast(pa.large_string())
+    for name in DICTIONARY:
+        columns[name] = columns[name].dictionary_encode()
+    view = pa.table(columns).replace_schema_metadata({"show1.clips": CLIPS_FORMAT, "show1.sizes": json.dumps(sizes)})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, view.schema) as writer:
+        writer.write_table(view, max_chunksize=max(1, view.num_rows))
+    return sink.getvalue().to_pybytes()
+
+
+def index_bytes(table: pa.Table, view_sha256: str | None = None) -> bytes:
+    """An index table as a Parquet file, the same bytes for the same rows with one pyarrow; `view_sha256` (the
+    training view's hash, checked when a copy of the view is fetched) goes in its metadata."""
+    if view_sha256:
+        table = table.replace_schema_metadata(table.schema.metadata | {b"show1.view_sha256": view_sha256.encode()})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, row_group_size=ROW_GROUP, compression="zstd", use_dictionary=True,
                    write_page_checksum=True)  # a damaged copy fails `verify_index`
@@ -116,22 +144,22 @@ def _first_sizes(parquet: pq.ParquetFile) -> list[str]:
 class ClipIndex:
     """The clips of a curated folder, columnar; `split` "train", "val" or None for both."""
 
-    def __init__(self, root: Path | str, split: str | None = None, path: Path | None = None):
-        """`path`: the index's local copy, for a folder at a URL (`CuratedFiles.index`)."""
+    def __init__(self, root: Path | str, split: str | None = None, path: Path | None = None,
+                 view: Path | None = None):
+        """`path`, `view`: local copies of the index and its training view, for a folder at a URL (`CuratedFiles`).
+        The training view is memory-mapped when there is one (`view_bytes`), else the index is read."""
         self.root = root
         if split not in (None, "train", "val"):
             raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
-        parquet = open_index(root, path, memory_map=True, read_dictionary=list(DICTIONARY))
-        path = path or index_path(root)
-        try:
-            # One row group at a time, on this thread: the peak is the table plus one group's decoding (10.7 M rows:
-            # 1.24 GB above the process's own, against 1.43 GB read whole on threads; benchmarks/bench_index.py).
-            groups = [parquet.read_row_group(i, columns=list(READ), use_threads=False)
-                      for i in range(parquet.num_row_groups)]
-            self.table = pa.concat_tables(groups) if groups else SCHEMA.empty_table().select(list(READ))
-            self._resolutions = _first_sizes(parquet)
-        except (pa.ArrowException, OSError) as exc:
-            raise ValueError(f"{path}: not a readable Parquet index ({exc}); curate the folder again") from None
+        open_index(root, path)  # there, readable, and of this show1's format (its footer only)
+        if view is None and path is None and (Path(root) / INDEX_VIEW).is_file():
+            view = Path(root) / INDEX_VIEW
+        self.mapped: pa.MemoryMappedFile | None = None  # the training view's mapping, when the view is read
+        if view is not None:
+            self.mapped = pa.memory_map(str(view))
+            self.table, self._resolutions = _open_view(root, view, self.mapped)
+        else:
+            self.table, self._resolutions = _read_index(root, path)
         self.positions = np.arange(self.table.num_rows) if split is None else _rows_equal(self.table["split"], split)
 
     def __len__(self) -> int:
@@ -147,10 +175,45 @@ class ClipIndex:
         position = int(self.positions[index])
         return {name: self.table[name][position].as_py() for name in READ} | {"resolutions": self.resolutions}
 
+    def shard_numbers(self) -> np.ndarray:
+        """A number per clip of the split naming its shard (the same number for clips of one shard)."""
+        column = self.table["shard"].unify_dictionaries()
+        if not column.num_chunks:
+            return np.empty(0, dtype=np.int64)
+        codes = np.concatenate([chunk.indices.to_numpy(zero_copy_only=False) for chunk in column.chunks])
+        return codes[self.positions].astype(np.int64)
+
     def captions(self) -> list[str]:
         """Every distinct caption of the split, in the order of their first clip."""
         chosen = self.table["caption"].take(pa.array(self.positions))
         return pc.unique(chosen.cast(pa.string())).to_pylist()
+
+
+def _open_view(root: Path | str, view: Path, mapped: pa.MemoryMappedFile) -> tuple[pa.Table, list[str]]:
+    """The training view, read from its memory mapping: no column is copied or decoded."""
+    try:
+        reader = pa.ipc.open_file(mapped)
+        metadata = reader.schema.metadata or {}
+        table = reader.read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{view}: not a readable training view ({exc}); curate the folder again") from None
+    if metadata.get(b"show1.clips", b"").decode() != CLIPS_FORMAT:
+        raise IndexOutdated(f"{view}: curated by an earlier show1; run `show1 curate MANIFEST --out {root}` again")
+    return table, json.loads(metadata.get(b"show1.sizes", b"[]"))
+
+
+def _read_index(root: Path | str, path: Path | None) -> tuple[pa.Table, list[str]]:
+    """The columns training reads, from the Parquet index (a folder without a training view)."""
+    parquet = open_index(root, path, memory_map=True, read_dictionary=list(DICTIONARY))
+    path = path or index_path(root)
+    try:
+        # One row group at a time, on this thread: the peak is the table plus one group's decoding.
+        groups = [parquet.read_row_group(i, columns=list(READ), use_threads=False)
+                  for i in range(parquet.num_row_groups)]
+        table = pa.concat_tables(groups) if groups else SCHEMA.empty_table().select(list(READ))
+        return table, _first_sizes(parquet)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet index ({exc}); curate the folder again") from None
 
 
 def _rows_equal(column: pa.ChunkedArray, value: str) -> np.ndarray:

@@ -6,9 +6,11 @@ written last and is the commit marker, so a killed run leaves no half-written sh
 the chunks already done. `finalize` then assembles, in manifest order, the outputs other tools read:
 
   OUT/index.jsonl       one row per kept clip
-  OUT/index.parquet     the same rows as columns: what training opens (show1/data/clip_index.py)
+  OUT/index.parquet     the same rows as columns (show1/data/clip_index.py)
+  OUT/index.arrow       the columns training reads, memory-mapped (the training view)
   OUT/quarantine.jsonl  one row per rejected manifest row, with `reason` and `error`
   OUT/summary.json      counts (also the DVC metrics of the curate stage)
+  OUT/version.json      the data version: the sha256 of index.jsonl (show1.provenance.data_version)
   OUT/shards/, OUT/parts/
 
 A curation never damages the one it replaces. Shards are named by their chunk's fingerprint, so a new run writes
@@ -18,51 +20,52 @@ shards and part files no longer needed removed. A run that fails, is refused (no
 summary go to OUT/refused/) or is killed at any point leaves the published curation as it was.
 
 OUT is a local folder or any fsspec URL (`s3://bucket/prefix`): every file goes through `DataFolder`.
+
+This module plans a run (`plan_curation`), runs its chunks and finalizes it (`curate`, `finalize`). What happens to
+one chunk is in show1/data/chunks.py, to one row in show1/data/source_row.py, and the publication's commit protocol
+in show1/data/publication.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import re
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import av
-import numpy as np
-
 from show1 import atomic
-from show1.config import Clip, Curate, Params
-from show1.data import captions, clip_codec, dedupe, manifest, quality, shards, sources, video
-from show1.data.clip_index import INDEX_PARQUET, index_bytes
+from show1.config import Curate, Params
+from show1.data import captions, dedupe, manifest, shards, sources
+from show1.data.chunks import (
+    METHOD,
+    PARTS,
+    SHARDS,
+    ChunkJob,
+    ChunkReport,
+    part_name,
+    quarantine_row,
+    read_part,
+    run_chunk,
+    source_frames,
+)
+from show1.data.clip_index import INDEX_PARQUET, INDEX_VIEW, index_bytes, index_table, view_bytes
 from show1.data.errors import Rejected
 from show1.data.folder import DataFolder
 from show1.data.manifest import ManifestRow
+from show1.data.publication import PUBLISH, finish_publication, publish
+from show1.data.source_row import source_id_for
 from show1.faults import fault_point
 
 INDEX = "index.jsonl"
 QUARANTINE = "quarantine.jsonl"
 SUMMARY = "summary.json"
-PARTS = "parts"
-SHARDS = "shards"
-PUBLISH = "publish"                 # the next index, quarantine and summary, staged before they replace the live ones
-PUBLISH_COMMIT = f"{PUBLISH}/COMMIT"
+VERSION = "version.json"  # the data version (the sha256 of index.jsonl), read without reading the index
 REFUSED = "refused"                 # the quarantine and summary of a run that kept nothing (nothing else changes)
-_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
-# Bumped whenever the same rows and settings would curate to other outputs, so that parts written by an older
-# show1 are curated again rather than mixed in. 2: `motion` is measured over the frames the clips use, and every
-# size and the thumbnail are scaled by swscale straight from the decoded frame. 3: frames stored encoded.
-METHOD = 3
-
-
 @dataclass(frozen=True)
 class CurationPlan:
     """What a curation run will do: the manifest's rows, the ones rejected before any file is opened (screened), the
@@ -138,43 +141,6 @@ class CurationPlan:
             if computed in self.__dict__:
                 again.__dict__[computed] = self.__dict__[computed]
         return again
-
-
-@dataclass(frozen=True)
-class ChunkJob:
-    """One chunk's work: its manifest rows, where its shard and part file go, and the fingerprint that commits it."""
-
-    index: int
-    rows: tuple[ManifestRow, ...]
-    fingerprint: str
-    out: DataFolder
-    manifest_dir: Path
-    cache: Path
-    settings: Curate
-    source_ids: dict[int, str]
-    # Leave out of the shard the frames of sources that repeat an earlier source of this chunk (see `run_chunk`).
-    drop_duplicates: bool = True
-
-    @property
-    def part_name(self) -> str:
-        return part_name(self.index)
-
-    def shard_name(self, records: list[dict[str, Any]]) -> str:
-        """The chunk's shard, named by what makes its frames: a chunk curated from other rows or settings never
-        overwrites the shard that the published index reads (that one is removed once a new index replaces it).
-        The key is the same on every machine: the method, the settings, and each kept source's file hash and span
-        (not the manifest's folder or its files' times). `records`: every source the chunk kept, before any is
-        dropped as a repeat."""
-        key = {"method": METHOD, "settings": self.settings.model_dump(
-                   mode="json", exclude={"split", "rows_per_shard", "executor"}),
-               "sources": [(r["source_key"], r["source_hash"], r["span"]) for r in records]}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return f"{SHARDS}/shard-{self.index:05d}-{digest}.safetensors"
-
-
-def part_name(index: int) -> str:
-    """The name, in the output folder, of chunk `index`'s part file."""
-    return f"{PARTS}/part-{index:05d}.json"
 
 
 def screen(row: ManifestRow, manifest_dir: Path, cfg: Curate,
@@ -273,357 +239,6 @@ def plan_curation(manifest_path: Path | str, out: Path | str | DataFolder, param
                         source_ids=assign_source_ids(usable), screened=screened, stamps=stamps)
 
 
-# ---------------------------------------------------------------------------------------------- sources
-
-
-@dataclass
-class KeptSource:
-    """A source that passed every per-row filter, with its sampled frames at every size."""
-
-    row: ManifestRow
-    source_id: str
-    caption: str
-    path: Path
-    source_hash: str
-    info: video.VideoInfo
-    span: tuple[float, float]
-    frames: dict[str, np.ndarray]
-    firsts: list[int]
-    hashes: np.ndarray
-    motion: float
-
-
-def _safe_id(text: str) -> str:
-    """Letters, digits, `_`, `-` and `.` only, never starting with a dot (no `..`, no hidden-file names)."""
-    return re.sub(r"^\.+", lambda m: "_" * len(m.group()), _ID_CHARS.sub("_", text))
-
-
-def source_id_for(row: ManifestRow) -> str:
-    if row.id:
-        return _safe_id(row.id)
-    stem = _safe_id(Path(str(row.video).split("?")[0]).stem) or "video"
-    return f"{stem}-r{row.row}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fits(width: int, height: int, cfg: Curate) -> bool:
-    return width <= cfg.filters.max_width and height <= cfg.filters.max_height
-
-
-def _check_coded_size(info: video.VideoInfo, cfg: Curate, path: Path) -> None:
-    """The decompression-bomb guard, before any frame is decoded: the header's coded size must fit
-    max_width x max_height in some orientation (the display rotation is known only after the first decode;
-    `_check_header` then checks the displayed size exactly)."""
-    f = cfg.filters
-    if not (_fits(info.width, info.height, cfg) or _fits(info.height, info.width, cfg)):
-        raise Rejected("resolution_too_large", f"{path}: {info.width}x{info.height} frames are larger than "
-                                               f"max_width x max_height {f.max_width}x{f.max_height}")
-
-
-def _check_header(info: video.VideoInfo, cfg: Curate, start: float, end: float | None,
-                  path: Path | None = None) -> float:
-    """Apply the header-level filters to the displayed size; return the usable duration in seconds."""
-    f = cfg.filters
-    if not _fits(info.width, info.height, cfg):
-        turned = f" (as displayed, rotated {info.rotation} degrees)" if info.rotation else ""
-        raise Rejected("resolution_too_large", f"{path or 'the video'}: {info.width}x{info.height}{turned} is "
-                                               f"larger than max_width x max_height {f.max_width}x{f.max_height}")
-    if not f.min_fps <= info.fps <= f.max_fps:
-        raise Rejected("bad_fps", f"{info.fps:.2f} fps is outside [{f.min_fps}, {f.max_fps}]")
-    if info.width < f.min_width or info.height < f.min_height:
-        raise Rejected("too_small", f"{info.width}x{info.height} is below {f.min_width}x{f.min_height}")
-    if not f.min_aspect <= info.aspect <= f.max_aspect:
-        raise Rejected("bad_aspect", f"aspect {info.aspect:.2f} ({info.width}x{info.height}) is outside "
-                                     f"[{f.min_aspect}, {f.max_aspect}]")
-    if np.isnan(info.duration_s):
-        return float("nan")
-    if start >= info.duration_s:
-        raise Rejected("bad_time_span", f"start {start}s is past the end of the {info.duration_s:.2f}s video")
-    usable = min(end if end is not None else info.duration_s, info.duration_s) - start
-    if usable > f.max_duration_s:
-        raise Rejected("too_long", f"{usable:.1f}s > max_duration_s {f.max_duration_s}")
-    if usable < f.min_duration_s:
-        raise Rejected("too_short", f"{usable:.2f}s < min_duration_s {f.min_duration_s}")
-    return usable
-
-
-def _locate(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path) -> Path:
-    assert row.video is not None
-    sources.check_scheme(row.video)
-    if sources.is_url(row.video):
-        return sources.download(row.video, cache, cfg.download)
-    return sources.resolve_local(row.video, manifest_dir, cfg.allowed_roots, cfg.allowed_packages)
-
-
-def _frames_clips_can_use(clip: Clip, grid_frames: int | None) -> int | None:
-    """How many grid frames to decode: the frames of the most clips that `grid_frames` (at least the source's grid
-    frames; None: unknown) and `clip.max_per_source` allow. The tail after the last clip is left undecoded: about a
-    quarter of a 5 s source at the default 29 frames every 29. None: decode to the end."""
-    most = clip.max_per_source or None
-    if grid_frames is not None and grid_frames >= clip.frames:
-        fitting = (grid_frames - clip.frames) // clip.stride + 1
-        most = fitting if most is None else min(most, fitting)
-    return None if most is None else clip.frames + (most - 1) * clip.stride
-
-
-def _sample(path: Path, row: ManifestRow, start: float, cfg: Curate, threads: int,
-            planned: bool) -> tuple[video.VideoInfo, list[tuple[dict[str, np.ndarray], np.ndarray]]]:
-    """The source's header checks, then its frames on the clip grid at every size (and thumbnails). `planned`: from
-    the packets' times (`VideoFile.plan_grid`), decode nothing after the last clip that fits and leave out the
-    non-reference frames that no grid time picks."""
-    with video.VideoFile(path, threads=threads) as source:
-        _check_coded_size(source.info, cfg, path)  # before the first decode
-        info = source.read_rotation()
-        _check_header(info, cfg, start, row.end, path)
-        clip = cfg.clip
-        plan = source.plan_grid(clip.fps, start=start, end=row.end) if planned else None
-        limit = _frames_clips_can_use(clip, plan.most if plan else None)
-        frames = (frame for _, frame in source.frames_on_grid(clip.fps, start=start, end=row.end, max_frames=limit,
-                                                                plan=plan))
-        converter = video.FrameConverter(info.width, info.height, clip.sizes, rotation=info.rotation)
-        try:
-            return info, video.convert_all(frames, converter)
-        except av.FFmpegError as exc:  # swscale cannot convert what the decoder produced
-            raise Rejected("undecodable", f"{path}: a decoded frame cannot be converted to RGB: {exc}") from None
-
-
-def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path,
-                source_id: str | None = None, threads: int = 0) -> KeptSource:
-    """Run every per-row check and decode the source (on `threads` decoding threads, 0: FFmpeg's choice); raise
-    `Rejected` for anything unusable."""
-    if row.rejection is not None:
-        raise row.rejection
-    if not row.video:
-        raise Rejected("missing_video", "the row has no video path or URL")
-    caption = captions.check_caption(row.caption, cfg.caption)
-    path = _locate(row, manifest_dir, cfg, cache)
-    size = path.stat().st_size
-    if size > cfg.filters.max_source_bytes:
-        raise Rejected("too_large", f"{size} bytes > curate.filters.max_source_bytes {cfg.filters.max_source_bytes}")
-    start = row.start or 0.0
-    try:
-        info, converted = _sample(path, row, start, cfg, threads, planned=True)
-    except video.PlanBroken:  # a frame its packets did not announce: decode every frame, the way it always works
-        info, converted = _sample(path, row, start, cfg, threads, planned=False)
-    clip = cfg.clip
-    sampled = len(converted)
-    if sampled < clip.frames:
-        raise Rejected("too_short", f"{sampled} frames at {clip.fps:g} fps; a clip needs {clip.frames}")
-    firsts = list(range(0, sampled - clip.frames + 1, clip.stride))
-    if clip.max_per_source:
-        firsts = firsts[:clip.max_per_source]
-    used = firsts[-1] + clip.frames
-    thumbnails = np.stack([thumb for _, thumb in converted[:used]])
-    motion = quality.mean_motion(thumbnails)  # over the frames the clips use: the tail after them is not decoded
-    if motion < cfg.filters.static_threshold:
-        raise Rejected("static", f"mean frame difference {motion:.3f} < static_threshold "
-                                 f"{cfg.filters.static_threshold}")
-    picks = quality.pick_evenly(used, cfg.filters.dedup_frames)
-    hashes = np.array([quality.phash(thumbnails[i]) for i in picks], dtype=np.uint64)
-    return KeptSource(
-        row=row, source_id=source_id or source_id_for(row), caption=caption, path=path,
-        source_hash=file_sha256(path), info=info, span=(start, start + used / clip.fps),
-        frames={s.key: np.stack([images[s.key] for images, _ in converted[:used]]) for s in clip.sizes},
-        firsts=firsts,
-        hashes=hashes, motion=motion)
-
-
-# ----------------------------------------------------------------------------------------------- chunks
-
-
-def quarantine_row(row: ManifestRow, rejection: Rejected) -> dict[str, Any]:
-    caption = row.caption if row.caption is None else row.caption[:200]
-    return {"row": row.row, "reason": rejection.reason, "error": rejection.message,
-            "video": row.video, "caption": caption, "id": row.id}
-
-
-def frame_digests(frames: dict[str, np.ndarray], size_keys: list[str]) -> list[bytes]:
-    """sha256 of each frame's bytes at every size, in the order of `size_keys`."""
-    count = len(frames[size_keys[0]])
-    digests = []
-    for i in range(count):
-        digest = hashlib.sha256()
-        for key in size_keys:
-            digest.update(frames[key][i].tobytes())
-        digests.append(digest.digest())
-    return digests
-
-
-def clip_content_hash(digests: list[bytes], first: int, count: int) -> str:
-    """A clip's content hash: sha256 over its frames' digests (see `frame_digests`)."""
-    return hashlib.sha256(b"".join(digests[first:first + count])).hexdigest()
-
-
-def _source_record(kept: KeptSource, source_key: str, cfg: Curate) -> dict[str, Any]:
-    clip = cfg.clip
-    digests = frame_digests(kept.frames, [s.key for s in clip.sizes])
-    clips = []
-    for number, first in enumerate(kept.firsts):
-        t0 = kept.span[0] + first / clip.fps
-        clips.append({"clip_id": f"{kept.source_id}-{number:04d}", "frame_start": first,
-                      "start": round(t0, 4), "end": round(t0 + clip.frames / clip.fps, 4),
-                      "content_hash": clip_content_hash(digests, first, clip.frames)})
-    row = kept.row
-    return {
-        "row": row.row, "source_id": kept.source_id, "source_key": source_key, "caption": kept.caption,
-        "source": row.video, "source_hash": kept.source_hash, "split": row.split,
-        "span": list(kept.span), "source_width": kept.info.width, "source_height": kept.info.height,
-        "rotation": kept.info.rotation,
-        "source_fps": round(kept.info.fps, 4), "codec": kept.info.codec, "motion": round(kept.motion, 4),
-        "frame_hashes": [f"{int(h):016x}" for h in kept.hashes], "clips": clips,
-    }
-
-
-@dataclass(frozen=True)
-class ChunkReport:
-    index: int
-    skipped: bool
-    kept: int
-    rejected: int
-
-
-def read_part(out: DataFolder, part: str, fingerprint: str) -> dict[str, Any] | None:
-    """The part file `part` of `out` when it commits a chunk curated with this fingerprint, else None."""
-    try:
-        committed = out.read_json(part)  # one read, no existence check first: a request less on an object store
-    except (ValueError, FileNotFoundError, IsADirectoryError):
-        return None
-    return committed if isinstance(committed, dict) and committed.get("fingerprint") == fingerprint else None
-
-
-# Rows of a chunk decoded at once: the next row decodes while this one's frames are hashed. Measured with
-# benchmarks/bench_curate.py on the demo, 2 cores (before the hashing moved onto the rows' threads and duplicates
-# within a chunk stopped being written): 0.61x the bare decode rate one row at a time, 0.68-0.73x with two,
-# 0.72-0.75x with three (not worth a third source's frames in memory). The outputs are the same.
-ROWS_IN_FLIGHT = 2
-
-
-@dataclass(frozen=True)
-class CuratedRow:
-    """A kept row: the record the part file lists it with, and its frames encoded at every size."""
-
-    record: dict[str, Any]
-    encoded: dict[str, bytes]
-
-    @property
-    def key(self) -> str:
-        return self.record["source_key"]
-
-
-def encode_source(kept: KeptSource, cfg: Curate) -> dict[str, bytes]:
-    """The source's frames at every size, encoded as its shard stores them, with a keyframe at every clip's first
-    frame (`show1.data.clip_codec`)."""
-    return {size: clip_codec.encode_frames(frames, cfg.encoding, kept.firsts, cfg.clip.fps)
-            for size, frames in kept.frames.items()}
-
-
-def source_key(row: ManifestRow) -> str:
-    """The name of a row's tensors in its shard (`<key>/<W>x<H>`) and of its record in the part file."""
-    return f"r{row.row:07d}"
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask (what a container or `taskset` grants), else the count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class DecoderShares:
-    """The decoding threads each row gets: this process's CPUs shared among the rows that its running chunks decode
-    at once (up to ROWS_IN_FLIGHT each). FFmpeg's own choice gives every decoder a thread per CPU + 1, so two rows in
-    flight on 2 CPUs ran 6 decoding threads beside the 2 converting ones; one thread each cut curation's wall time
-    by about 7% there (20 alternating runs of the demo). A row decoding alone with spare CPUs still gets several."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._rows = 0
-
-    @contextlib.contextmanager
-    def decoding(self, rows: int) -> Iterator[None]:
-        """Count `rows` more rows decoding at once in this process, for the duration."""
-        with self._lock:
-            self._rows += rows
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._rows -= rows
-
-    def threads(self) -> int:
-        with self._lock:
-            return max(1, usable_cpus() // max(1, self._rows))
-
-
-DECODERS = DecoderShares()
-
-
-def _row_outcomes(job: ChunkJob) -> Iterator[tuple[ManifestRow, CuratedRow | Rejected]]:
-    """Each row of the chunk with what became of it, in manifest order."""
-
-    def attempt(row: ManifestRow) -> CuratedRow | Rejected:
-        try:
-            kept = process_row(row, job.manifest_dir, job.settings, job.cache, job.source_ids.get(row.row),
-                               threads=DECODERS.threads())
-        except Rejected as rejection:
-            return rejection
-        # Hashed and encoded here, on the row's thread, while the next row decodes; the decoded frames are freed
-        # then, so a chunk holds its sources' encoded frames only (~0.5 MB per paper clip, 40x less).
-        return CuratedRow(_source_record(kept, source_key(row), job.settings), encode_source(kept, job.settings))
-
-    # In manifest order, whichever row finishes first.
-    at_once = max(1, min(ROWS_IN_FLIGHT, len(job.rows)))
-    with DECODERS.decoding(at_once), ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="show1-row") as pool:
-        yield from zip(job.rows, pool.map(attempt, job.rows), strict=True)
-
-
-def repeats_within(records: list[dict[str, Any]], cfg: Curate) -> set[str]:
-    """The source keys of the records that repeat an earlier record of the same list (the rule of `dedupe`)."""
-    reasons = dedupe.find_duplicates([_source_frames(r) for r in records], cfg.filters.dedup_max_distance,
-                                     cfg.filters.dedup_min_match)
-    return {r["source_key"] for r, reason in zip(records, reasons, strict=True) if reason}
-
-
-def run_chunk(job: ChunkJob, on_row: Callable[[], None] | None = None, force: bool = False) -> ChunkReport:
-    """Curate one chunk into its shard and part file, unless an identical run already did.
-
-    A source that repeats an earlier source of the same chunk is a duplicate whatever the other chunks hold (unless
-    that earlier source is itself dropped for a source of an earlier chunk: rare, see `keep_duplicates`), so its
-    frames are not written at all; the part file lists it as `dropped`, as `finalize` lists the duplicates it
-    removes from a shard afterwards."""
-    if not force and read_part(job.out, job.part_name, job.fingerprint) is not None:
-        for _ in job.rows:
-            on_row and on_row()
-        return ChunkReport(job.index, skipped=True, kept=0, rejected=0)
-    kept: list[CuratedRow] = []
-    rejected_records = []
-    for row, outcome in _row_outcomes(job):
-        if isinstance(outcome, Rejected):
-            rejected_records.append(quarantine_row(row, outcome))
-        else:
-            kept.append(outcome)
-        if on_row:
-            on_row()
-    records = [k.record for k in kept]
-    dropped = repeats_within(records, job.settings) if job.drop_duplicates and len(kept) > 1 else set()
-    tensors = {shards.tensor_name(k.key, size): shards.as_tensor(encoded)
-               for k in kept if k.key not in dropped for size, encoded in k.encoded.items()}
-    shard = job.shard_name(records) if tensors else None
-    if shard:
-        shards.write_shard(job.out, shard, tensors)
-        fault_point("curate.chunk.after_shard")
-    # The part file commits the chunk: written only after its shard is in place.
-    job.out.write_json(job.part_name, {
-        "chunk": job.index, "fingerprint": job.fingerprint, "shard": shard,
-        "sources": records, "rejected": rejected_records} | ({"dropped": sorted(dropped)} if dropped else {}))
-    return ChunkReport(job.index, skipped=False, kept=len(kept), rejected=len(rejected_records))
-
-
 # --------------------------------------------------------------------------------------------- finalize
 
 
@@ -658,13 +273,6 @@ class FramesDropped(RuntimeError):
     def __init__(self, chunks: list[int]) -> None:
         super().__init__(f"chunks {chunks} must be curated again: a source now kept was dropped as a duplicate")
         self.chunks = chunks
-
-
-def _source_frames(source: dict[str, Any]) -> dedupe.SourceFrames:
-    return dedupe.SourceFrames(
-        row=source["row"], label=source["source_id"], source_hash=source["source_hash"],
-        span=(float(source["span"][0]), float(source["span"][1])),
-        hashes=np.array([int(h, 16) for h in source["frame_hashes"]], dtype=np.uint64))
 
 
 def _drop_duplicate_frames(plan: CurationPlan, parts: list[dict[str, Any]], duplicates: dict[int, set[str]]) -> None:
@@ -702,7 +310,7 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
         parts.append(part)
     cfg = plan.settings
     listed = [(index, source) for index, part in enumerate(parts) for source in part["sources"]]
-    reasons = dedupe.find_duplicates([_source_frames(source) for _, source in listed],
+    reasons = dedupe.find_duplicates([source_frames(source) for _, source in listed],
                                      cfg.filters.dedup_max_distance, cfg.filters.dedup_min_match)
     missing = sorted({index for (index, source), reason in zip(listed, reasons, strict=True)
                       if reason is None and source["source_key"] in parts[index].get("dropped", ())})
@@ -753,7 +361,11 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
         plan.out.write_jsonl(f"{REFUSED}/{QUARANTINE}", quarantine)
         plan.out.write_json(f"{REFUSED}/{SUMMARY}", summary.to_dict())
         return summary
-    publish(plan.out, {INDEX: atomic.jsonl_bytes(index_rows), INDEX_PARQUET: index_bytes(index_rows),
+    index, table = atomic.jsonl_bytes(index_rows), index_table(index_rows)
+    view = view_bytes(table)
+    publish(plan.out, {INDEX: index, INDEX_PARQUET: index_bytes(table, hashlib.sha256(view).hexdigest()),
+                       INDEX_VIEW: view,
+                       VERSION: atomic.json_bytes({"data_version": hashlib.sha256(index).hexdigest()}),
                        QUARANTINE: atomic.jsonl_bytes(quarantine), SUMMARY: atomic.json_bytes(summary.to_dict())})
     for name in plan.out.glob(f"{REFUSED}/*"):
         plan.out.remove(name)
@@ -761,34 +373,6 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
     _drop_duplicate_frames(plan, parts, duplicates)  # after the index: it never lists a dropped source
     _remove_stale(plan, {p["shard"] for p in parts if p["shard"]})
     return summary
-
-
-def publish(out: DataFolder, files: dict[str, bytes]) -> None:
-    """Replace the published `files` (index, quarantine, summary) together.
-
-    They are staged in OUT/publish/, then OUT/publish/COMMIT (the list of names) commits them, then each is moved
-    into place. A kill before the commit leaves the previous files, and the next curation clears the staging; a
-    kill after it leaves the move to the next curation (`finish_publication`), which completes it first."""
-    for name, data in files.items():  # `curate` cleared what a killed run left here (`finish_publication`)
-        out.write_bytes(f"{PUBLISH}/{name}", data)
-    fault_point("curate.publish.before_commit")
-    out.write_json(PUBLISH_COMMIT, sorted(files))
-    fault_point("curate.publish.after_commit")
-    finish_publication(out)
-
-
-def finish_publication(out: DataFolder) -> bool:
-    """Complete a committed publication a killed run left half-moved (True), or clear an uncommitted one."""
-    committed = out.exists(PUBLISH_COMMIT)
-    if committed:
-        for name in out.read_json(PUBLISH_COMMIT):
-            if out.exists(f"{PUBLISH}/{name}"):
-                out.move(f"{PUBLISH}/{name}", name)
-        out.remove(PUBLISH_COMMIT)
-    for name in out.glob(f"{PUBLISH}/*"):  # an uncommitted staging: the previous files stand
-        out.remove(name)
-    out.prune(PUBLISH)
-    return committed
 
 
 def _remove_stale(plan: CurationPlan, live_shards: set[str]) -> None:

@@ -29,7 +29,9 @@ class CuratedClips(Dataset):
         self.files = files or CuratedFiles(root)
         self.root = self.files.root
         self.size = size if isinstance(size, Size) else Size.model_validate(size)
-        self.index = ClipIndex(self.root, split, None if self.files.local else self.files.index())
+        local = self.files.local
+        self.index = ClipIndex(self.root, split, None if local else self.files.index(),
+                               None if local else self.files.view())
         curated = self.index.resolutions
         if curated and self.size.key not in curated:
             raise ValueError(f"{self.files.folder.name(INDEX_PARQUET)}: clips were curated at {curated}, not "

@@ -13,11 +13,13 @@ on the network. What it promises:
   in the store itself is damaged.
 - **Bounded disk.** The bytes under the cache folder (finished files and downloads in flight, which reserve
   their whole size up front) stay within `limit_bytes`: room is made by deleting the least recently used files
-  (the access time this module sets at each use). A file in use is never deleted: `with cache.open(name) as
-  path:` holds it for the block, and `path(name)` holds the file it returns until the same thread's next call
-  (or `close()`). A file larger than the whole limit is an error asking to raise `train.data_cache.limit_gb`.
-  A file fetched ahead and not read yet is evicted last (it is needed next), and never to fetch another one
-  ahead: when there is no other room, that fetch is skipped, and `path()` fetches the file when asked for it.
+  (the access time this module sets at each use). A finished download is renamed from `tmp/` into `files/` under
+  the lock that counts them, so no count misses a file on its way. A file in use is never deleted: `with
+  cache.open(name) as path:` holds it for the block, and `path(name)` holds the file it returns until the same
+  thread's next call (or `close()`). A file larger than the whole limit is an error asking to raise
+  `train.data_cache.limit_gb`. A file fetched ahead and not read yet is evicted last (it is needed next), and
+  never to fetch another one ahead: when there is no other room, that fetch is skipped, and `path()` fetches the
+  file when asked for it.
 - **Shared by processes.** DataLoader workers and torchrun ranks on one machine share one cache folder. Each
   object has two flock files: `<key>.fetch`, held exclusively while it is downloaded (a second process waits,
   then uses the first one's copy: each file is downloaded once), and `<key>.use`, held shared by every reader.
@@ -31,8 +33,11 @@ on the network. What it promises:
 
 A local folder needs no copy: `path(name)` is the file itself, verified once per process, and a damaged one is
 an error (there is no other copy to fetch). Credentials and endpoints come from the environment, as the folder's
-filesystem reads them (`AWS_ENDPOINT_URL`, … see `show1.data.folder`). A `ShardCache` may be forked or pickled
-into DataLoader workers: each process starts its own threads, holds its own files and verifies for itself.
+filesystem reads them (`AWS_ENDPOINT_URL`, … see `show1.data.folder`); a store that cannot be reached or refuses
+them is `StoreUnreachable` (an OSError naming the URL, the store client's error and what to check), raised at
+once: the store's client has already retried its network errors (botocore: `AWS_MAX_ATTEMPTS`, `AWS_RETRY_MODE`).
+A `ShardCache` may be forked or pickled into DataLoader workers: each process starts its own threads, holds its
+own files and verifies for itself.
 """
 
 from __future__ import annotations
@@ -69,6 +74,36 @@ log = logging.getLogger(__name__)
 
 class CacheFull(RuntimeError):
     """The data cache cannot hold a file: the file is larger than its limit, or the rest of it stays in use."""
+
+
+class StoreUnreachable(OSError):
+    """The folder's store cannot be reached, or refuses this machine's credentials (none, wrong, expired)."""
+
+
+# What a store's client raises when it cannot be reached or lets no one in, besides the builtins below: botocore's
+# NoCredentialsError and EndpointConnectionError, aiohttp's connection errors, google-auth's… (their modules, so that
+# none of these packages must be installed to tell).
+_CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google.auth", "google.api_core")
+
+
+@contextlib.contextmanager
+def _reading_store(url: str) -> Iterator[None]:
+    """Around a read from the store: its reachability and credential errors become StoreUnreachable naming `url`.
+    A missing file stays FileNotFoundError; other errors (a server error, a file replaced while read) pass as
+    they are."""
+    try:
+        yield
+    except (FileNotFoundError, StoreUnreachable):
+        raise
+    except Exception as exc:
+        if not (isinstance(exc, (PermissionError, ConnectionError, TimeoutError))
+                or any(c.__module__.startswith(_CLIENT_MODULES) for c in type(exc).__mro__)):
+            raise
+        error = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+        raise StoreUnreachable(
+            f"{url}: the store cannot be reached or refuses the credentials ({error}); check the store's credentials "
+            f"and endpoint: AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL; "
+            f"`eval \"$(show1 stack env)\"` for the stack's") from exc
 
 
 class ShardCache:
@@ -135,7 +170,8 @@ class ShardCache:
         """A local path to a verified, whole copy of `name` (relative to the folder), fetching it if needed.
         Blocks until ready. The file stays held (never evicted) until this thread's next `path()` call or
         `close()`; use `open()` to hold several at once. Raises FileNotFoundError naming the URL when the store
-        has no such file, ValueError when every download fails verification, CacheFull when it cannot fit."""
+        has no such file, ValueError when every download fails verification, CacheFull when it cannot fit,
+        StoreUnreachable when the store cannot be reached or refuses the credentials."""
         self._this_process()
         thread = threading.get_ident()
         with self._state:
@@ -237,7 +273,8 @@ class ShardCache:
             return found
         url = self.folder.name(name)
         try:
-            info = self.folder.fs.info(self.folder._remote(name))
+            with _reading_store(url):
+                info = self.folder.fs.info(self.folder._remote(name))
         except FileNotFoundError:
             raise FileNotFoundError(f"{url}: no such file") from None
         if info.get("type", "file") != "file":
@@ -301,18 +338,26 @@ class ShardCache:
                 self._copy(name, tmp, size)
                 self.verify(tmp)
                 # No fsync: a copy a power cut left damaged fails verification at its next process's first use.
-                os.replace(tmp, target)
+                # Renamed under the space lock: `_make_room` counts `files/` then `tmp/`, and a rename between the
+                # two would hide this file from the count (and let the cache grow past its limit). A file fetched
+                # ahead is marked unread under it too, before another fetch ahead can see it as evictable.
+                with self._space_lock():
+                    os.replace(tmp, target)
+                    stat = target.stat()
+                    with self._state:
+                        self._verified[target] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+                        if ahead:
+                            self._ahead_unread.add(target)
             except FileNotFoundError:
                 raise FileNotFoundError(f"{url}: no such file") from None
+            except StoreUnreachable:
+                raise  # the store's client has retried already; no credentials are no better at the next attempt
             except (ValueError, OSError) as exc:
                 failure = exc
                 log.warning("%s: download %d of %d failed (%s)", url, attempt, ATTEMPTS, exc)
                 continue
             finally:
                 tmp.unlink(missing_ok=True)
-            stat = target.stat()
-            with self._state:
-                self._verified[target] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
             log.info("fetched %s (%d bytes) into the data cache", url, size)
             return True
         if isinstance(failure, ValueError):
@@ -322,10 +367,16 @@ class ShardCache:
 
     def _copy(self, name: str, tmp: Path, size: int) -> None:
         """The remote file's bytes into `tmp`, a block at a time."""
+        url = self.folder.name(name)
         written = 0
-        with self.folder.fs.open(self.folder._remote(name), "rb", block_size=self.block_bytes) as source, \
-                open(tmp, "r+b") as out:
-            while block := source.read(self.block_bytes):
+        with _reading_store(url):  # only the store's calls: an error writing `tmp` is this machine's, as it is
+            source = self.folder.fs.open(self.folder._remote(name), "rb", block_size=self.block_bytes)
+        with source, open(tmp, "r+b") as out:
+            while True:
+                with _reading_store(url):
+                    block = source.read(self.block_bytes)
+                if not block:
+                    break
                 written += len(block)
                 if written > size:
                     raise ValueError(f"longer than the {size} bytes the store listed (replaced while read?)")
@@ -357,7 +408,8 @@ class ShardCache:
             time.sleep(0.2)
 
     def _make_room(self, size: int, ahead: bool) -> bool:
-        """Evict least recently used files until `size` more bytes fit (caller holds the space lock)."""
+        """Evict least recently used files until `size` more bytes fit (caller holds the space lock). The count is
+        exact because nothing moves between `files/` and `tmp/` while the lock is held (see `_download`)."""
         total = 0
         files: list[tuple[int, Path, int]] = []
         for folder in (self._files, self._tmp):

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -80,15 +81,9 @@ def masks_padding(text_encoder: PreTrainedModel) -> bool:
     return bool(getattr(config, "use_attention_mask", False))
 
 
-@torch.no_grad()
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, prompts: list[str],
-                  max_length: int = MAX_LENGTH, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Per-token text embeddings (B, max_length, D). Prompts longer than `max_length` tokens are
-    truncated with a logged warning that names them and how many tokens were cut (once per prompt inside
-    `cuts_reported_once`)."""
-    device = device or text_encoder.device
-    max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
+def _tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int) -> Any:
+    """The prompts as token ids padded to `max_length`, with a logged warning for each prompt cut to fit (once per
+    prompt inside `cuts_reported_once`)."""
     batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                       return_tensors="pt")
     full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
@@ -99,7 +94,39 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedMo
                            len(ids) - max_length, len(ids), max_length)
             if reported is not None:
                 reported.add(prompt)
+    return batch
+
+
+def context_length(tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH) -> int:
+    """How many tokens the text encoder reads: `max_length`, or the tokenizer's own limit when it is smaller."""
+    return min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, prompts: list[str],
+                  max_length: int = MAX_LENGTH, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-token text embeddings (B, max_length, D), the encoder's outputs at the pad positions included. Prompts
+    longer than `max_length` tokens are truncated with a logged warning that names them and how many tokens were
+    cut (once per prompt inside `cuts_reported_once`)."""
+    hidden, _ = _encode(tokenizer, text_encoder, prompts, max_length, device)
+    return hidden.to(dtype=dtype) if dtype is not None else hidden
+
+
+@torch.no_grad()
+def encode_tokens(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, prompts: list[str],
+                  max_length: int = MAX_LENGTH, device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """Each prompt's embeddings at its real tokens only, (n_tokens, D) per prompt: `encode_prompt`'s rows before
+    the padding (the same numbers: the prompts are encoded padded to `max_length` all the same)."""
+    hidden, counts = _encode(tokenizer, text_encoder, prompts, max_length, device)
+    return [row[:count] for row, count in zip(hidden, counts.tolist(), strict=True)]
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, prompts: list[str], max_length: int,
+            device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's last hidden state (B, max_length, D) and each prompt's number of real tokens (B,)."""
+    device = device or text_encoder.device
+    batch = _tokenize(tokenizer, prompts, context_length(tokenizer, max_length))
     mask = batch.attention_mask.to(device) if masks_padding(text_encoder) else None
     output = text_encoder(input_ids=batch.input_ids.to(device), attention_mask=mask)
-    hidden = output.last_hidden_state
-    return hidden.to(dtype=dtype) if dtype is not None else hidden
+    return output.last_hidden_state, batch.attention_mask.sum(dim=1)

@@ -19,10 +19,12 @@ from show1.store import connect
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 VERSION_REF = re.compile(r"^(?:models:/)?(?P<name>[^/@\s]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z][\w-]*))$")
-TRAINING_FACTS = ("stage", "data_version", "data_dvc_md5", "git_commit", "params_hash", "run_dir")
-VERSION_FACTS = ("content_hash", "source_folder", "text_encoder_source", "promotion.decision", "promotion.reason")
-KEY_PARAMS = ("profile", "data", "text_encoder", "train.max_steps", "train.batch_size", "train.learning_rate",
-              "train.loss", "train.seed")
+TRAINING_FACTS = ("stage", "data_version", "data_dvc_md5", "git_commit", "params_hash", "text_encoder_key",
+                  "run_dir")
+VERSION_FACTS = ("content_hash", "source_folder", "text_encoder_source", "text_encoder_key", "promotion.decision",
+                 "promotion.reason")
+KEY_PARAMS = ("profile", "data", "text_encoder", "text_embeddings", "train.max_steps", "train.batch_size",
+              "train.learning_rate", "train.loss", "train.seed")
 
 
 class LineageError(LookupError):

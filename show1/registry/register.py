@@ -62,7 +62,7 @@ STAGE_CLASSES = {
     "sr2": {"Show1SR2Pipeline", "VideoToVideoSDPipeline"},
 }
 # Lineage tags copied from the training run onto the version.
-TRAINING_TAGS = ("git_commit", "data_version", "data_dvc_md5", "params_hash")
+TRAINING_TAGS = ("git_commit", "data_version", "data_dvc_md5", "params_hash", "text_encoder_key")
 
 
 class RegistrationError(ValueError):
@@ -304,7 +304,8 @@ def _version_description(stage: str, folder: Path, digest: str, tags: dict[str, 
                      + (f", final loss {loss:.4f}" if loss is not None else "") + ")"
                      + (f", up to {steps} steps" if steps else "") + ".")
     for key, label in (("data_version", "Data version"), ("data_dvc_md5", "DVC data hash"),
-                       ("git_commit", "Code commit"), ("params_hash", "Params hash")):
+                       ("git_commit", "Code commit"), ("params_hash", "Params hash"),
+                       ("text_encoder_key", "Text encoder content hash (the key of its caption embeddings)")):
         if key in tags:
             lines.append(f"{label}: {tags[key]}.")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 """MLflow tracking of training runs: params, per-step metrics, and lineage tags (stage, commit, data and
-params versions, text encoder)."""
+params versions, the text encoder and the embeddings it made)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ class TrainingRun:
     """One MLflow run per training run folder; a resumed run continues the same MLflow run."""
 
     def __init__(self, params: Params, run_dir: Path, stage: str, data_dir: Path, text_encoder: Path,
-                 world_size: int = 1, sharding: str = "none"):
+                 world_size: int = 1, sharding: str = "none", text: dict[str, str] | None = None):
+        """`text`: where the captions' embeddings came from (`text_encoder_key`: the content hash of the encoder
+        that made them; `text_embeddings`: the store read, or that they were embedded at start)."""
         import mlflow
 
         self.mlflow = mlflow
@@ -48,10 +50,12 @@ class TrainingRun:
             _flatten("train", params.train_for(stage).model_dump(mode="json"), flat)
             mlflow.log_params(flat | {"stage": stage, "profile": params.profile, "data": str(data_dir),
                                       "text_encoder": str(Path(text_encoder).resolve()), "world_size": world_size,
-                                      "sharding": sharding})
+                                      "sharding": sharding} | (text or {}))
             tags = {"show1.kind": "training", "stage": stage, "git_commit": git_commit(),
                     "data_version": data_version(data_dir), "params_hash": params_hash(params, stage),
                     "run_dir": str(Path(run_dir).resolve())}
+            if text and "text_encoder_key" in text:  # copied onto the registered versions (lineage)
+                tags["text_encoder_key"] = text["text_encoder_key"]
             dvc_hash = dvc_data_hash(data_dir)
             if dvc_hash:
                 tags["data_dvc_md5"] = dvc_hash

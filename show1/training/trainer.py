@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -41,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from show1 import atomic, integrity, tensor_tree
 from show1.config import Params, Train
 from show1.data.clip_index import INDEX_PARQUET, curated_sizes
+from show1.data.curated_files import CuratedFiles
 from show1.data.dataset import CuratedClips
 from show1.data.video import write_video
 from show1.faults import fault_point
@@ -62,7 +64,9 @@ from show1.pipelines.sr2 import (
 )
 from show1.pipelines.weights import assemble_stage
 from show1.training import sharding
-from show1.training.captions import CaptionEmbeddings, embed_captions
+from show1.training.captions import CaptionEmbeddings, caption_embeddings
+from show1.training.clip_batches import ClipBatches
+from show1.training.data_order import DataOrder
 from show1.training.losses import diffusion_loss
 from show1.training.ranks import Ranks, item_generator, micro_batch
 from show1.training.runs import (
@@ -78,31 +82,8 @@ from show1.training.specs import SPECS, draw_batch, training_size, training_time
 from show1.training.tracking import TrainingRun
 from show1.weight_files import check_folder
 
+logger = logging.getLogger(__name__)
 TRAINING_STATE = "training_state"  # .safetensors + .json (see show1.tensor_tree)
-TEXT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the captions in the training precision
-
-
-class DataOrder:
-    """Clip indices in a seeded permutation per epoch; `position` (epoch, offset) is saved and restored."""
-
-    def __init__(self, size: int, seed: int, epoch: int = 0, offset: int = 0):
-        if size == 0:
-            raise ValueError("the curated data has no clips for this split")
-        self.size, self.seed, self.epoch, self.offset = size, seed, epoch, offset
-
-    def _permutation(self) -> torch.Tensor:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-
-    def take(self, count: int) -> list[int]:
-        out = []
-        while len(out) < count:
-            permutation = self._permutation()
-            while self.offset < self.size and len(out) < count:
-                out.append(int(permutation[self.offset]))
-                self.offset += 1
-            if self.offset == self.size:
-                self.epoch, self.offset = self.epoch + 1, 0
-        return out
 
 
 @dataclass
@@ -163,11 +144,14 @@ def _tracked(tracker: TrainingRun | None) -> Iterator[None]:
 def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params, max_steps: int | None = None,
           checkpoint_every: int | None = None, resume: str | None = None, init_from: Path | None = None,
           init_2d: Path | None = None, text_encoder_dir: Path | None = None,
-          on_step: Callable[[dict[str, Any]], None] | None = None, track: bool = True) -> TrainResult:
-    """Train `stage` on the curated clips in `data_dir`; write everything under `run_dir`. With `track`, the
-    run is logged to MLflow (params.tracking) and a resumed run continues the same MLflow run. Under torchrun or
-    `accelerate launch`, every process calls this; they share each global batch (show1.training.ranks) and only
-    the main process writes or calls `on_step`."""
+          on_step: Callable[[dict[str, Any]], None] | None = None, track: bool = True,
+          embeddings_dir: Path | None = None) -> TrainResult:
+    """Train `stage` on the curated clips in `data_dir`; write everything under `run_dir`. The captions are read
+    from the text encoder's store under `embeddings_dir` (default `data_dir`/embeddings, made by `show1 embed`) when
+    it holds them, else embedded at start (show1.training.captions). With `track`, the run is logged to MLflow
+    (params.tracking) and a resumed run continues the same MLflow run. Under torchrun or `accelerate launch`, every
+    process calls this; they share each global batch (show1.training.ranks) and only the main process writes or
+    calls `on_step`."""
     if stage not in TRAINABLE_STAGES:
         raise ValueError(f"stage '{stage}' cannot be trained here yet (trainable: {', '.join(TRAINABLE_STAGES)})")
     if resume not in (None, "latest"):
@@ -175,7 +159,8 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     cfg: Train = params.train_for(stage)
     max_steps = max_steps or cfg.max_steps
     checkpoint_every = checkpoint_every or cfg.checkpoint_every
-    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    run_dir = Path(run_dir)
+    data_dir = str(data_dir) if "://" in str(data_dir) else Path(data_dir)  # a folder, or any fsspec URL (streamed)
 
     # --- set-up: processes, data, captions, model, optimizer -------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
@@ -184,13 +169,18 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     ranks = Ranks(accelerator)
     per_process = micro_batch(cfg.batch_size, cfg.grad_accum, ranks.world_size)
     torch.manual_seed(cfg.seed)
-    resolutions = curated_sizes(data_dir)
+    files = CuratedFiles(data_dir, cfg.data_cache, cfg.data_cache.dir or params.paths.cache / "streamed")
+    index_file = None if files.local else files.index()
+    resolutions = curated_sizes(files.root, index_file)
     if not resolutions:
-        raise ValueError(f"{data_dir / INDEX_PARQUET} has no clips")
-    clips = CuratedClips(data_dir, size=training_size(stage, resolutions), split="train")
+        raise ValueError(f"{files.folder.name(INDEX_PARQUET)} has no clips")
+    clips = CuratedClips(data_dir, size=training_size(stage, resolutions), split="train", files=files)
+    if not files.local and not cfg.shard_block and ranks.is_main:
+        logger.warning("train.shard_block is 0: every clip may follow any other, so a data cache smaller than the data "
+                       "set fetches a shard for nearly every clip; set train.shard_block (e.g. 8) for streamed data")
     text_encoder_dir = Path(text_encoder_dir or tiny_text_encoder_dir())
-    captions = embed_captions(text_encoder_dir, [*clips.captions(), ""], accelerator.device,
-                              TEXT_DTYPES.get(cfg.mixed_precision))
+    captions = caption_embeddings(data_dir, clips.captions, text_encoder_dir, embeddings_dir, accelerator.device,
+                                  index_file)
     model = load_model(stage, params, captions.dim, init_from, init_2d)
     unet = model.unet
     if cfg.gradient_checkpointing:
@@ -214,7 +204,8 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     # sr1 noises its condition with IF-II's image-noising schedule; sr2 encodes with its frozen VAE.
     auxiliary = (model.vae.to(accelerator.device) if SPECS[stage].latent
                  else scheduler_from_config(image_noising_scheduler_config()))
-    order = DataOrder(len(clips), cfg.seed)
+    order = DataOrder(len(clips), cfg.seed, shards=clips.index.shard_numbers() if cfg.shard_block else None,
+                      block=cfg.shard_block)
 
     # --- resume: every process from the same checkpoint -----------------------------------------------------------
     step = 0
@@ -239,7 +230,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
         for folder in (run_dir, run_dir / CHECKPOINTS):  # what a killed checkpoint or export write left behind
             atomic.remove_stale_folders(folder)
         tracker = (TrainingRun(params, run_dir, stage, data_dir, text_encoder_dir, ranks.world_size,
-                               f"fsdp ({plan.by})" if plan.sharded else "none") if track else None)
+                               f"fsdp ({plan.by})" if plan.sharded else "none", captions.source) if track else None)
         atomic.write_text(run_dir / "config.json", json.dumps({
             "stage": stage, "params": params.model_dump(mode="json"), "data": str(data_dir),
             "fingerprint": fingerprint(stage, params, data_dir, max_steps, text_encoder_dir)}, indent=2, default=str))
@@ -247,7 +238,14 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     # --- the loop ----------------------------------------------------------------------------------------------------
     losses: list[float] = []
     metrics = open(run_dir / METRICS, "a", encoding="utf-8") if ranks.is_main else None  # noqa: SIM115
+    slots = ranks.slots(per_process)
+    # From the restored order on: the loader workers decode the next steps' clips (and a streamed folder's shards
+    # are fetched) while this step trains.
+    batches = ClipBatches(clips, order, per_process * ranks.world_size, slots, cfg.loader_workers,
+                          on_ahead=lambda indices: files.prefetch(clips.shards_of(indices)))
     with contextlib.ExitStack() as stack, _tracked(tracker):
+        stack.callback(files.close)
+        stack.callback(batches.close)
         if metrics is not None:
             stack.enter_context(metrics)
         while step < max_steps:
@@ -257,8 +255,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                 with accelerator.accumulate(unet):
                     sharding.sync_gradients(trained, accelerator.sync_gradients)  # FSDP: micro-steps stay local
                     chosen = order.take(per_process * ranks.world_size)  # the global micro-batch: same everywhere
-                    slots = ranks.slots(per_process)
-                    items = [clips[chosen[slot]] for slot in slots]
+                    items = batches.next([chosen[slot] for slot in slots])
                     batch = draw_batch(stage, [item["frames"] for item in items],
                                        [item_generator(cfg.seed, step, micro, slot) for slot in slots], cfg,
                                        noise_schedule, auxiliary)

@@ -185,8 +185,8 @@ def test_a_manifest_cannot_make_curation_read_or_write_outside_its_roots(tmp_pat
         1: "path_outside_root", 2: "path_outside_root", 3: "path_outside_root", 4: "unsupported_scheme",
         5: "path_outside_root", 6: "missing_file"}
     assert good.is_file()
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "index.jsonl", "index.parquet", "parts",
-                                                     "quarantine.jsonl", "shards", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "index.arrow", "index.jsonl", "index.parquet", "parts",
+                                                     "quarantine.jsonl", "shards", "summary.json", "version.json"]
 
 
 # ---------------------------------------------------------------------------------------------- CLI fuzz
