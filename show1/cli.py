@@ -447,7 +447,8 @@ def generate(
     steps: Annotated[int | None, typer.Option(
         help="Denoising steps for every stage (default: the profile's evaluate.steps: tiny 2/2/1/2, paper the "
              "published 75/75/125/50).")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str | None, typer.Option(
+        help="cpu | cuda (default: cuda when this machine has a GPU torch can use, else cpu).")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16")] = "float32",
     offload: Annotated[str, typer.Option(
         help="cuda only. none: every stage stays on the GPU; model: one stage's model on the GPU at a time; "
@@ -489,12 +490,13 @@ def generate(
         fail(str(exc), code=2)
     if dtype not in DTYPES:
         fail(f"--dtype {dtype!r} is not one of {', '.join(sorted(set(DTYPES.values())))}", code=2)
-    if device not in ("cpu", "cuda"):
+    if device not in (None, "cpu", "cuda"):
         fail(f"--device {device!r} is not available here (cpu | cuda with a GPU)", code=2)
     if offload not in OFFLOAD_MODES:
         fail(f"--offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}", code=2)
-    if offload != "none" and device != "cuda":
-        fail(f"--offload {offload} moves models between the CPU and a GPU: use it with --device cuda", code=2)
+    offload_needs_cuda = f"--offload {offload} moves models between the CPU and a GPU: use it with --device cuda"
+    if offload != "none" and device == "cpu":
+        fail(offload_needs_cuda, code=2)
     if prompts_file is None:
         files = [out_path or Path("video.mp4")]
     elif out_path is not None and out_path.suffix.lower() in VIDEO_SUFFIXES:
@@ -511,6 +513,10 @@ def generate(
     from show1.pipelines.cascade import check_stages
     from show1.registry.resolve import RegistryLookupError, load_cascade
 
+    if device is None:  # a GPU when there is one: generating on the CPU of a GPU machine is never what was meant
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if offload != "none" and device == "cpu":
+            fail(offload_needs_cuda + " (no GPU here)", code=2)
     if device == "cuda" and not torch.cuda.is_available():
         fail(f"--device {device!r} is not available here (cpu | cuda with a GPU)", code=2)
     try:
