@@ -175,6 +175,10 @@ class ClipIndex:
         position = int(self.positions[index])
         return {name: self.table[name][position].as_py() for name in READ} | {"resolutions": self.resolutions}
 
+    def shard(self, index: int) -> str:
+        """The shard the `index`-th clip of the split is read from (its other fields are not built)."""
+        return self.table["shard"][int(self.positions[index])].as_py()
+
     def shard_numbers(self) -> np.ndarray:
         """A number per clip of the split naming its shard (the same number for clips of one shard)."""
         column = self.table["shard"].unify_dictionaries()

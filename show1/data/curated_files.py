@@ -11,7 +11,6 @@ held (never evicted) for as long as the process reads them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,22 +20,12 @@ from show1.config import DataCache
 from show1.data.clip_index import INDEX_PARQUET, INDEX_VIEW, index_path, verify_index
 from show1.data.folder import DataFolder
 from show1.data.shard_cache import ShardCache
-from show1.data.shards import ShardFormatError, verify_shard
-
-
-def _verified_shard(path: Path) -> None:
-    try:
-        verify_shard(path)
-    except ShardFormatError as exc:
-        raise ValueError(str(exc)) from None
+from show1.data.shards import verify_shard
+from show1.provenance import file_digest
 
 
 def _has_sha256(path: Path, expected: str) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    if digest.hexdigest() != expected:
+    if file_digest(path) != expected:
         raise ValueError(f"{path}: damaged (its sha256 is not the one the index records)")
 
 
@@ -52,7 +41,7 @@ class CuratedFiles:
                 raise ValueError(f"{root}: a curated folder at a URL is read through a data cache "
                                  "(train.data_cache); pass one")
             limit = int(cache.limit_gb * 2**30)
-            self._shards = ShardCache(self.folder, cache_dir, limit, _verified_shard, cache.ahead)
+            self._shards = ShardCache(self.folder, cache_dir, limit, verify_shard, cache.ahead)
             self._index = ShardCache(self.folder, cache_dir, limit, verify_index, 1)
 
     @property

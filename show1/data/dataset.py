@@ -41,7 +41,7 @@ class CuratedClips(Dataset):
 
     def shards_of(self, indices: list[int]) -> list[str]:
         """The shards clips `indices` are read from, in order (each once): what a streamed loader fetches ahead."""
-        return list(dict.fromkeys(self.index.row(i)["shard"] for i in indices))
+        return list(dict.fromkeys(self.index.shard(i) for i in indices))
 
     def __len__(self) -> int:
         return len(self.index)

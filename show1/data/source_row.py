@@ -4,7 +4,6 @@ unusable raises `Rejected` with a stable reason (show1/data/errors.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from show1.config import Clip, Curate
 from show1.data import captions, quality, sources, video
 from show1.data.errors import Rejected
 from show1.data.manifest import ManifestRow
+from show1.provenance import file_digest
 
 _ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -47,14 +47,6 @@ def source_id_for(row: ManifestRow) -> str:
         return _safe_id(row.id)
     stem = _safe_id(Path(str(row.video).split("?")[0]).stem) or "video"
     return f"{stem}-r{row.row}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fits(width: int, height: int, cfg: Curate) -> bool:
@@ -173,7 +165,7 @@ def process_row(row: ManifestRow, manifest_dir: Path, cfg: Curate, cache: Path,
     hashes = np.array([quality.phash(thumbnails[i]) for i in picks], dtype=np.uint64)
     return KeptSource(
         row=row, source_id=source_id or source_id_for(row), caption=caption, path=path,
-        source_hash=file_sha256(path), info=info, span=(start, start + used / clip.fps),
+        source_hash=file_digest(path), info=info, span=(start, start + used / clip.fps),
         frames={s.key: np.stack([images[s.key] for images, _ in converted[:used]]) for s in clip.sizes},
         firsts=firsts,
         hashes=hashes, motion=motion)
