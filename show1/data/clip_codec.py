@@ -67,7 +67,10 @@ def decode_frames(data: bytes | memoryview, first: int = 0, count: int | None = 
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             stream = container.streams.video[0]
-            stream.thread_type = "SLICE"  # no frame threads: the frames of one clip, in order, on this worker
+            # One thread: a clip's frames in order, on the caller's thread (its shards have one slice per frame, so
+            # FFmpeg's threads would add nothing but threads inside training processes that run their own).
+            stream.thread_type = "SLICE"
+            stream.codec_context.thread_count = 1
             rate = stream.average_rate or stream.guessed_rate
             if first:
                 container.seek(int(first / rate / stream.time_base), stream=stream, backward=True)
