@@ -5,6 +5,9 @@ gradient checkpointing.
     python benchmarks/bench_train.py --processes 1 2 [--stage base] ...   # data-parallel samples/s, N=1 vs 2
     python benchmarks/bench_train.py --processes 1 2 --fsdp --checkpointing --params paper.yaml  # on GPUs:
         # each N with and without FSDP and gradient checkpointing: samples/s and peak GB per GPU
+    python benchmarks/bench_train.py --lora [--stage base] [--params params.yaml]  # full fine-tuning vs LoRA
+        # (train.lora, else rank 4 on the attention projections): trainable parameters, optimizer-state, gradient
+        # and EMA bytes, s/step, and on CUDA the peak GB, each in the same process on the same batch
 
 The trainer's seconds per step come from its own metrics.jsonl (median, warm-up steps dropped); the bare
 loop is forward + MSE + backward + clip + AdamW step on a fixed batch of the same shape. Ratio = bare step /
@@ -24,16 +27,46 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bare_loop(stage: str, params_path: Path, steps: int, checkpointing: bool) -> float:
-    """Median seconds per step of a plain training loop on a fixed batch shaped like the trainer's."""
+def fixed_batch(stage: str, params: Any, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """(input, target, text, timesteps, class labels or None): one random batch shaped like the trainer's."""
+    frames, channels = {"base": (8, 3), "interp": (5, 7), "sr1": (8, 6)}[stage]
+    sizes = sorted((s.height, s.width) for s in params.curate.clip.sizes)
+    h, w = sizes[-1] if stage == "sr1" else sizes[0]
+    b = params.train.batch_size
+    return (torch.randn(b, channels, frames, h, w, device=device), torch.randn(b, 3, frames, h, w, device=device),
+            torch.randn(b, 77, 384, device=device), torch.randint(1000, (b,), device=device),
+            torch.randint(250, (b,), device=device) if stage == "sr1" else None)
+
+
+def timed_steps(unet: torch.nn.Module, trained: list[torch.nn.Parameter], optimizer: Any,
+                batch: tuple[torch.Tensor, ...], steps: int, grad_clip: float) -> list[float]:
+    """Seconds of each of `steps` plain training steps (forward, MSE, backward, clip, AdamW) on `batch`."""
     import torch.nn.functional as F
 
+    x, target, text, t, labels = batch
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = F.mse_loss(unet(x, t, text, class_labels=labels).sample[:, :3], target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bare_loop(stage: str, params_path: Path, steps: int, checkpointing: bool) -> float:
+    """Median seconds per step of a plain training loop on a fixed batch shaped like the trainer's."""
     from show1.config import load_params
     from show1.models.configs import pixel_unet_config
     from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
@@ -44,24 +77,55 @@ def bare_loop(stage: str, params_path: Path, steps: int, checkpointing: bool) ->
     unet = ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, params.profile, 384)).train()
     unet.set_gradient_checkpointing(checkpointing)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate)
-    frames, channels = {"base": (8, 3), "interp": (5, 7), "sr1": (8, 6)}[stage]
-    sizes = sorted((s.height, s.width) for s in params.curate.clip.sizes)
-    h, w = sizes[-1] if stage == "sr1" else sizes[0]
-    x = torch.randn(cfg.batch_size, channels, frames, h, w)
-    target = torch.randn(cfg.batch_size, 3, frames, h, w)
-    text = torch.randn(cfg.batch_size, 77, 384)
-    t = torch.randint(1000, (cfg.batch_size,))
-    labels = torch.randint(250, (cfg.batch_size,)) if stage == "sr1" else None
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = F.mse_loss(unet(x, t, text, class_labels=labels).sample[:, :3], target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad()
-        times.append(time.perf_counter() - start)
+    times = timed_steps(unet, list(unet.parameters()), optimizer, fixed_batch(stage, params), steps, cfg.grad_clip)
     return statistics.median(times[2:])
+
+
+def lora_vs_full(stage: str, params_path: Path, steps: int) -> dict[str, Any]:
+    """Full fine-tuning and LoRA (train.lora, else its defaults) of the stage's UNet on one fixed batch, one after
+    the other in this process: what the trainer's optimizer steps and keeps (trainable parameters, AdamW's state,
+    gradients, the EMA copy), the median s/step, and on CUDA the peak allocated GB of each."""
+    from show1.config import Lora, load_params
+    from show1.models.configs import pixel_unet_config
+    from show1.models.unet_3d_condition import ShowOneUNet3DConditionModel
+    from show1.training import lora
+
+    params = load_params(params_path)
+    cfg = params.train
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = fixed_batch(stage, params, device)
+    settings = cfg.lora or Lora()
+    result: dict[str, Any] = {"stage": stage, "profile": params.profile, "device": device,
+                              "lora_settings": settings.model_dump(mode="json")}
+    for name, chosen in (("full", None), ("lora", settings)):
+        torch.manual_seed(0)
+        unet = ShowOneUNet3DConditionModel.from_config(pixel_unet_config(stage, params.profile, 384)).train()
+        if chosen is not None:
+            lora.add_adapter(unet, chosen)
+        unet.to(device)
+        trained = lora.trained_parameters(unet, chosen)
+        optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = timed_steps(unet, trained, optimizer, batch, steps, cfg.grad_clip)
+        state = [value for entry in optimizer.state.values() for value in entry.values()
+                 if isinstance(value, torch.Tensor)]
+        trained_bytes = sum(p.numel() * p.element_size() for p in trained)
+        row = {"parameters": sum(p.numel() for p in unet.parameters()),
+               "trainable_parameters": sum(p.numel() for p in trained),
+               "optimizer_state_bytes": sum(v.numel() * v.element_size() for v in state),
+               "gradient_bytes": trained_bytes, "ema_bytes": trained_bytes,
+               "s_per_step": round(statistics.median(times[1:]), 4)}
+        if device == "cuda":
+            row["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        result[name] = row
+        del unet, optimizer, trained, state
+    full, adapted = result["full"], result["lora"]
+    result["lora_vs_full"] = {key: round(adapted[key] / full[key], 5) for key in
+                              ("trainable_parameters", "optimizer_state_bytes", "s_per_step", "gpu_peak_gb")
+                              if key in full}
+    return result
 
 
 def trainer_step(stage: str, params_path: Path, data: Path, steps: int) -> float:
@@ -151,7 +215,13 @@ def main() -> None:
                         help="With --processes: each N also with the UNet sharded (train.fsdp).")
     parser.add_argument("--checkpointing", action="store_true",
                         help="With --processes: each setting also with gradient checkpointing.")
+    parser.add_argument("--lora", action="store_true",
+                        help="Instead: full fine-tuning vs LoRA (train.lora, else rank 4): trainable parameters, "
+                             "optimizer-state bytes, s/step and, on CUDA, peak GB.")
     args = parser.parse_args()
+    if args.lora:
+        print(json.dumps(lora_vs_full(args.stage, args.params, max(args.steps, 3)), indent=2))
+        return
     from show1.config import apply_environment_defaults, load_params
     from show1.data.curate import curate
 

@@ -31,7 +31,7 @@ from show1.training.runs import TRAINABLE_STAGES, TrainResult, finished_run
 @task(name="train-stage", cache_policy=NO_CACHE)
 def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profile: str | None,
                 max_steps: int | None, resume: str | None, accelerate_config: str | None,
-                reuse: bool = False, processes: int = 1) -> dict[str, Any]:
+                reuse: bool = False, processes: int = 1, init_from: str | None = None) -> dict[str, Any]:
     params = load_params(params_path, profile)
     target = run_dir
     if reuse and resume is None:
@@ -47,7 +47,7 @@ def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profil
                   f"{run_dir} when it finishes")
             shutil.rmtree(target, ignore_errors=True)  # what a killed retraining left: started again
     result = _train(stage, data, target, params_path, params, profile, max_steps, resume, accelerate_config,
-                    processes)
+                    processes, init_from)
     if target != run_dir:
         atomic.replace_folder(target, run_dir)
         result = TrainResult(run_dir=run_dir, steps=result.steps, final=run_dir / "final", losses=result.losses)
@@ -57,8 +57,10 @@ def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profil
 
 
 def _train(stage: str, data: Path, run_dir: Path, params_path: Path, params: Params, profile: str | None,
-           max_steps: int | None, resume: str | None, accelerate_config: str | None, processes: int) -> TrainResult:
-    """Train `stage` into `run_dir`: here, or in `processes` processes under torchrun / accelerate launch."""
+           max_steps: int | None, resume: str | None, accelerate_config: str | None, processes: int,
+           init_from: str | None = None) -> TrainResult:
+    """Train `stage` into `run_dir`: here, or in `processes` processes under torchrun / accelerate launch;
+    `init_from` (a stage folder or `models:/show1-base@champion`) fine-tunes it."""
     if accelerate_config or processes > 1:
         launch = launcher(processes, accelerate_config)
         command = [*launch, "-m", "show1.cli", "--params", str(params_path),
@@ -66,6 +68,7 @@ def _train(stage: str, data: Path, run_dir: Path, params_path: Path, params: Par
                    "--out", str(run_dir), "--quiet"]
         command += ["--max-steps", str(max_steps)] if max_steps else []
         command += ["--resume", resume] if resume else []
+        command += ["--init-from", init_from] if init_from else []
         print(f"{stage}: training under {' '.join(launch[1:])}")
         subprocess.run(command, check=True)
         done = finished_run(stage, data, run_dir, params, max_steps)
@@ -74,7 +77,8 @@ def _train(stage: str, data: Path, run_dir: Path, params_path: Path, params: Par
     else:
         from show1.training.trainer import train  # torch and diffusers: only when something is trained here
 
-        result = train(stage, data, run_dir, params, max_steps=max_steps, resume=resume, on_step=_progress(stage))
+        result = train(stage, data, run_dir, params, max_steps=max_steps, resume=resume, init_from=init_from,
+                       on_step=_progress(stage))
     return result
 
 

@@ -141,7 +141,7 @@ def curate(
              "dask); its workers must see the manifest's files, and the output folder (or its URL).")] = None,
     force: Annotated[bool, typer.Option(help="Redo every chunk, even those already curated.")] = False,
     metrics: Annotated[Path | None, typer.Option(
-        help="Also write the summary JSON here (a DVC metrics file).")] = None,
+        help="Also write the summary's numbers here (a DVC metrics file; the paths are in OUT/summary.json).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Probe, filter, clip and shard the videos of a manifest. Rejected rows go to quarantine.jsonl.
@@ -188,9 +188,87 @@ def curate(
         fail(f"--out {folder}: {exc}")
     data = summary.to_dict()
     if metrics:
-        atomic.write_json(metrics, data)
+        atomic.write_json(metrics, summary.metrics())
     out.print(_summary_table(data))
     out.print(f"index: {folder.name('index.jsonl')}\nquarantine: {folder.name('quarantine.jsonl')}", highlight=False)
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    manifest: Annotated[str, typer.Argument(
+        help="CSV/TSV/JSONL manifest: a path, or an fsspec URL (s3://bucket/incoming/new.csv) whose videos are "
+             "http(s) URLs, package:// paths or paths under curate.allowed_roots.")],
+    data: Annotated[str | None, typer.Option(
+        "--data", help="The curated dataset: a folder or an fsspec URL (s3://bucket/prefix). Default: "
+                       "paths.curated.")] = None,
+    no_event: Annotated[bool, typer.Option("--no-event", help="Emit no show1.data.ingested event.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Curate the rows of MANIFEST that the dataset does not hold yet into it, beside the clips it has.
+
+    Rows the dataset holds are skipped, earlier clips and shards stay as they are, and a new row that repeats a held
+    clip is quarantined as a duplicate. The data contracts are checked before the new index is published. When new
+    clips are kept, the Prefect event show1.data.ingested (data version, rows kept and quarantined) goes to the
+    server at PREFECT_API_URL, delivered before the command exits. Nothing new kept: exit 0, no event, and why.
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from show1 import events
+    from show1.data.errors import ManifestError
+    from show1.data.executors import chunk_runner
+    from show1.data.folder import DataFolder, FolderUnavailable
+    from show1.data.ingest import ContractBroken, IngestError
+    from show1.data.ingest import ingest as run_ingest
+
+    params = ctx.obj.params()
+    folder = DataFolder(data or params.paths.curated)
+    settings = params.curate.executor
+    try:
+        with tqdm(unit="row", desc="curating new rows", disable=quiet or as_json or None, file=sys.stderr) as bar, \
+                chunk_runner(settings, on_row=lambda: bar.update(1)) as run_chunks:
+            report = run_ingest(manifest, folder, params, workers=settings.workers, run_chunks=run_chunks,
+                                on_row=lambda: bar.update(1))
+    except ManifestError as exc:
+        fail(str(exc), code=2)
+    except (IngestError, ContractBroken, FolderUnavailable) as exc:
+        fail(str(exc))
+    except RuntimeError as exc:  # another process curates the folder, no Dask scheduler at the address
+        fail(str(exc))
+    except OSError as exc:  # a manifest URL that cannot be read, a folder or store that refuses a write
+        fail(f"{manifest} → {folder}: {exc}")
+    event: dict[str, Any] = {"name": report.event()["event"], "sent": False, "id": None}
+    undelivered = None
+    if report.nothing_kept:
+        event["reason"] = report.nothing_kept
+    elif no_event:
+        event["reason"] = "--no-event"
+    elif events.server() is None:
+        event["reason"] = "no Prefect server configured (PREFECT_API_URL): no event sent; the data is ingested"
+    else:
+        try:
+            event |= {"sent": True, "id": events.send(**report.event()), "server": events.server()}
+        except events.EventNotSent as exc:
+            event["reason"] = undelivered = str(exc)
+    if as_json:
+        out.print_json(json.dumps(report.to_dict() | {"event": event}))
+    else:
+        reasons = ", ".join(f"{k}: {v}" for k, v in report.quarantined_by_reason.items())
+        out.print(f"{manifest}: {report.rows} rows, {report.already_held} already held, {report.new_rows} new: "
+                  f"{report.kept} kept ({report.new_clips} clips), {report.quarantined} quarantined"
+                  + (f" ({reasons})" if reasons else ""), highlight=False)
+        if report.data_version != report.previous_data_version:
+            out.print(f"data version: {report.previous_data_version or 'none'} → {report.data_version} "
+                      f"({report.clips} clips in {folder})", highlight=False)
+        if event["sent"]:
+            out.print(f"event {event['name']} sent to {event['server']} (id {event['id']})", highlight=False)
+        else:
+            out.print(f"no event: {event['reason']}", highlight=False)
+    if undelivered:
+        fail(undelivered)  # ingested, but the server that should hear of it did not
 
 
 @app.command()
@@ -302,8 +380,11 @@ def train(
     max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.max_steps).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(min=1, help="Default: train.checkpoint_every.")] = None,
     resume: Annotated[str | None, typer.Option(help="'latest': continue from the newest checkpoint.")] = None,
-    init_from: Annotated[Path | None, typer.Option(
-        help="Start from a stage folder (ours, or a published show-1-* folder) to fine-tune it.")] = None,
+    init_from: Annotated[str | None, typer.Option(
+        help="Fine-tune from a stage folder (ours, or a published show-1-* folder) or a registered version: "
+             "models:/show1-base@champion, models:/show1-base/3 (resolved to its content hash and recorded, so "
+             "lineage reads champion → fine-tune → new version). train.finetune's steps and learning rate apply.")]
+    = None,
     init_2d: Annotated[Path | None, typer.Option(help="Inflate an IF-style 2D UNet folder.")] = None,
     text_encoder: Annotated[Path | None, typer.Option(
         help="Text encoder folder (paper: T5-XXL). Default: the packaged MiniLM of the tiny profile.")] = None,
@@ -317,6 +398,9 @@ def train(
         help="Log the run to MLflow (params.tracking). --no-track: only the files in the run folder.")] = True,
 ) -> None:
     """Train one stage of the cascade on curated clips; writes metrics.jsonl, checkpoints/ and final/.
+
+    With --init-from it fine-tunes (train.finetune's steps and learning rate); with train.lora in params.yaml it
+    trains LoRA adapters on the frozen UNet instead, and final/ is the adapter (show1 register names its base).
 
     Data-parallel in N processes: `torchrun --nproc_per_node N -m show1.cli train ...` or
     `accelerate launch --multi_gpu --num_processes N -m show1.cli train ...` (CPU-only machines too).
@@ -342,7 +426,7 @@ def train(
                               on_step=None if quiet else lambda row: out.print(
                                   f"step {row['step']:>6}  loss {row['loss']:.5f}  lr {row['lr']:.2e}  "
                                   f"{row['samples_per_s']:.2f} samples/s", highlight=False))
-    except (FileExistsError, FileNotFoundError, ValueError, CacheFull, StoreUnreachable) as exc:
+    except (FileExistsError, FileNotFoundError, ValueError, LookupError, CacheFull, StoreUnreachable) as exc:
         fail(str(exc), code=2)
     if not result.main_process:  # the other processes of a data-parallel run: the main one reports
         return
@@ -585,7 +669,9 @@ def register(
         help="The training run behind the checkpoint. Default: the run recorded in its run folder.")] = None,
     alias: Annotated[str, typer.Option(help="Alias to point at the version.")] = "challenger",
     metrics: Annotated[Path | None, typer.Option(
-        help="Also write the registered version here (JSON, a DVC metrics file).")] = None,
+        help="Also write the registered version number here (JSON, a DVC metrics file).")] = None,
+    details: Annotated[Path | None, typer.Option(
+        help="Also write the registered version here: model, version, content hash, alias (JSON).")] = None,
 ) -> None:
     """Register a trained stage in the MLflow Model Registry as `show1-STAGE` and point `challenger` at it.
 
@@ -608,10 +694,12 @@ def register(
         fail(str(exc))
     except (RegistrationError, StoreError) as exc:
         fail(str(exc), code=2)
-    if metrics:
-        from show1 import atomic
+    from show1 import atomic
 
-        atomic.write_json(metrics, {"model": version.name, "version": int(version.version),
+    if metrics:
+        atomic.write_json(metrics, {"version": int(version.version)})
+    if details:
+        atomic.write_json(details, {"model": version.name, "version": int(version.version),
                                     "content_hash": version.content_hash, "alias": alias})
     verb = "registered" if version.created else "already registered as"
     out.print(f"{stage}: {verb} {version.uri} (alias {alias}, content {version.content_hash[:12]})\n"
@@ -629,7 +717,11 @@ def promote(
         help="Record the decision on the version ('would promote') but move no alias. Always the case inside "
              "`dvc exp run`: an experiment never moves the champion.")] = False,
     metrics: Annotated[Path | None, typer.Option(
-        help="Also write the decision here (JSON; one object per stage when several are given).")] = None,
+        help="Also write the decision as numbers here: promoted and passed, 1/0 (JSON, a DVC metrics file; one "
+             "object per stage when several are given).")] = None,
+    details: Annotated[Path | None, typer.Option(
+        help="Also write the decision here: versions, verdict, reasons (JSON; one object per stage when several "
+             "are given).")] = None,
 ) -> None:
     """Move the alias `champion` to the challenger if its evaluation passes the gate in params.yaml.
 
@@ -638,7 +730,7 @@ def promote(
     Inside a DVC experiment (`dvc exp run`, which sets DVC_EXP_NAME) and with --record-only, the decision is
     recorded ("would promote" / "would reject") and `champion` stays where it is.
     """
-    from show1.registry.promote import promote_stage
+    from show1.registry.promote import Decision, promote_stage
     from show1.registry.resolve import RegistryLookupError
 
     params = ctx.obj.params()
@@ -660,11 +752,12 @@ def promote(
         out.print(f"{decision.name}: version {decision.challenger} {verdict}{was}{' [dry run]' if dry_run else ''}")
         for reason in decision.reasons:
             out.print(f"  - {reason}", highlight=False)
-    if metrics:
-        from show1 import atomic
+    from show1 import atomic
 
-        atomic.write_json(metrics, decisions[0].to_dict() if len(decisions) == 1 else
-                          {d.stage: d.to_dict() for d in decisions})
+    for path, as_json in ((metrics, Decision.metrics), (details, Decision.to_dict)):
+        if path:
+            atomic.write_json(path, as_json(decisions[0]) if len(decisions) == 1 else
+                              {d.stage: as_json(d) for d in decisions})
     if strict and not all(d.promoted or (d.record_only and d.passed) for d in decisions):
         raise typer.Exit(1)
 
@@ -736,8 +829,9 @@ def evaluate(
     """Generate a video per prompt, score them against curated clips, and write the report.
 
     Metrics: FID-vid (Inception, packaged), FVD (evaluate.i3d), CLIPSIM (evaluate.clip), IS
-    (evaluate.classifier), temporal consistency. Writes OUT/metrics.json, OUT/per_prompt.json and OUT/report.html;
-    logs an MLflow run and puts eval.<metric> tags on the evaluated versions (read by show1 promote).
+    (evaluate.classifier), temporal consistency. Writes OUT/metrics.json (numbers), OUT/details.json (prompt set,
+    models, skipped metrics), OUT/per_prompt.json and OUT/report.html; logs an MLflow run and puts eval.<metric>
+    tags on the evaluated versions (read by show1 promote).
     """
     from pydantic import ValidationError
 

@@ -256,6 +256,34 @@ class DataCache(_Model):
     ahead: int = Field(4, ge=1, le=64, description="shards downloaded at once ahead of the loader")
 
 
+class Finetune(_Model):
+    """What changes when a training starts from a trained stage (`show1 train --init-from`, the `refresh` flow's
+    fine-tuning from the champion): null keeps the `train` value."""
+
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)
+    warmup_steps: int | None = Field(None, ge=0)
+
+
+class Lora(_Model):
+    """LoRA adapters (the `peft` library) trained on a frozen stage UNet (show1/training/lora.py): each targeted
+    linear layer W gains W + (alpha / rank) · B·A, with A (rank × in) and B (out × rank) the only trained weights."""
+
+    rank: int = Field(4, ge=1)
+    alpha: float | None = Field(None, gt=0)  # null: the rank (a scale of 1, as diffusers' LoRA scripts)
+    # The attention projections diffusers' LoRA scripts adapt; add_k_proj/add_v_proj carry the text into the pixel
+    # UNets' (IF-style) attention, as diffusers' DreamBooth LoRA script adapts them for IF. Every spatial and
+    # temporal attention of every stage has to_q…to_out.0; a name no layer of a stage has is skipped (sr2 has no
+    # add_k_proj), but one that matches nothing at all is an error.
+    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"],
+                                      min_length=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha or self.rank) / self.rank
+
+
 class Train(_Model):
     """Training hyper-parameters shared by every stage (see show1/training)."""
 
@@ -291,6 +319,14 @@ class Train(_Model):
     vlb_weight: float = Field(0.001, ge=0)
     sr1_noise_level_max: int = Field(250, ge=0, lt=1000)  # noise augmentation of the low-res condition
     sr2_max_timestep: int = Field(900, ge=1, le=1000)  # expert translation: trained on timesteps 0-900 only
+    finetune: Finetune = Finetune()  # applied on top of the above when training starts from --init-from
+    # LoRA adapters on the frozen UNet of the --init-from stage instead of training every weight (null: full training)
+    lora: Lora | None = None
+
+    def fine_tuning(self) -> Train:
+        """These settings with `finetune`'s non-null values in place (a training that starts from a trained stage)."""
+        changes = {key: value for key, value in self.finetune.model_dump().items() if value is not None}
+        return self.model_copy(update=changes) if changes else self
 
 
 class Sampling(_Model):

@@ -12,6 +12,21 @@ from services import s3_store
 from show1.stack import object_store
 
 
+def numbers(value: object) -> bool:
+    """A number, or a dict of them at any depth (a bool is an int to Python, but DVC shows it as text)."""
+    if isinstance(value, dict):
+        return all(numbers(v) for v in value.values())
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def assert_numbers_only(files: dict) -> None:
+    """Metrics files as DVC reads them (path -> {"data": ...}) hold numbers only: `dvc exp show` compares
+    experiments by them, and a path, hash or reason there is a column of noise (it goes in a *.details.json)."""
+    assert len(files) == 12, list(files)  # curate, validate, train and register per stage, promote, eval/metrics.json
+    for path, metric in files.items():
+        assert numbers(metric.get("data")), (path, metric)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the whole DAG several times, each stage a CLI process: minutes, more under xdist
 def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
@@ -39,12 +54,16 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     assert json.loads((repo / "metrics/validate.json").read_text())["success"] == 1
     assert json.loads((repo / "metrics/train-sr1.json").read_text())["steps"] == 1
     assert (repo / "runs/base/final/unet/config.json").is_file()
-    registered = json.loads((repo / "metrics/register-sr1.json").read_text())
+    assert json.loads((repo / "metrics/register-sr1.json").read_text()) == {"version": 1}
+    registered = json.loads((repo / "metrics/register-sr1.details.json").read_text())
     assert registered["model"] == "show1-sr1" and registered["version"] == 1 and registered["alias"] == "challenger"
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    assert_numbers_only(next(iter(shown.values()))["data"])
     evaluated = next(iter(shown.values()))["data"]["eval/metrics.json"]["data"]
     assert evaluated["fid_vid"] > 0 and evaluated["prompts"] == 1  # the tiny profile evaluates one prompt
-    assert json.loads((repo / "metrics/promote.json").read_text())["base"]["promoted"] is True  # no champion yet
+    promoted = json.loads((repo / "metrics/promote.json").read_text())["base"]
+    assert promoted == {"promoted": 1, "passed": 1}  # no champion yet
+    assert json.loads((repo / "eval/details.json").read_text())["prompt_set"] == "demo"
 
     second = run(["dvc", "repro"], repo, env)  # a no-op: no stage runs (no wall-clock bound: CI machines are busy)
     assert "Running stage" not in second.stdout, second.stdout
@@ -99,14 +118,19 @@ def test_dvc_repro_from_fresh_clone_then_noop_then_param_changes(tmp_path):
     ran = {line.split("'")[1] for line in experiment.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"train@base", "register@base", "evaluate", "promote"}, experiment.stdout
     assert "mixed_precision: no\n" in (repo / "params.yaml").read_text()  # DVC's rewrite, unquoted
-    decided = json.loads((repo / "metrics/promote.json").read_text())["base"]
+    decided = json.loads((repo / "metrics/promote.details.json").read_text())["base"]
     assert decided["challenger"] == "2" and decided["record_only"] == "dvc experiment steps2", decided
     assert decided["decision"] in ("would promote", "would reject") and decided["promoted"] is False
+    passed = decided["decision"] == "would promote"
+    assert json.loads((repo / "metrics/promote.json").read_text())["base"] == {"promoted": 0, "passed": int(passed)}
     after = json.loads(run(["show1", "lineage", "show1-base@champion", "--json"], repo, env).stdout)
     assert after["label"] == champion["label"] == "show1-base/1", after["label"]  # the champion did not move
     assert "challenger" not in after["facts"]["aliases"]  # version 2, the experiment's, is the challenger
     shown_exps = run(["dvc", "exp", "show", "--json"], repo, env).stdout
     assert "steps2" in shown_exps
+    for commit in json.loads(shown_exps):  # the workspace, the commit, and the experiment on it
+        for row in [commit, *(rev for exp in commit.get("experiments") or [] for rev in exp["revs"])]:
+            assert_numbers_only(row["data"]["metrics"])
     run(["dvc", "exp", "apply", "steps2"], repo, env)
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env).stdout
 

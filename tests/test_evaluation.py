@@ -127,9 +127,11 @@ def test_evaluate_scores_reports_logs_and_tags_the_versions(project, store):
     assert result.exit_code == 0, result.output
     out = project / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["prompts"] == 2 and metrics["prompt_set"] == "demo"
+    details = json.loads((out / "details.json").read_text())  # the words beside the numbers (DVC metrics)
+    assert metrics["prompts"] == 2 and details["prompt_set"] == "demo"
     assert metrics["fid_vid"] > 0 and 0 < metrics["temporal_consistency"] <= 1
-    assert {"fvd", "clipsim", "inception_score"} <= set(metrics["skipped"])  # no I3D/CLIP/classifier configured
+    assert {"fvd", "clipsim", "inception_score"} <= set(details["skipped"])  # no I3D/CLIP/classifier configured
+    assert details["models"]["base"] == "show1-base/1"
     per_prompt = json.loads((out / "per_prompt.json").read_text())
     assert [row["index"] for row in per_prompt] == [0, 1]
     for row in per_prompt:
@@ -243,7 +245,7 @@ def test_fvd_and_inception_score_use_the_configured_models(project, report, tmp_
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["fvd"] >= 0 and 1 <= metrics["inception_score"] <= 3
-    assert set(metrics["skipped"]) == {"clipsim"}
+    assert set(json.loads((tmp_path / "eval" / "details.json").read_text())["skipped"]) == {"clipsim"}
     # The same prompts and seeds as the one-at-a-time evaluation (`report`): the same videos up to the float
     # rounding of batched arithmetic, so nearly the same numbers.
     serial = json.loads((report / "metrics.json").read_text())

@@ -87,7 +87,7 @@ def versions(store: str, name: str) -> list:
 def test_register_tags_lineage_sets_challenger_and_is_idempotent(trained, tmp_path, store):
     params_file = write_params(tmp_path, "reg")
     result = cli(params_file, "register", "--stage", "base", "--checkpoint", str(trained["base"] / "final"),
-                 "--metrics", str(tmp_path / "register.json"))
+                 "--metrics", str(tmp_path / "register.json"), "--details", str(tmp_path / "register.details.json"))
     assert result.exit_code == 0, result.output
     assert "registered models:/reg-base/1 (alias challenger" in result.output
     assert "mlflow ui --backend-store-uri" in result.output
@@ -101,7 +101,9 @@ def test_register_tags_lineage_sets_challenger_and_is_idempotent(trained, tmp_pa
     assert version.tags["text_encoder_source"].endswith("model")  # the packaged MiniLM it trained with
     assert "Content hash" in version.description and training.info.run_id in version.description
     assert "keyframe" in client.get_registered_model("reg-base").description
-    assert json.loads((tmp_path / "register.json").read_text())["version"] == 1
+    assert json.loads((tmp_path / "register.json").read_text()) == {"version": 1}  # DVC metrics: numbers only
+    assert json.loads((tmp_path / "register.details.json").read_text()) == {
+        "model": "reg-base", "version": 1, "content_hash": version.tags["content_hash"], "alias": "challenger"}
 
     again = cli(params_file, "register", "--stage", "base")  # default checkpoint: paths.runs/base/final
     assert again.exit_code == 2, again.output  # tmp_path/runs does not exist: a clear error, nothing registered
@@ -248,8 +250,12 @@ def test_promotion_gate_both_ways(trained, tmp_path, store, monkeypatch):
     assert tags["promotion.decision"] == "would promote"
     assert tags["promotion.record_only"] == "dvc experiment bushy-lamb"
     monkeypatch.delenv("DVC_EXP_NAME")
-    asked = cli(params_file, "promote", "--stage", "base", "--record-only", "--strict")
+    asked = cli(params_file, "promote", "--stage", "base", "--record-only", "--strict",
+                "--metrics", str(tmp_path / "promote.json"), "--details", str(tmp_path / "promote.details.json"))
     assert asked.exit_code == 0 and "would promote" in asked.output and "no alias moved" in asked.output, asked.output
+    assert json.loads((tmp_path / "promote.json").read_text()) == {"promoted": 0, "passed": 1}  # numbers only
+    details = json.loads((tmp_path / "promote.details.json").read_text())
+    assert details["decision"] == "would promote" and details["record_only"] == "--record-only", details
     assert str(client.get_model_version_by_alias("gate-base", "champion").version) == "1"
     accepted = promote_stage(params, "base")
     assert accepted.promoted and str(client.get_model_version_by_alias("gate-base", "champion").version) == "2"
@@ -257,6 +263,7 @@ def test_promotion_gate_both_ways(trained, tmp_path, store, monkeypatch):
     assert client.get_model_version("gate-base", "2").tags["promotion.compared_to"] == "1"
     again = promote_stage(params, "base")
     assert not again.promoted and "already the champion" in again.reason
+    assert again.metrics() == {"promoted": 0}  # no gate asked: no `passed` to compare
 
 
 def test_gate_rules():
@@ -410,3 +417,84 @@ def test_prefect_register_flow_registers_and_promotes(trained, tmp_path, store, 
     assert "base: registered models:/flow-base/1" in output
     assert "flow-interp: version 1 not promoted: fid_vid: the challenger has no evaluation" in output
     assert [str(v.version) for v in versions(store, "flow-interp")] == ["1"]
+
+
+def test_fine_tuning_from_the_champion_is_resolved_recorded_and_in_lineage(trained, tmp_path, store):
+    """`show1 train --init-from models:/NAME@champion`: the version is resolved to its content hash, the fine-tuning
+    takes train.finetune's steps and learning rate, and the version it registers reads champion → fine-tune."""
+    params_file = write_params(tmp_path, "ft")
+    doc = yaml.safe_load(params_file.read_text())
+    doc["train"] |= {"finetune": {"max_steps": 1, "learning_rate": 0.00002}}
+    params_file.write_text(yaml.safe_dump(doc))
+    params = load_params(params_file)
+    start = register_stage(params, "base", trained["base"] / "final", alias="champion")
+    curated = trained["base"].parent.parent / "curated"
+    out = tmp_path / "tuned"
+    done = cli(params_file, "train", "--stage", "base", "--data", str(curated), "--out", str(out),
+               "--init-from", "models:/ft-base@champion", "--quiet")
+    assert done.exit_code == 0, done.output
+    assert "trained base for 1 steps" in done.output  # train.finetune.max_steps, not train.max_steps
+    config = json.loads((out / "config.json").read_text())["init_from"]
+    assert config["fine_tuned_from"] == "ft-base/1" and config["fine_tuned_from_hash"] == start.content_hash
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    run = client.get_run((out / "mlflow_run_id").read_text().strip())
+    assert run.data.params["train.learning_rate"] == "2e-05" and run.data.params["init_from"] == \
+        "models:/ft-base@champion"
+
+    tuned = register_stage(params, "base", out / "final")
+    assert tuned.version == "2"
+    version = client.get_model_version("ft-base", "2")
+    assert version.tags["fine_tuned_from"] == "ft-base/1" and version.tags["fine_tuned_from_hash"] == \
+        start.content_hash
+    assert "Fine-tuned from: ft-base/1" in version.description
+    tree = json.loads(cli(params_file, "lineage", "ft-base/2", "--json").output)
+    training = tree["children"][0]
+    assert training["kind"] == "training run"
+    data, parent = training["children"]
+    assert data["kind"] == "data" and data["label"] == version.tags["data_version"]
+    assert parent["kind"] == "fine-tuned from" and parent["label"] == "ft-base/1"
+    assert parent["facts"]["aliases"] == "champion" and parent["children"][0]["kind"] == "training run"
+
+    wrong_stage = cli(params_file, "train", "--stage", "interp", "--data", str(curated), "--out",
+                      str(tmp_path / "x"), "--init-from", "models:/ft-base@champion")
+    assert wrong_stage.exit_code == 2 and "stage interp fine-tunes ft-interp, not ft-base" in wrong_stage.output
+    no_alias = cli(params_file, "train", "--stage", "base", "--data", str(curated), "--out", str(tmp_path / "y"),
+                   "--init-from", "models:/ft-base@nightly")
+    assert no_alias.exit_code == 2, no_alias.output
+    assert "ft-base has no alias 'nightly'" in no_alias.output and "champion→1" in no_alias.output
+
+
+def test_refresh_flow_fine_tunes_the_champion_evaluates_both_and_records_the_decision(trained, tmp_path, store,
+                                                                                       prefect_home):
+    """flows/refresh.py (what the `refresh` deployment's event trigger runs), here on Prefect's ephemeral API: the
+    champion is fine-tuned, registered as challenger, both cascades evaluated on the same prompts and seeds, and the
+    gate's decision recorded on the new version; the champion moves only if the challenger passed."""
+    params_file = write_params(tmp_path, "rf")
+    doc = yaml.safe_load(params_file.read_text())
+    doc["train"] |= {"finetune": {"max_steps": 1}}
+    doc["evaluate"] = {"stages": ["base"], "steps": 1, "limit": 1, "frames_per_video": 2, "max_reference_clips": 2,
+                       "out": str(tmp_path / "eval")}
+    doc["paths"]["curated"] = str(trained["base"].parent.parent / "curated")
+    params_file.write_text(yaml.safe_dump(doc))
+    params = load_params(params_file)
+    register_stage(params, "base", trained["base"] / "final", alias="champion")
+    from show1.provenance import data_version
+
+    version = data_version(params.paths.curated)
+    env = os.environ | {"MLFLOW_TRACKING_URI": store, "PREFECT_HOME": str(prefect_home), "PYTHONPATH": str(ROOT)}
+    done = warm.run([sys.executable, "-m", "flows.refresh", "--data-version", version, "--params", str(params_file)],
+                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert f"refresh-{version[:12]}" in output and "base: fine-tuning from the champion rf-base/1" in output
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    new = client.get_model_version("rf-base", "2")
+    assert new.tags["fine_tuned_from"] == "rf-base/1" and new.tags["data_version"] == version
+    assert "challenger" in new.aliases
+    decision = new.tags["promotion.decision"]
+    assert decision in ("promoted", "rejected") and new.tags["promotion.compared_to"] == "1"
+    champion = client.get_model_version_by_alias("rf-base", "champion")
+    assert str(champion.version) == ("2" if decision == "promoted" else "1")
+    for number in ("1", "2"):  # both evaluated, on the same prompts and seeds
+        assert "eval.fid_vid" in client.get_model_version("rf-base", number).tags
+    assert "| base | rf-base/2 | rf-base/1 |" in output and f"**{decision}**" in output

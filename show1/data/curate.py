@@ -23,15 +23,17 @@ OUT is a local folder or any fsspec URL (`s3://bucket/prefix`): every file goes 
 
 This module plans a run (`plan_curation`), runs its chunks and finalizes it (`curate`, `finalize`). What happens to
 one chunk is in show1/data/chunks.py, to one row in show1/data/source_row.py, and the publication's commit protocol
-in show1/data/publication.py.
+in show1/data/publication.py. `show1 ingest` (show1/data/ingest.py) adds rows to a published curation as a new batch
+(`CurationPlan.batches`), leaving the chunks of the earlier ones as they are.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -87,30 +89,57 @@ class CurationPlan:
     screened: dict[int, Rejected] = field(default_factory=dict)
     # Size and mtime of each chunked row's local file (None: a URL), so a replaced file is curated again.
     stamps: dict[int, list[int] | None] = field(default_factory=dict)
+    # The batches of a dataset grown by `show1 ingest` (show1/data/ingest.py), in row order: each one's first row and
+    # the folder its videos resolve against. A chunk never holds rows of two batches, so rows added as a new batch
+    # leave the chunks of the earlier ones (their part files and shards) as they were. Empty: one batch, the manifest.
+    batches: tuple[tuple[int, Path], ...] = ()
 
     @cached_property
     def chunked(self) -> tuple[ManifestRow, ...]:
         """The rows chunks curate: every row not screened, in manifest order."""
         return tuple(r for r in self.rows if r.row not in self.screened)
 
+    @cached_property
+    def spans(self) -> tuple[tuple[int, int, Path], ...]:
+        """Each chunk as (start, stop) in `chunked` and the folder its videos resolve against: `rows_per_chunk`
+        consecutive rows of one batch."""
+        batches = self.batches or ((0, self.manifest.parent),)
+        spans: list[tuple[int, int, Path]] = []
+        begin = 0
+        for number, (_, folder) in enumerate(batches):
+            stop = len(self.chunked) if number + 1 == len(batches) else \
+                bisect.bisect_left(self.chunked, batches[number + 1][0], lo=begin, key=lambda r: r.row)
+            spans += [(start, min(start + self.rows_per_chunk, stop), folder)
+                      for start in range(begin, stop, self.rows_per_chunk)]
+            begin = stop
+        return tuple(spans)
+
     @property
     def chunk_count(self) -> int:
-        return (len(self.chunked) + self.rows_per_chunk - 1) // self.rows_per_chunk
+        return len(self.spans)
 
     def chunk(self, index: int) -> tuple[ManifestRow, ...]:
-        return self.chunked[index * self.rows_per_chunk:(index + 1) * self.rows_per_chunk]
+        start, stop, _ = self.spans[index]
+        return self.chunked[start:stop]
+
+    def manifest_dir(self, index: int) -> Path:
+        """The folder the videos of chunk `index` resolve against: its batch's manifest's."""
+        return self.spans[index][2]
 
     @cached_property
     def fingerprints(self) -> tuple[str, ...]:
         """Per chunk: changes whenever the chunk's rows, their files or a setting that shapes the output do."""
         settings = self.settings.model_dump(mode="json", exclude={"split", "rows_per_shard", "executor"})
-        manifest_dir = self.manifest.parent
+        resolved: dict[Path, str] = {}
         prints = []
         for index in range(self.chunk_count):
+            manifest_dir = self.manifest_dir(index)
+            if manifest_dir not in resolved:
+                resolved[manifest_dir] = str(manifest_dir.resolve())
             payload = {
                 "method": METHOD,
                 "settings": settings,
-                "manifest_dir": str(manifest_dir.resolve()),
+                "manifest_dir": resolved[manifest_dir],
                 "rows": [r.fingerprint_fields() | {"rejection": r.rejection and r.rejection.reason,
                                                    "source_id": self.source_ids.get(r.row),
                                                    "file": self.stamps.get(r.row)}
@@ -130,14 +159,14 @@ class CurationPlan:
         WebVid-size manifest holds millions of rows; a chunk's job holds `rows_per_chunk`)."""
         rows = self.chunk(index)
         return ChunkJob(index=index, rows=rows, fingerprint=self.fingerprint(index), out=self.out,
-                        manifest_dir=self.manifest.parent, cache=self.cache, settings=self.settings,
+                        manifest_dir=self.manifest_dir(index), cache=self.cache, settings=self.settings,
                         source_ids={r.row: self.source_ids[r.row] for r in rows if r.row in self.source_ids},
                         drop_duplicates=index not in self.keep_duplicates)
 
     def keeping_duplicates(self, chunks: list[int]) -> CurationPlan:
         """This plan, with `chunks` storing the frames of every kept source (see `keep_duplicates`)."""
         again = replace(self, keep_duplicates=self.keep_duplicates | set(chunks))
-        for computed in ("fingerprints", "chunked"):  # the run's own, not computed again for every row
+        for computed in ("fingerprints", "chunked", "spans"):  # the run's own, not computed again for every row
             if computed in self.__dict__:
                 again.__dict__[computed] = self.__dict__[computed]
         return again
@@ -205,12 +234,8 @@ def assign_source_ids(rows: tuple[ManifestRow, ...] | list[ManifestRow]) -> dict
     return ids
 
 
-def plan_curation(manifest_path: Path | str, out: Path | str | DataFolder, params: Params,
-                  on_row: Callable[[], None] | None = None) -> CurationPlan:
-    """Read the manifest, mark the rows that are rejected before any IO (bad fields, repeated ids), and screen the
-    others (`screen`); `on_row` is called once per row screened."""
-    manifest_path = Path(manifest_path)
-    rows = manifest.read_manifest(manifest_path, params.curate.columns)
+def reject_repeated_ids(rows: Sequence[ManifestRow]) -> list[ManifestRow]:
+    """`rows` with every use of an id after its first rejected (`duplicate_id`)."""
     seen: dict[str, int] = {}
     checked = []
     for row in rows:
@@ -222,12 +247,33 @@ def plan_curation(manifest_path: Path | str, out: Path | str | DataFolder, param
             else:
                 seen[row.id] = row.row
         checked.append(row)
+    return checked
+
+
+def plan_curation(manifest_path: Path | str, out: Path | str | DataFolder, params: Params,
+                  on_row: Callable[[], None] | None = None) -> CurationPlan:
+    """Read the manifest, mark the rows that are rejected before any IO (bad fields, repeated ids), and screen the
+    others (`screen`); `on_row` is called once per row screened."""
+    manifest_path = Path(manifest_path)
+    return plan_rows(manifest_path, manifest.read_manifest(manifest_path, params.curate.columns), out, params, on_row)
+
+
+def plan_rows(manifest_path: Path, rows: Sequence[ManifestRow], out: Path | str | DataFolder, params: Params,
+              on_row: Callable[[], None] | None = None, batches: tuple[tuple[int, Path], ...] = (),
+              screened: dict[int, Rejected] | None = None,
+              stamps: dict[int, list[int] | None] | None = None) -> CurationPlan:
+    """`plan_curation` of rows already read, in row order. `batches`: see `CurationPlan.batches`. `screened` and
+    `stamps`: what screening found for rows planned before (a dataset's held rows), which are not screened again."""
+    checked = reject_repeated_ids(rows)
     usable = [r for r in checked if r.rejection is None]
-    screened: dict[int, Rejected] = {}
-    stamps: dict[int, list[int] | None] = {}
-    located: dict[str, Rejected | list[int] | None] = {}
+    screened, stamps = dict(screened or {}), dict(stamps or {})
+    firsts = [first for first, _ in batches]
+    located: dict[Path, dict[str, Rejected | list[int] | None]] = {}
     for row in checked:
-        outcome = screen(row, manifest_path.parent, params.curate, located)
+        if row.row in screened or row.row in stamps:
+            continue
+        folder = batches[bisect.bisect_right(firsts, row.row) - 1][1] if batches else manifest_path.parent
+        outcome = screen(row, folder, params.curate, located.setdefault(folder, {}))
         if isinstance(outcome, Rejected):
             screened[row.row] = outcome
         else:
@@ -236,7 +282,7 @@ def plan_curation(manifest_path: Path | str, out: Path | str | DataFolder, param
             on_row()
     return CurationPlan(manifest=manifest_path, out=DataFolder(out), cache=params.paths.cache,
                         settings=params.curate, rows=tuple(checked), rows_per_chunk=params.curate.rows_per_shard,
-                        source_ids=assign_source_ids(usable), screened=screened, stamps=stamps)
+                        source_ids=assign_source_ids(usable), screened=screened, stamps=stamps, batches=batches)
 
 
 # --------------------------------------------------------------------------------------------- finalize
@@ -244,7 +290,7 @@ def plan_curation(manifest_path: Path | str, out: Path | str | DataFolder, param
 
 @dataclass
 class CurationSummary:
-    """What a curation run produced; written as OUT/summary.json (the curate stage's DVC metrics)."""
+    """What a curation run produced; written as OUT/summary.json (`metrics()`: the curate stage's DVC metrics)."""
 
     manifest: str
     out: str
@@ -260,6 +306,10 @@ class CurationSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def metrics(self) -> dict[str, Any]:
+        """The numbers alone, for a DVC metrics file: the manifest and output paths stay in OUT/summary.json."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("manifest", "out")}
 
 
 def _val_by_hash(source_hash: str, fraction: float, seed: int) -> bool:
@@ -296,11 +346,18 @@ def _drop_duplicate_frames(plan: CurationPlan, parts: list[dict[str, Any]], dupl
             shards.drop_sources(plan.out, part["shard"], drop)
 
 
-def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
+# Called with the files a curation is about to publish (name -> bytes); returns more files to publish with them, or
+# raises to publish nothing (`show1 ingest`: its record of the rows held, after the data contracts pass).
+BeforePublish = Callable[[dict[str, bytes]], dict[str, bytes]]
+
+
+def finalize(plan: CurationPlan, chunks_skipped: int = 0,
+             before_publish: BeforePublish | None = None) -> CurationSummary:
     """Assemble index, quarantine and summary from the part files, in manifest order.
 
     Near-duplicate search runs here, over every kept source at once (`dedupe`), so its result does not depend on
-    how or where chunks ran; the frames of the duplicates it rejects leave the shards.
+    how or where chunks ran; the frames of the duplicates it rejects leave the shards. `before_publish`: see
+    `BeforePublish`.
     """
     parts = []
     for index in range(plan.chunk_count):
@@ -363,10 +420,12 @@ def finalize(plan: CurationPlan, chunks_skipped: int = 0) -> CurationSummary:
         return summary
     index, table = atomic.jsonl_bytes(index_rows), index_table(index_rows)
     view = view_bytes(table)
-    publish(plan.out, {INDEX: index, INDEX_PARQUET: index_bytes(table, hashlib.sha256(view).hexdigest()),
-                       INDEX_VIEW: view,
-                       VERSION: atomic.json_bytes({"data_version": hashlib.sha256(index).hexdigest()}),
-                       QUARANTINE: atomic.jsonl_bytes(quarantine), SUMMARY: atomic.json_bytes(summary.to_dict())})
+    files = {INDEX: index, INDEX_PARQUET: index_bytes(table, hashlib.sha256(view).hexdigest()), INDEX_VIEW: view,
+             VERSION: atomic.json_bytes({"data_version": hashlib.sha256(index).hexdigest()}),
+             QUARANTINE: atomic.jsonl_bytes(quarantine), SUMMARY: atomic.json_bytes(summary.to_dict())}
+    if before_publish is not None:
+        files |= before_publish(files)
+    publish(plan.out, files)
     for name in plan.out.glob(f"{REFUSED}/*"):
         plan.out.remove(name)
     plan.out.prune(REFUSED)
@@ -396,12 +455,14 @@ ChunkRunner = Callable[[CurationPlan, list[int], bool], list[ChunkReport]]
 
 def curate(manifest_path: Path | str, out: Path | str | DataFolder, params: Params, workers: int = 1,
            force: bool = False, on_row: Callable[[], None] | None = None,
-           run_chunks: ChunkRunner | None = None, plan: CurationPlan | None = None) -> CurationSummary:
+           run_chunks: ChunkRunner | None = None, plan: CurationPlan | None = None,
+           before_publish: BeforePublish | None = None) -> CurationSummary:
     """Curate a manifest into `out`. Resumable: chunks already done with the same inputs are skipped.
 
     `run_chunks(plan, indices, force)` lets an orchestrator (the Prefect flow, a Dask cluster) run the chunks as
     its own tasks; by default they run here, on `workers` threads. `plan`: the manifest's `plan_curation`, when the
-    caller made it already (`on_row` is then called for the chunked rows only).
+    caller made it already (`on_row` is then called for the chunked rows only). `before_publish`: see
+    `BeforePublish`.
     """
     if plan is None:
         plan = plan_curation(manifest_path, out, params, on_row=None)
@@ -423,12 +484,13 @@ def curate(manifest_path: Path | str, out: Path | str | DataFolder, params: Para
         reports = run(plan, list(range(plan.chunk_count)), force)
         fault_point("curate.before_finalize")
         try:
-            summary = finalize(plan, chunks_skipped=sum(r.skipped for r in reports))
+            summary = finalize(plan, chunks_skipped=sum(r.skipped for r in reports), before_publish=before_publish)
         except FramesDropped as dropped:  # an earlier run's duplicates are kept now: their frames are needed again
             again = set(dropped.chunks)
             plan = plan.keeping_duplicates(dropped.chunks)
             run(plan, dropped.chunks, True)
-            summary = finalize(plan, chunks_skipped=sum(r.skipped and r.index not in again for r in reports))
+            summary = finalize(plan, chunks_skipped=sum(r.skipped and r.index not in again for r in reports),
+                               before_publish=before_publish)
     if summary.clips == 0:
         previous = "the curation already there is unchanged" if plan.out.exists(INDEX) else "nothing was published"
         raise NothingKept(f"nothing valid remains: all {summary.rows} manifest rows of {plan.manifest} were "

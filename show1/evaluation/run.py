@@ -1,7 +1,7 @@
 """`show1 evaluate`: generate a video per prompt with the cascade (from the registry or local folders), score the
-videos against a curated split, and publish it all: `OUT/metrics.json`, `OUT/per_prompt.json`, the HTML report
-with its videos and plots, an MLflow evaluation run, and `eval.<metric>` tags on the model versions used
-(what `show1 promote` reads).
+videos against a curated split, and publish it all: `OUT/metrics.json` (the numbers), `OUT/details.json` (prompt
+set, models, metrics not computed and why), `OUT/per_prompt.json`, the HTML report with its videos and plots, an
+MLflow evaluation run, and `eval.<metric>` tags on the model versions used (what `show1 promote` reads).
 
 Three steps, so a flow can map the generation over prompts: `prepare` → `generate_batch` per batch of prompts
 (evaluate.batch_size; `generate_one` for one) → `finish`. With evaluate.executor `dask`, the batches run on Dask
@@ -141,9 +141,10 @@ def finish(plan: EvaluationPlan, videos: list[GeneratedVideo], track: bool = Tru
                                                                                           strict=True)]
         atomic.write_text(plan.staging / REPORT, render(f"show1 evaluation — {label}", facts, scores.metrics,
                                                          scores.skipped, rows, PLOT if plot else None))
-        summary = {"prompts": len(videos), "prompt_set": plan.prompts.name, **scores.metrics,
-                   "skipped": scores.skipped, "models": plan.cascade.sources}
-        atomic.write_json(plan.staging / "metrics.json", summary)
+        # DVC metrics hold numbers only; what was evaluated, and why a metric is missing, go beside them.
+        atomic.write_json(plan.staging / "metrics.json", {"prompts": len(videos), **scores.metrics})
+        atomic.write_json(plan.staging / "details.json", {"prompt_set": plan.prompts.name,
+                                                          "skipped": scores.skipped, "models": plan.cascade.sources})
         atomic.write_json(plan.staging / "per_prompt.json", per_prompt)
         run_id = _log(client, params, plan, scores, label, len(videos)) if client else None
         if run_id:

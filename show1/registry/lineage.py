@@ -1,6 +1,7 @@
 """`show1 lineage TARGET`: the chain behind a video, a run or a model version.
 
-video file → generation run → stage model versions → training runs → data version, commit, params.
+video file → generation run → stage model versions → training runs → data version, commit, params; a fine-tuning's
+training run → the version it started from (`show1 train --init-from models:/…`, the refresh flow) → its training …
 A video is found by its sha256 (the generation run records it), so a renamed or copied file still resolves.
 """
 
@@ -14,7 +15,9 @@ from typing import Any
 from show1.config import Params
 from show1.provenance import file_digest
 from show1.registry.generation import KIND_TAG, VIDEO_HASH_TAG
+from show1.registry.init_source import FROM_HASH_TAG, FROM_VERSION_TAG
 from show1.registry.resolve import model_version
+from show1.registry.stage_model import ADAPTER_TAG, BASE_HASH_TAG, BASE_VERSION_TAG
 from show1.store import connect
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -33,7 +36,8 @@ class LineageError(LookupError):
 
 @dataclass
 class Node:
-    kind: str  # video | generation run | model version | training run | data | weights folder
+    kind: str  # video | generation run | model version | training run | data | weights folder | fine-tuned from |
+    # adapter of (a LoRA version's base version)
     label: str
     facts: dict[str, str] = field(default_factory=dict)
     children: list[Node] = field(default_factory=list)
@@ -114,12 +118,31 @@ def _version(client: Any, version: Any) -> Node:
     facts |= {k: version.tags[k] for k in VERSION_FACTS if k in version.tags}
     facts |= {k: v for k, v in version.tags.items() if k.startswith("eval.")}
     node = Node("model version", f"{version.name}/{version.version}", facts)
+    if ADAPTER_TAG in version.tags:  # a LoRA adapter: the full version it is applied to
+        base = _started_from(client, f"{version.name}/{version.tags.get(BASE_VERSION_TAG, '')}",
+                             version.tags.get(BASE_HASH_TAG, ""))
+        base.kind = "adapter of"
+        node.facts["adapter"] = version.tags[ADAPTER_TAG]
+        node.children.append(base)
     run_id = version.tags.get("training_run_id") or version.run_id
     if run_id:
         try:
             node.children.append(_training(client, client.get_run(run_id), with_versions=False))
         except MlflowException:
             node.children.append(Node("training run", run_id, {"status": "not in this store"}))
+    return node
+
+
+def _started_from(client: Any, label: str, content_hash: str) -> Node:
+    from mlflow.exceptions import MlflowException
+
+    name, _, number = label.rpartition("/")
+    try:
+        version = client.get_model_version(name, number)
+    except MlflowException:
+        return Node("fine-tuned from", label, {"content_hash": content_hash, "status": "not in this store"})
+    node = _version(client, version)
+    node.kind = "fine-tuned from"
     return node
 
 
@@ -136,6 +159,8 @@ def _training(client: Any, run: Any, with_versions: bool) -> Node:
         if "data_dvc_md5" in tags:
             data["DVC md5"] = tags["data_dvc_md5"]
         node.children.append(Node("data", tags["data_version"], data))
+    if FROM_VERSION_TAG in tags:  # a fine-tuning: the version it started from, and that version's own lineage
+        node.children.append(_started_from(client, tags[FROM_VERSION_TAG], tags.get(FROM_HASH_TAG, "")))
     if with_versions:
         for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
             node.children.append(Node("registered as", f"{version.name}/{version.version}",

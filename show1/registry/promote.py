@@ -54,6 +54,12 @@ class Decision:
                 "promoted": self.promoted, "decision": self.verdict, "record_only": self.record_only,
                 "reason": self.reason}
 
+    def metrics(self) -> dict[str, int]:
+        """The decision as numbers, for a DVC metrics file (`to_dict` has the versions, verdict and reasons):
+        promoted 1/0, and passed 1/0, what an experiment's "would promote" compares (absent when the gate was not
+        asked: the challenger is the champion already)."""
+        return {"promoted": int(self.promoted)} | ({} if self.passed is None else {"passed": int(self.passed)})
+
 
 def record_evaluation(client: Any, name: str, version: str, metrics: dict[str, float],
                       run_id: str | None = None) -> None:

@@ -5,6 +5,11 @@ A registered model is self-contained: its `artifacts/stage/` is a stage folder i
 with the text encoder it was trained with (the published interp and sr1 folders carry their own copy of T5
 too). Registration is idempotent by content hash (the stage's weights, configs and text encoder): the same
 checkpoint registered twice, even by two processes at once, is one version.
+
+A LoRA run's folder (show1.training.lora) becomes a version of the same model whose artifacts hold only the adapter
+and a base.json naming its base version, which must be registered (tags `show1.adapter=lora`,
+`show1.base_version`); its content hash covers the adapter and the base's content hash. Loading it from the registry
+merges the adapter into the base version's weights (show1.registry.resolve).
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from show1.faults import fault_point
 from show1.integrity import IntegrityError
 from show1.models.configs import FIRST_FRAME_COMPONENTS, FIRST_FRAME_FOLDER, STAGE_COMPONENTS
 from show1.models.text_layout import write_stage_layout
-from show1.provenance import folder_files, tree_digest
+from show1.provenance import digest_table_hash, file_digest, folder_files, tree_digest
 from show1.registry import pyfunc_entry, stage_model
+from show1.registry.init_source import FROM_HASH_TAG, FROM_VERSION_TAG
 from show1.registry.names import CHALLENGER, model_name
 from show1.store import connect, experiment_id
+from show1.training import lora
 from show1.training.tracking import training_run_id
 from show1.weight_files import UnsafeWeightsError, check_folder, check_parts
 
@@ -62,7 +69,8 @@ STAGE_CLASSES = {
     "sr2": {"Show1SR2Pipeline", "VideoToVideoSDPipeline"},
 }
 # Lineage tags copied from the training run onto the version.
-TRAINING_TAGS = ("git_commit", "data_version", "data_dvc_md5", "params_hash", "text_encoder_key")
+TRAINING_TAGS = ("git_commit", "data_version", "data_dvc_md5", "params_hash", "text_encoder_key", FROM_VERSION_TAG,
+                 FROM_HASH_TAG)
 
 
 class RegistrationError(ValueError):
@@ -297,6 +305,9 @@ def ensure_registered_model(client: Any, name: str, stage: str) -> None:
 
 def _version_description(stage: str, folder: Path, digest: str, tags: dict[str, str], training: Any) -> str:
     lines = [f"{stage} stage registered from {folder}.", f"Content hash: {digest}."]
+    if stage_model.ADAPTER_TAG in tags:
+        lines.append(f"A LoRA adapter (rank {tags.get('lora_rank')}) on version {tags[stage_model.BASE_VERSION_TAG]}, "
+                     "merged into it when loaded.")
     if training is not None:
         loss = training.data.metrics.get("loss")
         steps = training.data.params.get("train.max_steps")
@@ -305,7 +316,8 @@ def _version_description(stage: str, folder: Path, digest: str, tags: dict[str, 
                      + (f", up to {steps} steps" if steps else "") + ".")
     for key, label in (("data_version", "Data version"), ("data_dvc_md5", "DVC data hash"),
                        ("git_commit", "Code commit"), ("params_hash", "Params hash"),
-                       ("text_encoder_key", "Text encoder content hash (the key of its caption embeddings)")):
+                       ("text_encoder_key", "Text encoder content hash (the key of its caption embeddings)"),
+                       (FROM_VERSION_TAG, "Fine-tuned from")):
         if key in tags:
             lines.append(f"{label}: {tags[key]}.")
     return "\n".join(lines)
@@ -318,38 +330,168 @@ def _mark_failed(mlflow: Any, model_id: str) -> None:
         mlflow.finalize_logged_model(model_id, "FAILED")
 
 
-def register_stage(params: Params, stage: str, checkpoint: Path | None = None, text_encoder: Path | None = None,
-                   run_id: str | None = None, alias: str = CHALLENGER,
-                   on_status: Callable[[str], None] | None = None) -> RegisteredVersion:
-    """Register `checkpoint` (default: paths.runs/STAGE/final) as a version of `<prefix>-<stage>`; point
-    `alias` at it. Returns the existing version when the same content was registered before."""
+@dataclass(frozen=True)
+class _Stage:
+    """A stage folder as registration sees it: what it is made of and its content hash."""
+
+    components: list[str]
+    text_source: Path | None
+    first_frame: Path | None
+    digest: str
+
+
+def _training_run(client: Any, folder: Path, run_id: str | None) -> tuple[str | None, Any]:
+    """The training run behind `folder` (`run_id`, else the one recorded in its run folder) and its MLflow run."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    say = on_status or (lambda _: None)
-    if stage not in STAGE_COMPONENTS:
-        raise RegistrationError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_COMPONENTS)})")
-    folder = Path(checkpoint or params.paths.runs / stage / "final")
+    run_id = run_id or next((rid for parent in (folder.parent, folder.parent.parent)
+                             if (rid := training_run_id(parent))), None)
+    if not run_id:
+        return None, None
+    try:
+        return run_id, client.get_run(run_id)
+    except MlflowException as exc:
+        raise RegistrationError(f"training run {run_id} (of {folder}) is not in the store "
+                                f"{mlflow.get_tracking_uri()}") from exc
+
+
+def _checked_stage(params: Params, stage: str, folder: Path, text_encoder: Path | None, training: Any,
+                   say: Callable[[str], None]) -> _Stage:
+    """Check a stage folder as registration takes it and compute its content hash."""
     components = stage_components(folder, stage)
     try:
         check_folder(folder)  # never register a damaged checkpoint (or one that show1 would refuse to load)
     except (IntegrityError, UnsafeWeightsError) as exc:
         raise RegistrationError(str(exc)) from None
     verified = (integrity.read_seal(folder) or {}).get("files")
-    client = connect(params.tracking)
-    run_id = run_id or next((rid for parent in (folder.parent, folder.parent.parent)
-                             if (rid := training_run_id(parent))), None)
-    training = None
-    if run_id:
-        try:
-            training = client.get_run(run_id)
-        except MlflowException as exc:
-            raise RegistrationError(f"training run {run_id} (of {folder}) is not in the store "
-                                    f"{mlflow.get_tracking_uri()}") from exc
     text_source = text_encoder_source(folder, text_encoder, training)
     first_frame = first_frame_source(params, stage)
     say("hashing the checkpoint")
-    digest = content_hash(folder, components, text_source, verified, first_frame)
+    return _Stage(components, text_source, first_frame,
+                  content_hash(folder, components, text_source, verified, first_frame))
+
+
+def register_stage(params: Params, stage: str, checkpoint: Path | None = None, text_encoder: Path | None = None,
+                   run_id: str | None = None, alias: str = CHALLENGER,
+                   on_status: Callable[[str], None] | None = None) -> RegisteredVersion:
+    """Register `checkpoint` (default: paths.runs/STAGE/final) as a version of `<prefix>-<stage>`; point
+    `alias` at it. Returns the existing version when the same content was registered before. A LoRA run's folder
+    (adapter/ and base.json, show1.training.lora) becomes a version holding only the adapter (`register_adapter`)."""
+    say = on_status or (lambda _: None)
+    if stage not in STAGE_COMPONENTS:
+        raise RegistrationError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_COMPONENTS)})")
+    folder = Path(checkpoint or params.paths.runs / stage / "final")
+    if lora.is_adapter_folder(folder):
+        return register_adapter(params, stage, folder, run_id, alias, say, text_encoder)
+    stage_components(folder, stage)  # a missing or wrong folder is refused before the store is opened
+    client = connect(params.tracking)
+    run_id, training = _training_run(client, folder, run_id)
+    checked = _checked_stage(params, stage, folder, text_encoder, training, say)
+    tags = {"stage": stage, "content_hash": checked.digest, "source_folder": str(folder.resolve()),
+            "profile": params.profile}
+    if checked.text_source is not None:
+        tags["text_encoder_source"] = str(checked.text_source.resolve())
+    if checked.first_frame is not None:
+        tags["first_frame_source"] = str(checked.first_frame.resolve())
+    return _publish(client, params, stage, folder, checked.digest, tags, run_id, training, alias, say,
+                    lambda target: assemble_model_folder(folder, checked.components, checked.text_source, target,
+                                                         checked.first_frame),
+                    {"stage": stage})
+
+
+# --- LoRA adapters ------------------------------------------------------------------------------------------------
+
+
+def adapter_content_hash(folder: Path, base_hash: str, verified: dict[str, str] | None = None) -> str:
+    """sha256 over the adapter's files and its base version's content hash: the same adapter on another base is
+    another version."""
+    digests = {name: (verified or {}).get(name) or file_digest(path)
+               for name, path in folder_files(folder / lora.ADAPTER, f"{lora.ADAPTER}/")}
+    return digest_table_hash(digests | {"base": base_hash})
+
+
+def base_version(client: Any, params: Params, stage: str, name: str, record: dict[str, Any],
+                 say: Callable[[str], None] = lambda _: None, text_encoder: Path | None = None) -> Any:
+    """The registered version of `name` a LoRA adapter's base.json names: by its content hash when the run started
+    from a registered version, else by the content hash of its stage folder (`folder`) as registering that folder
+    (with `text_encoder`, else its training run's) computes it. Refuses when the base is not registered (or its
+    folder is gone or changed)."""
+    digest = record.get("content_hash")
+    source = Path(record.get("folder") or record.get("source") or "")
+    hint = f"register it first: show1 register --stage {stage} --checkpoint {record.get('source')}"
+    if not digest:
+        if not (source / "model_index.json").is_file():
+            raise RegistrationError(f"the adapter's base {record.get('source')} is not a registered version and its "
+                                    f"stage folder {source} is gone: register the base, then train the adapter "
+                                    f"from it (--init-from models:/{name}/N)")
+        seal = integrity.read_seal(source) or {}
+        if record.get("folder_hash") and seal.get("content_hash") != record["folder_hash"]:
+            raise RegistrationError(f"the adapter's base {source} changed since the adapter was trained on it "
+                                    "(its content hash differs from base.json's folder_hash)")
+        _, training = _training_run(client, source, None)
+        digest = _checked_stage(params, stage, source, text_encoder, training, say).digest
+    found = _versions_with_hash(client, name, digest)
+    if not found:
+        raise RegistrationError(f"the adapter's base {record.get('source')} (content hash {digest[:12]}…) is not a "
+                                f"registered version of {name}: {hint}")
+    if stage_model.ADAPTER_TAG in (found[0].tags or {}):  # one level: an adapter's base is a full version
+        raise RegistrationError(f"the adapter's base {name}/{found[0].version} is itself a LoRA adapter: register "
+                                "its merged stage folder (the registry cache's `merged/`) as a full version and "
+                                "train the adapter on that")
+    return found[0]
+
+
+def _assemble_adapter(folder: Path, base: dict[str, Any], target: Path) -> None:
+    """The adapter version's stage folder: adapter/ and base.json naming the base version; sealed."""
+    target.mkdir(parents=True)
+    _link_tree(folder / lora.ADAPTER, target / lora.ADAPTER)
+    lora.write_base(target, base)
+    integrity.seal(target)
+
+
+def register_adapter(params: Params, stage: str, folder: Path, run_id: str | None = None, alias: str = CHALLENGER,
+                     on_status: Callable[[str], None] | None = None,
+                     text_encoder: Path | None = None) -> RegisteredVersion:
+    """Register a LoRA run's final/ (or checkpoint) as a version of `<prefix>-<stage>` whose artifacts hold only the
+    adapter, tagged with its base version (`show1.base_version`, which must be registered) and `show1.adapter=lora`.
+    A cascade loaded from the registry merges it into its base at load time (show1.registry.resolve).
+    `text_encoder`: the one the base folder was registered with, when its training run does not say."""
+    say = on_status or (lambda _: None)
+    try:
+        check_folder(folder, sealed=True)
+        record = lora.read_base(folder)
+        settings = lora.adapter_settings(folder / lora.ADAPTER)
+    except (IntegrityError, UnsafeWeightsError, ValueError, FileNotFoundError) as exc:
+        raise RegistrationError(str(exc)) from None
+    if record["stage"] != stage:
+        raise RegistrationError(f"{folder}: an adapter of the {record['stage']} stage, not of {stage}")
+    client = connect(params.tracking)
+    run_id, training = _training_run(client, folder, run_id)
+    name = model_name(params.registry, stage)
+    base = base_version(client, params, stage, name, record, say, text_encoder)
+    base_hash = base.tags["content_hash"]
+    digest = adapter_content_hash(folder, base_hash, (integrity.read_seal(folder) or {}).get("files"))
+    tags = {"stage": stage, "content_hash": digest, "source_folder": str(folder.resolve()), "profile": params.profile,
+            stage_model.ADAPTER_TAG: "lora", stage_model.BASE_VERSION_TAG: str(base.version),
+            stage_model.BASE_HASH_TAG: base_hash, "lora_rank": str(settings["r"]),
+            "lora_alpha": str(settings.get("lora_alpha"))}
+    record = {"stage": stage, "name": name, "version": str(base.version), "content_hash": base_hash}
+    return _publish(client, params, stage, folder, digest, tags, run_id, training, alias, say,
+                    lambda target: _assemble_adapter(folder, record, target),
+                    {"stage": stage, stage_model.BASE_MODEL: f"models:/{name}/{base.version}"})
+
+
+# --- publishing a version -----------------------------------------------------------------------------------------
+
+
+def _publish(client: Any, params: Params, stage: str, folder: Path, digest: str, tags: dict[str, str],
+             run_id: str | None, training: Any, alias: str, say: Callable[[str], None],
+             assemble: Callable[[Path], None], model_config: dict[str, str]) -> RegisteredVersion:
+    """The version of `<prefix>-<stage>` with content `digest`: the existing one, or a new one whose pyfunc model's
+    artifacts are the stage folder `assemble(target)` writes; point `alias` at it."""
+    import mlflow
+
     name = model_name(params.registry, stage)
     ensure_registered_model(client, name, stage)
     existing = _versions_with_hash(client, name, digest)
@@ -360,22 +502,17 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
         client.set_registered_model_alias(name, alias, existing[0].version)
         return RegisteredVersion(name, str(existing[0].version), digest, created=False)
 
-    tags = {"stage": stage, "content_hash": digest, "source_folder": str(folder.resolve()), "profile": params.profile}
     if training is not None:
-        tags["training_run_id"] = training.info.run_id
+        tags = tags | {"training_run_id": training.info.run_id}
         tags |= {key: training.data.tags[key] for key in TRAINING_TAGS if key in training.data.tags}
-    if text_source is not None:
-        tags["text_encoder_source"] = str(text_source.resolve())
-    if first_frame is not None:
-        tags["first_frame_source"] = str(first_frame.resolve())
     if stale := remove_stale_work_folders():
         say(f"removed {len(stale)} work folder(s) left by a killed registration")
     with tempfile.TemporaryDirectory(prefix=_work_folder_prefix()) as tmp:
         say("assembling the model folder")
-        assemble_model_folder(folder, components, text_source, Path(tmp) / "stage", first_frame)
+        assemble(Path(tmp) / "stage")
         mlflow.pyfunc.save_model(
             path=Path(tmp) / "model", python_model=pyfunc_entry.__file__,
-            artifacts={stage_model.STAGE_ARTIFACT: str(Path(tmp) / "stage")}, model_config={"stage": stage},
+            artifacts={stage_model.STAGE_ARTIFACT: str(Path(tmp) / "stage")}, model_config=model_config,
             signature=stage_model.signature(stage), input_example=stage_model.input_example(stage),
             pip_requirements=_requirements(), metadata={"show1": {"stage": stage, "content_hash": digest}})
         owner = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}

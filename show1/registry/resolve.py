@@ -1,7 +1,8 @@
 """`--from-registry REF`: which version of each stage model, and its stage folder on local disk.
 
 REF is an alias for every stage (`champion`, `challenger`), versions in stage order (`3,2,5,1`), or per stage
-(`base=3,sr1=champion`); forms mix (`champion,sr1=4`: sr1 version 4, the rest the champion).
+(`base=3,sr1=champion`); forms mix (`champion,sr1=4`: sr1 version 4, the rest the champion). A LoRA adapter
+version's stage folder is its base version's with the adapter merged in, made once in the cache.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from show1.config import Params
 from show1.integrity import IntegrityError
 from show1.models.configs import STAGES
 from show1.registry.names import CHAMPION, model_name
-from show1.registry.stage_model import STAGE_ARTIFACT
+from show1.registry.stage_model import ADAPTER_TAG, BASE_HASH_TAG, BASE_VERSION_TAG, STAGE_ARTIFACT
 from show1.store import connect
 from show1.weight_files import UnsafeWeightsError, check_folder
 
 REF = re.compile(r"^(?:\d+|[A-Za-z][A-Za-z0-9_-]*)$")
 COMPLETE = ".complete"
+MERGED = "merged"  # a LoRA adapter version's stage folder in its cache entry: the base with the adapter merged in
 
 
 class RegistryLookupError(LookupError):
@@ -106,9 +108,12 @@ def resolve(params: Params, refs: dict[str, str]) -> dict[str, StageVersion]:
 
 
 def stage_folder(version: StageVersion, cache: Path) -> Path:
-    """The version's stage folder, downloaded once into `cache/registry/<content hash>` (atomically)."""
+    """The version's stage folder, downloaded once into `cache/registry/<content hash>` (atomically). A LoRA adapter
+    version's is its base version's stage folder with the adapter merged in (`merged_stage_folder`)."""
     import mlflow.artifacts
 
+    if version.version_info is not None and ADAPTER_TAG in (version.version_info.tags or {}):
+        return merged_stage_folder(version, cache)
     key = version.content_hash or f"{version.name}-{version.version}"
     target = cache / "registry" / key
     folder = target / "artifacts" / STAGE_ARTIFACT
@@ -123,6 +128,42 @@ def stage_folder(version: StageVersion, cache: Path) -> Path:
         try:
             check_folder(downloaded)  # what arrived is what was registered
         except (IntegrityError, UnsafeWeightsError) as exc:
+            raise RegistryLookupError(f"{version.label}: {exc}") from None
+        (staging / COMPLETE).write_text(version.label)
+    return folder
+
+
+def merged_stage_folder(version: StageVersion, cache: Path) -> Path:
+    """A LoRA adapter version as a stage folder every loader takes: its base version's stage folder (downloaded as
+    any version) with the UNet's weights replaced by the adapter merged into them, made once into
+    `cache/registry/<the adapter version's content hash>/merged` (atomically, sealed; the adapter as downloaded and
+    checked beside it)."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    from show1.training import lora
+
+    target = cache / "registry" / (version.content_hash or f"{version.name}-{version.version}")
+    folder = target / MERGED
+    if (target / COMPLETE).is_file():
+        return folder
+    tags = version.version_info.tags
+    info = model_version(MlflowClient(), version.name, tags.get(BASE_VERSION_TAG, ""))  # the fluent store's
+    base = StageVersion(version.stage, version.name, str(info.version), info.tags.get("content_hash", ""), info)
+    if ADAPTER_TAG in (info.tags or {}) or base.content_hash != tags.get(BASE_HASH_TAG):
+        raise RegistryLookupError(f"{version.label}: its base version {base.label} is not the full stage it was "
+                                  f"registered on (content hash {tags.get(BASE_HASH_TAG, '?')[:12]}…)")
+    base_folder = stage_folder(base, cache)
+    with atomic.folder_in_place(target) as staging:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
+                                            dst_path=str(staging))
+        adapter = staging / "artifacts" / STAGE_ARTIFACT
+        try:
+            check_folder(adapter, sealed=True)  # what arrived is what was registered
+            if lora.read_base(adapter).get("content_hash") != base.content_hash:
+                raise IntegrityError(f"its base.json names another base than {base.label}")
+            lora.merge_adapter_folder(version.stage, base_folder, adapter / lora.ADAPTER, staging / MERGED)
+        except (IntegrityError, UnsafeWeightsError, FileNotFoundError, ValueError) as exc:
             raise RegistryLookupError(f"{version.label}: {exc}") from None
         (staging / COMPLETE).write_text(version.label)
     return folder

@@ -5,7 +5,7 @@ previous stage's video. Output: a DataFrame with `video`, `frames`, `height`, `w
 uint8 arrays (frames, height, width, 3) in `.npy` bytes (`encode_video` / `decode_video`), so one stage's
 output is the next stage's input, in process or through a REST endpoint (binary columns are base64 there).
 Params: `seed`, `num_inference_steps`, `guidance_scale` (sr1 `noise_level`, sr2 `strength`), defaulting to
-the published settings.
+the published settings. A LoRA adapter version loads its base version's model and merges the adapter into its UNet.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import numpy as np
 from show1.models.configs import DEFAULTS
 
 STAGE_ARTIFACT = "stage"  # the key of the stage folder in the model's artifacts
+# A LoRA adapter version (show1.training.lora): its artifacts hold the adapter only; the tags name its base version,
+# and its model_config the base model (`base_model`), which loading merges the adapter into.
+ADAPTER_TAG, BASE_VERSION_TAG, BASE_HASH_TAG = "show1.adapter", "show1.base_version", "show1.base_content_hash"
+BASE_MODEL = "base_model"
 EXAMPLE_PROMPT = "a cartoon rabbit hops through a sunny meadow"
 # The video each stage takes (frames, height, width) at every profile: base's 64x40 keyframes, sr1's 256x160.
 EXAMPLE_INPUT: dict[str, tuple[int, int, int]] = {"interp": (8, 40, 64), "sr1": (8, 40, 64), "sr2": (2, 160, 256)}
@@ -114,7 +118,17 @@ class Show1StageModel(mlflow.pyfunc.PythonModel):
 
         self.stage = context.model_config["stage"]
         folder = Path(context.artifacts[STAGE_ARTIFACT])
-        self.pipeline = STAGE_PIPELINES[self.stage].from_pretrained(folder)
+        base_model = context.model_config.get(BASE_MODEL)
+        if base_model:  # a LoRA adapter version: its base version's pipeline, the adapter merged into the UNet
+            import mlflow.artifacts
+
+            from show1.training.lora import ADAPTER, apply_adapter
+
+            base = Path(mlflow.artifacts.download_artifacts(artifact_uri=base_model)) / "artifacts" / STAGE_ARTIFACT
+            self.pipeline = STAGE_PIPELINES[self.stage].from_pretrained(base)
+            apply_adapter(self.pipeline.unet, folder / ADAPTER)  # in place
+        else:
+            self.pipeline = STAGE_PIPELINES[self.stage].from_pretrained(folder)
         self.pipeline.set_progress_bar_config(disable=True)
         if torch.cuda.is_available() and context.model_config.get("device", "auto") != "cpu":
             self.pipeline.to("cuda")

@@ -55,7 +55,8 @@ def finished_run(stage: str, data_dir: Path | str, run_dir: Path | str, params: 
     orchestrator uses to skip a training whose inputs did not change)."""
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     config, final = run_dir / "config.json", run_dir / "final"
-    if not (config.is_file() and (final / "model_index.json").is_file() and (run_dir / METRICS).is_file()):
+    exported = (final / "model_index.json").is_file() or (final / "base.json").is_file()  # a LoRA run's: the adapter
+    if not (config.is_file() and exported and (run_dir / METRICS).is_file()):
         return None
     steps = max_steps or params.train_for(stage).max_steps
     wanted = fingerprint(stage, params, data_dir, steps, Path(text_encoder_dir or tiny_text_encoder_dir()))

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from show1.config import Params
+from show1.config import Params, Train
 from show1.provenance import data_version, dvc_data_hash, git_commit, params_hash
+from show1.registry.init_source import InitSource
 from show1.store import connect, experiment_id
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -33,9 +34,12 @@ class TrainingRun:
     """One MLflow run per training run folder; a resumed run continues the same MLflow run."""
 
     def __init__(self, params: Params, run_dir: Path, stage: str, data_dir: Path, text_encoder: Path,
-                 world_size: int = 1, sharding: str = "none", text: dict[str, str] | None = None):
+                 world_size: int = 1, sharding: str = "none", text: dict[str, str] | None = None,
+                 cfg: Train | None = None, init: InitSource | None = None):
         """`text`: where the captions' embeddings came from (`text_encoder_key`: the content hash of the encoder
-        that made them; `text_embeddings`: the store read, or that they were embedded at start)."""
+        that made them; `text_embeddings`: the store read, or that they were embedded at start). `cfg`: the stage's
+        training settings as trained (default `params.train_for(stage)`); `init`: what a fine-tuning started from
+        (a registered version is recorded as the tags `fine_tuned_from` and `fine_tuned_from_hash`)."""
         import mlflow
 
         self.mlflow = mlflow
@@ -47,13 +51,15 @@ class TrainingRun:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / RUN_ID_FILE).write_text(self.run.info.run_id)
             flat: dict[str, Any] = {}
-            _flatten("train", params.train_for(stage).model_dump(mode="json"), flat)
+            _flatten("train", (cfg or params.train_for(stage)).model_dump(mode="json"), flat)
+            if init is not None:
+                flat["init_from"] = init.reference
             mlflow.log_params(flat | {"stage": stage, "profile": params.profile, "data": str(data_dir),
                                       "text_encoder": str(Path(text_encoder).resolve()), "world_size": world_size,
                                       "sharding": sharding} | (text or {}))
             tags = {"show1.kind": "training", "stage": stage, "git_commit": git_commit(),
                     "data_version": data_version(data_dir), "params_hash": params_hash(params, stage),
-                    "run_dir": str(Path(run_dir).resolve())}
+                    "run_dir": str(Path(run_dir).resolve())} | (init.tags() if init else {})
             if text and "text_encoder_key" in text:  # copied onto the registered versions (lineage)
                 tags["text_encoder_key"] = text["text_encoder_key"]
             dvc_hash = dvc_data_hash(data_dir)

@@ -9,14 +9,15 @@ restored, and every random draw of a clip comes from a generator keyed by (seed,
 global batch), so on the CPU a resumed run's losses equal an uninterrupted run's bit for bit. Under torchrun or
 `accelerate launch` the processes share each global batch (show1.training.ranks); only the main one writes. With
 FSDP (show1.training.sharding) the UNet, its gradients, EMA and optimizer state are sharded over the processes, and
-checkpoints are gathered into the same files.
+checkpoints are gathered into the same files. With `train.lora` only peft adapters on the frozen --init-from UNet are
+trained (show1.training.lora): optimizer, EMA, checkpoints and final/ hold the adapter, not the UNet.
 
 RUN_DIR/metrics.jsonl      one row per optimizer step: step, loss (mean over the global batch), lr, samples_per_s
                            (and gpu_peak_gb on CUDA: the main process's peak allocated memory so far)
 RUN_DIR/checkpoints/step-N/ a stage folder (model_index.json, unet/, scheduler/ …) + ema.safetensors,
                            training_state.safetensors/.json (optimizer, LR, RNG), state.json,
                            checksums.json (sha256 of every file: a changed file refuses to load)
-RUN_DIR/final/             a stage folder (EMA weights) that the stage's pipeline loads
+RUN_DIR/final/             a stage folder (EMA weights) that the stage's pipeline loads (LoRA: adapter/ and base.json)
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ from show1.pipelines.sr2 import (
     tiny_sr2_components,
 )
 from show1.pipelines.weights import assemble_stage
-from show1.training import sharding
+from show1.registry.init_source import InitSource, resolve_init_source
+from show1.training import lora, sharding
 from show1.training.captions import CaptionEmbeddings, caption_embeddings
 from show1.training.clip_batches import ClipBatches
 from show1.training.data_order import DataOrder
@@ -130,6 +132,19 @@ def load_model(stage: str, params: Params, text_dim: int, init_from: Path | None
     return StageModel(unet, scheduler_from_config(pixel_scheduler_config() | {"_class_name": "DDPMScheduler"}))
 
 
+def _init_source(init_from: Path | str | None, stage: str, params: Params, ranks: Ranks) -> InitSource | None:
+    """`--init-from` as a folder on this machine: a registered version (`models:/show1-base@champion`) is resolved
+    and downloaded by the main process first, then found in the cache by the others."""
+    if init_from is None:
+        return None
+    if ranks.is_main:
+        source = resolve_init_source(init_from, stage, params)
+    ranks.wait()
+    if not ranks.is_main:
+        source = resolve_init_source(init_from, stage, params)
+    return source
+
+
 @contextlib.contextmanager
 def _tracked(tracker: TrainingRun | None) -> Iterator[None]:
     """End the MLflow run as FAILED (not left RUNNING) when training raises."""
@@ -142,7 +157,7 @@ def _tracked(tracker: TrainingRun | None) -> Iterator[None]:
 
 
 def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params, max_steps: int | None = None,
-          checkpoint_every: int | None = None, resume: str | None = None, init_from: Path | None = None,
+          checkpoint_every: int | None = None, resume: str | None = None, init_from: Path | str | None = None,
           init_2d: Path | None = None, text_encoder_dir: Path | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None, track: bool = True,
           embeddings_dir: Path | None = None) -> TrainResult:
@@ -157,6 +172,8 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     if resume not in (None, "latest"):
         raise ValueError(f"--resume takes 'latest', got {resume!r}")
     cfg: Train = params.train_for(stage)
+    if init_from is not None:  # fine-tuning a trained stage: train.finetune's steps and learning rate
+        cfg = cfg.fine_tuning()
     max_steps = max_steps or cfg.max_steps
     checkpoint_every = checkpoint_every or cfg.checkpoint_every
     run_dir = Path(run_dir)
@@ -166,7 +183,9 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
     plan = sharding.plan(cfg.fsdp, cfg.mixed_precision, accelerator)
+    lora.check_setup(cfg.lora, init_from, plan.sharded)
     ranks = Ranks(accelerator)
+    init = _init_source(init_from, stage, params, ranks)
     per_process = micro_batch(cfg.batch_size, cfg.grad_accum, ranks.world_size)
     torch.manual_seed(cfg.seed)
     files = CuratedFiles(data_dir, cfg.data_cache, cfg.data_cache.dir or params.paths.cache / "streamed")
@@ -181,8 +200,13 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     text_encoder_dir = Path(text_encoder_dir or tiny_text_encoder_dir())
     captions = caption_embeddings(data_dir, clips.captions, text_encoder_dir, embeddings_dir, accelerator.device,
                                   index_file)
-    model = load_model(stage, params, captions.dim, init_from, init_2d)
+    model = load_model(stage, params, captions.dim, init and init.folder, init_2d)
     unet = model.unet
+    base = None  # LoRA: the stage folder the adapter adapts (base.json), with the UNet frozen under the adapter
+    if cfg.lora is not None:
+        assert init is not None  # lora.check_setup
+        base = lora.base_record(stage, init.folder, init.reference, init.content_hash)
+        lora.add_adapter(unet, cfg.lora)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -191,7 +215,8 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                        plan.activation_checkpointing and not cfg.gradient_checkpointing)
     elif plan.by == "accelerate":
         sharding.set_units(unet)  # the blocks accelerate's wrap policy shards
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(lora.trained_parameters(unet, cfg.lora), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
     # Not prepared: accelerate would step a prepared schedule once per process. It steps once per optimizer step.
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
     if plan.by == "show1":
@@ -199,7 +224,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     trained = accelerator.unwrap_model(unet)  # the module whose parameters (sharded or whole) the optimizer steps
-    ema = EMAModel(trained.parameters(), decay=cfg.ema_decay)  # sharded like the parameters
+    ema = EMAModel(lora.trained_parameters(trained, cfg.lora), decay=cfg.ema_decay)  # sharded like the parameters
     noise_schedule = model.noise_schedule
     # sr1 noises its condition with IF-II's image-noising schedule; sr2 encodes with its frozen VAE.
     auxiliary = (model.vae.to(accelerator.device) if SPECS[stage].latent
@@ -217,7 +242,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
         # From the newest checkpoint, or from step 0 when the run was killed before its first one.
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is not None:
-            step = _restore(checkpoint, trained, ema, optimizer, lr_schedule, order)
+            step = _restore(checkpoint, trained, ema, optimizer, lr_schedule, order, base)
     elif (run_dir / METRICS).is_file() or latest_checkpoint(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume latest, or choose a new --out")
     ranks.wait()  # every process has read the run folder before the main one writes to it
@@ -230,9 +255,12 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
         for folder in (run_dir, run_dir / CHECKPOINTS):  # what a killed checkpoint or export write left behind
             atomic.remove_stale_folders(folder)
         tracker = (TrainingRun(params, run_dir, stage, data_dir, text_encoder_dir, ranks.world_size,
-                               f"fsdp ({plan.by})" if plan.sharded else "none", captions.source) if track else None)
+                               f"fsdp ({plan.by})" if plan.sharded else "none", captions.source, cfg, init)
+                   if track else None)
         atomic.write_text(run_dir / "config.json", json.dumps({
             "stage": stage, "params": params.model_dump(mode="json"), "data": str(data_dir),
+            "init_from": None if init is None else {"reference": init.reference, "folder": str(init.folder),
+                                                    **init.tags()},
             "fingerprint": fingerprint(stage, params, data_dir, max_steps, text_encoder_dir)}, indent=2, default=str))
 
     # --- the loop ----------------------------------------------------------------------------------------------------
@@ -276,7 +304,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                         optimizer.zero_grad()
                     local += loss.item() / cfg.grad_accum
             total = ranks.mean(local)  # equal shares: the mean of the processes' means is the global batch's
-            ema.step(trained.parameters())
+            ema.step(lora.trained_parameters(trained, cfg.lora))
             step += 1
             if not math.isfinite(total):
                 raise FloatingPointError(f"loss became {total} at step {step}: lower train.learning_rate")
@@ -302,12 +330,12 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
             if sample_now:
                 _log_sample(stage, run_dir, step, state, model.vae, clips, captions, cfg.sample_steps, tracker)
             if checkpoint_now:
-                _checkpoint(stage, run_dir, step, state, model.vae, ema, lr_schedule, order, cfg.keep_last)
+                _checkpoint(stage, run_dir, step, state, model.vae, ema, lr_schedule, order, cfg.keep_last, base)
     # --- the stage folder ------------------------------------------------------------------------------------------
     final = run_dir / "final"
     state = sharding.gather(trained, ema.shadow_params, optimizer, plan.sharded, ranks.is_main, with_optimizer=False)
     if ranks.is_main:
-        _export(stage, run_dir, state, model.vae)
+        _export(stage, run_dir, state, model.vae, base)
         if tracker:
             tracker.finish(final)
     ranks.wait()  # final/ is whole before any process returns it
@@ -319,16 +347,21 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
 
 
 def _checkpoint(stage: str, run_dir: Path, step: int, state: sharding.Gathered, vae: Any, ema: EMAModel,
-                lr_schedule: Any, order: DataOrder, keep_last: int) -> Path:
+                lr_schedule: Any, order: DataOrder, keep_last: int, base: dict[str, Any] | None = None) -> Path:
     """Write checkpoints/step-N atomically (a temp folder renamed into place), then prune to the last K.
 
     A checkpoint is a stage folder (the training weights, loadable by the stage's pipeline) plus the EMA
-    weights and the training state, whole whether or not the run is sharded."""
+    weights and the training state, whole whether or not the run is sharded. A LoRA run's (`base`) holds the
+    adapter and base.json instead of the stage folder: the frozen base is --init-from's."""
     folder = run_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:06d}"
     with atomic.folder_in_place(target) as staging:
-        assemble_stage(stage, state.unet, vae).save_pretrained(staging, safe_serialization=True)
+        if base is not None:
+            lora.save_adapter(state.unet, staging / lora.ADAPTER)
+            lora.write_base(staging, base)
+        else:
+            assemble_stage(stage, state.unet, vae).save_pretrained(staging, safe_serialization=True)
         save_file({f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(state.ema)},
                   str(staging / "ema.safetensors"))
         tensor_tree.save({"optimizer": state.optimizer, "lr_schedule": lr_schedule.state_dict(),
@@ -346,16 +379,24 @@ def _checkpoint(stage: str, run_dir: Path, step: int, state: sharding.Gathered, 
 
 
 def _restore(checkpoint: Path, unet: torch.nn.Module, ema: EMAModel, optimizer: Any, lr_schedule: Any,
-             order: DataOrder) -> int:
+             order: DataOrder, base: dict[str, Any] | None = None) -> int:
     try:
         check_folder(checkpoint, sealed=True)
     except IntegrityError as exc:
         steps = sorted(p.name for p in checkpoint.parent.glob("step-*") if p != checkpoint)
         hint = f" Delete it to resume from {steps[-1]}." if steps else ""
         raise IntegrityError(f"cannot resume from checkpoint {checkpoint.name}: {exc}.{hint}") from None
-    # Whole tensors in the files; each process keeps its shard when the run is sharded.
-    weights = checkpoint / "unet" / "diffusion_pytorch_model.safetensors"
-    sharding.load_weights(unet, load_file(str(weights)), str(weights))
+    if lora.is_adapter_folder(checkpoint) != (base is not None):
+        raise ValueError(f"{checkpoint} is a {'LoRA' if base is None else 'full-training'} checkpoint and train.lora "
+                         f"is {'set' if base is not None else 'null'}: resume with the settings the run started with")
+    if base is not None:  # the base is --init-from's (the same one); the adapter is the checkpoint's
+        lora.check_same_base(checkpoint, base)
+        weights = checkpoint / lora.ADAPTER / lora.WEIGHTS
+        lora.load_adapter(unet, load_file(str(weights)), str(weights))
+    else:
+        # Whole tensors in the files; each process keeps its shard when the run is sharded.
+        weights = checkpoint / "unet" / "diffusion_pytorch_model.safetensors"
+        sharding.load_weights(unet, load_file(str(weights)), str(weights))
     shadow = load_file(str(checkpoint / "ema.safetensors"))
     if len(shadow) != len(ema.shadow_params):
         raise ValueError(f"{checkpoint / 'ema.safetensors'} holds {len(shadow)} tensors, this UNet has "
@@ -378,7 +419,10 @@ def _restore(checkpoint: Path, unet: torch.nn.Module, ema: EMAModel, optimizer: 
 def _ema_copy(state: sharding.Gathered, last_use: bool = False) -> torch.nn.Module:
     """A model holding the EMA weights. A separate one (the training model is left as it is), except on the state's
     `last_use` when it owns its UNet (a sharded run's export): then that copy takes the EMA weights itself, and the
-    host holds one whole UNet fewer (7 GB for the paper's base UNet in fp32)."""
+    host holds one whole UNet fewer (7 GB for the paper's base UNet in fp32). With a LoRA adapter: a plain UNet, the
+    EMA adapter merged into a copy of the base."""
+    if lora.has_adapter(state.unet):
+        return lora.merged_copy(state.unet, state.ema).eval()
     if last_use and state.owned:
         ema_unet = state.unet
     else:
@@ -403,10 +447,18 @@ def _log_sample(stage: str, run_dir: Path, step: int, state: sharding.Gathered, 
     return path
 
 
-def _export(stage: str, run_dir: Path, state: sharding.Gathered, vae: Any = None) -> Path:
-    """The EMA weights as a stage folder (issue-3 layout) that the stage's pipeline loads."""
-    pipe = assemble_stage(stage, _ema_copy(state, last_use=True), vae)  # `state` is not used after the export
+def _export(stage: str, run_dir: Path, state: sharding.Gathered, vae: Any = None,
+            base: dict[str, Any] | None = None) -> Path:
+    """The EMA weights as a stage folder (issue-3 layout) that the stage's pipeline loads; a LoRA run's (`base`):
+    the EMA adapter and base.json (show1.training.lora)."""
     target = run_dir / "final"
+    if base is not None:
+        with atomic.folder_in_place(target) as staging:
+            lora.save_adapter(state.unet, staging / lora.ADAPTER, state.ema)
+            lora.write_base(staging, base)
+            integrity.seal(staging)
+        return target
+    pipe = assemble_stage(stage, _ema_copy(state, last_use=True), vae)  # `state` is not used after the export
     with atomic.folder_in_place(target) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
         integrity.seal(staging)

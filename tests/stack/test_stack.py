@@ -221,6 +221,104 @@ def test_a_deployment_runs_on_the_stacks_cpu_worker(stack):
         assert [v.version for v in client.search_model_versions(f"name = 'show1-{stage}'")] == ["1"]
 
 
+def _events(base: str, name: str, at_least: int = 0) -> list[dict]:
+    """The server's events named `name`, once it has stored `at_least` of them (it stores them in batches)."""
+    deadline = time.monotonic() + 120
+    while len(events := api(base, "/events/filter", {"filter": {"event": {"name": [name]}}, "limit": 50})["events"]
+              ) < at_least:
+        assert time.monotonic() < deadline, f"{len(events)} {name} events stored, not {at_least}"
+        time.sleep(1)
+    return events
+
+
+def _refresh_runs(base: str, deployment: str) -> list[dict]:
+    return api(base, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment]}}})
+
+
+def test_ingests_alone_trigger_refreshes_one_at_a_time_that_fine_tune_the_champions_and_record_the_gate(
+        stack, tmp_path):
+    """The loop closes itself: prefect.yaml's `refresh` deployment (an event trigger on show1.data.ingested) deployed
+    to the stack, then `show1 ingest` of new clips, and no other command: the stack's gpu worker fine-tunes each
+    evaluated stage from its champion, registers, evaluates both, and the gate's decision is on the new versions and
+    on the flow run (a markdown artifact). A second ingest during that refresh gets its own run, which waits for the
+    first (the deployment's concurrency limit). A hostile manifest ingests to quarantine and triggers nothing."""
+    import media
+
+    from show1.provenance import data_version
+
+    env = stack.env()
+    base = env["PREFECT_API_URL"]
+    done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "refresh"],
+                          cwd=stack.project, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    deployment = api(base, "/deployments/name/show1-refresh/refresh")
+    assert deployment["work_pool_name"] == "gpu"
+    assert (deployment.get("global_concurrency_limit") or {}).get("limit") == 1 or \
+        deployment.get("concurrency_limit") == 1, deployment
+    automations = api(base, "/automations/filter", {})
+    assert any(a["trigger"].get("expect") == ["show1.data.ingested"] for a in automations), automations
+
+    curated = stack.project / "data" / "curated"
+    versions, videos = [], []
+    for batch, seed in enumerate((11, 12)):
+        video = media.write_video(tmp_path / f"new-{seed}.mp4", frames=120, fps=24, size=(256, 160), seed=seed)
+        videos.append(video)
+        manifest = tmp_path / f"new-{batch}.csv"
+        manifest.write_text(f"id,video,caption,split\nnew{batch},{video},a new moving pattern number {batch},train\n")
+        ingested = show1(["ingest", str(manifest)], stack.project, env)
+        assert "event show1.data.ingested sent" in ingested.stdout, ingested.stdout
+        versions.append(data_version(curated))
+        deadline = time.monotonic() + 600
+        while batch == 0 and not any(r["state_type"] == "RUNNING" for r in _refresh_runs(base, deployment["id"])):
+            assert time.monotonic() < deadline, "the first ingest started no refresh"
+            time.sleep(1)  # the second ingest comes while the first refresh runs
+    events = _events(base, "show1.data.ingested", at_least=2)
+    assert sorted(e["payload"]["data_version"] for e in events) == sorted(versions)
+    assert all(e["payload"]["kept"] == 1 for e in events)
+
+    deadline = time.monotonic() + 1500
+    while len(runs := _refresh_runs(base, deployment["id"])) < 2 or any(
+            r["state_type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
+        assert time.monotonic() < deadline, f"the refreshes did not finish: {runs}"
+        time.sleep(3)
+    log = (stack.folder / "logs" / "worker-gpu.log").read_text()
+    assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"], log[-6000:]
+    first, second = sorted(runs, key=lambda r: r["start_time"])
+    assert [first["name"], second["name"]] == [f"refresh-{v[:12]}" for v in versions]
+    assert second["start_time"] >= first["end_time"]  # one at a time: the second waited for the first
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    for stage in ("base", "interp"):  # evaluate.stages of the small cascade: the stages a refresh fine-tunes
+        name = f"show1-{stage}"
+        two, three = client.get_model_version(name, "2"), client.get_model_version(name, "3")
+        assert two.tags["fine_tuned_from"] == f"{name}/1" and two.tags["data_version"] in versions
+        # the second refresh started from the champion the first one left
+        after_first = "2" if two.tags["promotion.decision"] == "promoted" else "1"
+        assert three.tags["fine_tuned_from"] == f"{name}/{after_first}"
+        assert three.tags["data_version"] == versions[1]
+        tree = json.loads(show1(["lineage", f"{name}/3", "--json"], stack.project, env).stdout)
+        training = tree["children"][0]
+        assert [c["kind"] for c in training["children"]] == ["data", "fine-tuned from"]
+        assert training["children"][0]["label"] == versions[1]
+        assert training["children"][1]["label"] == f"{name}/{after_first}"
+        for version in (two, three):  # the champion moved, or stayed with the refusal recorded on the challenger
+            assert version.tags["promotion.decision"] in ("promoted", "rejected") and version.tags["promotion.reason"]
+        champion = client.get_model_version_by_alias(name, "champion").version
+        assert champion == ("3" if three.tags["promotion.decision"] == "promoted" else after_first)
+    artifacts = api(base, "/artifacts/filter", {"artifacts": {"key": {"any_": ["show1-refresh"]}}})
+    assert len(artifacts) == 2 and any("| base | show1-base/3 |" in a["data"] for a in artifacts), artifacts
+
+    hostile = tmp_path / "hostile.csv"
+    hostile.write_text("id,video,caption,split\n"
+                       f"gone,{tmp_path / 'missing.mp4'},a video that is not there,train\n"
+                       f"empty,{videos[0]},,train\n")
+    refused = show1(["ingest", str(hostile)], stack.project, env, ok=False)
+    assert "quarantined" in refused.stdout and "no event" in refused.stdout, refused.stdout + refused.stderr
+    time.sleep(5)  # an automation would have made its flow run by now
+    assert len(_events(base, "show1.data.ingested")) == 2
+    assert len(_refresh_runs(base, deployment["id"])) == 2
+
+
 def test_two_processes_registering_one_checkpoint_on_postgresql_make_one_version(stack, tmp_path):
     params = yaml.safe_load((stack.project / "params.yaml").read_text())
     params["registry"] = {"model_prefix": "race"}
@@ -321,6 +419,9 @@ def test_training_carries_on_through_a_killed_and_restarted_mlflow_server(stack,
 
 def test_down_stops_everything_and_up_brings_back_the_registry_and_its_files(stack, tmp_path, monkeypatch):
     state = read_state(stack.folder)
+    before = stack.env()
+    champion = MlflowClient(tracking_uri=before["MLFLOW_TRACKING_URI"], registry_uri=before["MLFLOW_TRACKING_URI"]
+                            ).get_model_version_by_alias("show1-base", "champion").version
     down = show1(["stack", "down", "--dir", str(stack.folder)], stack.project, stack.base_env)
     assert "stopped: worker-gpu, worker-cpu, prefect, mlflow, s3, postgres" in down.stdout, down.stdout
     # each on its stop signal, although `stack up` ran as a background job (its Prefect workers stop their inner
@@ -341,7 +442,7 @@ def test_down_stops_everything_and_up_brings_back_the_registry_and_its_files(sta
           stack.project, stack.base_env)
     env = stack.env()
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
-    assert client.get_model_version_by_alias("show1-base", "champion").version == "1"  # PostgreSQL kept it
+    assert client.get_model_version_by_alias("show1-base", "champion").version == champion  # PostgreSQL kept it
     # and the S3 store got its files back: downloaded through the tracking server
     from mlflow.artifacts import download_artifacts
 
