@@ -468,7 +468,8 @@ def test_refresh_flow_fine_tunes_the_champion_evaluates_both_and_records_the_dec
                                                                                        prefect_home):
     """flows/refresh.py (what the `refresh` deployment's event trigger runs), here on Prefect's ephemeral API: the
     champion is fine-tuned, registered as challenger, both cascades evaluated on the same prompts and seeds, and the
-    gate's decision recorded on the new version; the champion moves only if the challenger passed."""
+    gate's decision recorded on the new version; the champion moves only if the challenger passed. A refresh that
+    fails before the gate changes nothing in the registry."""
     params_file = write_params(tmp_path, "rf")
     doc = yaml.safe_load(params_file.read_text())
     doc["train"] |= {"finetune": {"max_steps": 1}}
@@ -482,12 +483,23 @@ def test_refresh_flow_fine_tunes_the_champion_evaluates_both_and_records_the_dec
 
     version = data_version(params.paths.curated)
     env = os.environ | {"MLFLOW_TRACKING_URI": store, "PREFECT_HOME": str(prefect_home), "PYTHONPATH": str(ROOT)}
-    done = warm.run([sys.executable, "-m", "flows.refresh", "--data-version", version, "--params", str(params_file)],
-                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    refresh = [sys.executable, "-m", "flows.refresh", "--data-version", version, "--params", str(params_file)]
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    # A refresh whose fine-tuning diverges fails before the gate and leaves the champion and the registry as they
+    # were.
+    diverging = tmp_path / "diverging.yaml"
+    diverging.write_text(yaml.safe_dump(doc | {"train": doc["train"] | {"finetune": {"max_steps": 2,
+                                                                                     "learning_rate": 1e12}},
+                                               "paths": doc["paths"] | {"runs": str(tmp_path / "diverged")}}))
+    failed = warm.run([*refresh[:-1], str(diverging)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                      timeout=600)
+    assert failed.returncode != 0 and "loss became" in failed.stdout + failed.stderr, failed.stdout[-3000:]
+    assert [str(v.version) for v in versions(store, "rf-base")] == ["1"]
+    assert str(client.get_model_version_by_alias("rf-base", "champion").version) == "1"
+    done = warm.run(refresh, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert f"refresh-{version[:12]}" in output and "base: fine-tuning from the champion rf-base/1" in output
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
     new = client.get_model_version("rf-base", "2")
     assert new.tags["fine_tuned_from"] == "rf-base/1" and new.tags["data_version"] == version
     assert "challenger" in new.aliases
