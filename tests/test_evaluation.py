@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from services import api
+from services import api, prefect_server
 from shared_cache import new_mlflow_store
 from typer.testing import CliRunner
 
@@ -306,7 +306,6 @@ def test_nightly_deployment_on_a_real_prefect_server(project, report, tmp_path, 
     import os
     import subprocess
     import sys
-    import time
 
     bin_dir = Path(sys.executable).parent
     # The nightly evaluation fans its prompts out over 2 Dask worker processes (prefect-dask's task runner).
@@ -324,20 +323,7 @@ def test_nightly_deployment_on_a_real_prefect_server(project, report, tmp_path, 
                         "PREFECT_API_URL": base, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
                         "SHOW1_HOME": str(home), "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(home),
                         "OMP_NUM_THREADS": "1"}  # the flow scores on one thread, as `report` did
-    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=env | {"PREFECT_API_URL": ""}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                api(base, "/health")
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"prefect server did not start: {server.stderr.read()[-2000:]}") from None
-                time.sleep(1)
-
+    with prefect_server(tmp_path, env, port):
         def prefect(*args: str, timeout: int = 300) -> str:
             done = subprocess.run([str(bin_dir / "prefect"), *args], cwd=home, env=env, capture_output=True,
                                   text=True, timeout=timeout)
@@ -357,12 +343,6 @@ def test_nightly_deployment_on_a_real_prefect_server(project, report, tmp_path, 
         prefect("worker", "start", "--pool", "gpu", "--run-once", timeout=600)
         state = api(base, f"/flow_runs/{run['id']}")["state"]
         assert state["type"] == "COMPLETED", state
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
     metrics = json.loads((tmp_path / "nightly" / "metrics.json").read_text())
     # Both workers generated (each loaded the cascade for its batch); the numbers are the serial run's.
     rows = json.loads((tmp_path / "nightly" / "per_prompt.json").read_text())

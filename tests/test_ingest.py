@@ -19,14 +19,13 @@ import media
 import pytest
 from conftest import CLIPS_PER_GOOD_VIDEO, REPO
 from safetensors import safe_open
-from services import api
+from services import api, prefect_server
 from shared_cache import new_prefect_home
 
 from show1.config import Params
 from show1.data.curate import curate
 from show1.data.ingest import INGESTED, ContractBroken, dataset_resource_id, ingest
 from show1.provenance import data_version
-from show1.stack.processes import free_port
 
 CAPTIONS = ["A red square over drifting stripes.", "Green waves roll to the right.", "Blue bars slide upwards.",
             "Orange rings pulse outwards.", "Purple dots scatter and swirl.", "Yellow lines sweep across."]
@@ -203,34 +202,13 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> Itera
     """A real Prefect server (its own PREFECT_HOME, a free port) for the module; yields its API URL."""
     folder = tmp_path_factory.mktemp("prefect-server")
     home = new_prefect_home(shared, folder / "home")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+    env = os.environ | {
         "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
         "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false", "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.2"}  # events readable at once
-    base = f"http://127.0.0.1:{port}/api"
-    with open(folder / "server.log", "w") as log:
-        server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                                   "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                api(base, "/health")
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"prefect server did not start: {(folder / 'server.log').read_text()[-2000:]}"
-                                         ) from None
-                time.sleep(0.5)
+    with prefect_server(folder, env) as base:
         yield base
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def client_env(base: str, tmp_path: Path) -> dict[str, str]:

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import warm
 import yaml
 from mlflow.tracking import MlflowClient
+from services import mlflow_server
 from shared_cache import new_mlflow_store
 from typer.testing import CliRunner
 
@@ -28,7 +28,6 @@ from show1.registry import register as register_module
 from show1.registry.promote import check_gate, promote_stage, record_evaluation
 from show1.registry.register import RegistrationError, register_stage
 from show1.registry.resolve import parse_refs, resolve, stage_folder
-from show1.stack.processes import free_port
 from show1.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,25 +361,8 @@ def _get(base: str, path: str, **query: str) -> dict:
 def test_the_registry_is_browsable_through_a_real_mlflow_server(trained, tmp_path, store):
     params = load_params(write_params(tmp_path, "ui"))
     registered = register_stage(params, "base", trained["base"] / "final")
-    port = free_port()
     db = Path(store.removeprefix("sqlite:///"))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--default-artifact-root",
-         str(db.parent / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        # No job runner: its ~7 consumer processes (GenAI jobs) cost ~25 CPU-s to start and show1 has no jobs.
-        env=os.environ | {"MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"mlflow server did not start: {server.stderr.read()[-2000:]}") from None
-                time.sleep(0.5)
+    with mlflow_server(tmp_path, store, db.parent / "artifacts") as base:
         models = _get(base, "/api/2.0/mlflow/registered-models/search", filter="name LIKE 'ui-%'")
         [model] = models["registered_models"]
         assert model["name"] == "ui-base" and "keyframe" in model["description"]
@@ -394,12 +376,6 @@ def test_the_registry_is_browsable_through_a_real_mlflow_server(trained, tmp_pat
         assert by_alias["model_version"]["version"] == registered.version
         run = _get(base, "/api/2.0/mlflow/runs/get", run_id=tags["training_run_id"])["run"]
         assert {t["key"]: t["value"] for t in run["data"]["tags"]}["stage"] == "base"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 @pytest.mark.slow
