@@ -5,7 +5,11 @@ evaluate → promote, each step a subflow of the flows beside this file.
 runs on the ephemeral API; with `prefect server start` every subflow and task shows in the UI. Re-running it
 re-does only what changed: curation skips unchanged chunks, training reuses a finished run with the same
 params and data, registration returns the existing version of the same content, and an evaluation of the same
-versions, prompts and settings is reused (`show1 evaluate` always evaluates again, with the same numbers).
+versions, prompts and settings is reused (`show1 evaluate` always evaluates again, with the same numbers). A
+finished training tracked in another MLflow store than this run's is logged into this one first (flows/train.py).
+
+Run from the command line, a failure ends in one `error:` line; Prefect's tracebacks go to a file that line names
+(`--verbose` shows them instead), and stay whole in a Prefect server's run logs.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from flows.curate import curate_flow
 from flows.generate_evaluate import generate_evaluate_flow
 from flows.register import promote_flow, register_flow
 from flows.train import train_flow
-from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params, prefect_api_url
+from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params, prefect_api_url, show1_command
+from show1.flow_failures import FlowFailed, run_flow
 from show1.inputs import printable
 from show1.models.configs import STAGES
 from show1.preflight import check_run_inputs
@@ -48,11 +53,12 @@ def cascade_flow(params_path: str = str(DEFAULT_PARAMS), profile: str | None = N
 
 
 def prefect_ui() -> str:
-    """Where this run's flow runs can be browsed."""
+    """Where this run's flow runs can be browsed: the server's UI, or (they went to a temporary server) the command
+    that serves one that the next runs started here report to."""
     api = prefect_api_url()
     if api:
         return f"open {api.removesuffix('/').removesuffix('/api')} (the Prefect server's UI)"
-    return "prefect server start  (then re-run to watch it)"
+    return f"{show1_command()} ui  (then the runs started in this folder show in its Prefect UI)"
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -84,6 +90,8 @@ if __name__ == "__main__":
     parser.add_argument("--no-promote", action="store_true")
     parser.add_argument("--no-wait", action="store_true",
                         help="refuse at once, instead of waiting, when another run holds this folder's lock")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the tracebacks of a failure here (default: in a file the error line names)")
     args = parser.parse_args()
     try:
         check_run_inputs(load_params(args.params, args.profile), args.manifest, args.prompts, args.limit)
@@ -91,8 +99,8 @@ if __name__ == "__main__":
         parser.exit(2, f"error: {printable(str(exc))}\n")
     try:
         with project_run_lock(Path.cwd(), wait=not args.no_wait, on_wait=print):
-            outcome = cascade_flow(args.params, args.profile, args.manifest, args.prompts, args.limit,
-                                   not args.no_promote)
-    except RunLockedError as exc:
-        parser.exit(1, f"error: {exc}\n")
+            outcome = run_flow(cascade_flow, args.params, args.profile, args.manifest, args.prompts, args.limit,
+                               not args.no_promote, verbose=args.verbose)
+    except (RunLockedError, FlowFailed) as exc:
+        parser.exit(1, f"error: {printable(str(exc))}\n")
     print("\n" + "\n".join(summary_lines(outcome)))

@@ -17,22 +17,12 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from flows.dask_runner import api_for_workers, dask_task_runner
+from flows.retry import io_error, retry_if
 from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
 from show1.data import curate as curation
 
 
-def _io_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only what may be transient (files, network); a bug fails at once."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-@task(name="curate-chunk", retries=2, retry_delay_seconds=1, retry_condition_fn=_io_error,
+@task(name="curate-chunk", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_if(io_error),
       cache_policy=NO_CACHE)
 def curate_chunk(job: curation.ChunkJob, force: bool = False) -> curation.ChunkReport:
     return curation.run_chunk(job, force=force)

@@ -18,6 +18,7 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from flows.curate import curate_chunk
+from flows.retry import retry_if
 from show1 import events
 from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
 from show1.data import curate as curation
@@ -29,7 +30,8 @@ def new_manifests(location: str, data: str) -> list[str]:
     return pending_manifests(location, data)
 
 
-@task(name="emit-ingested-event", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="emit-ingested-event", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if(lambda exc: isinstance(exc, (events.EventNotSent, OSError))))
 def announce(report: IngestReport) -> str | None:
     """Send show1.data.ingested to the Prefect server (the flow run attached); None with no server configured."""
     if events.server() is None:

@@ -1,7 +1,8 @@
 """Prefect flows: register trained stages in the MLflow Model Registry, and promote challengers.
 
-Registration is retried on transient store errors (a busy sqlite file, a tracking server that hiccups);
-it is idempotent by content hash, so a retry never makes a second version. `python -m flows.register --help`.
+Registration is retried on transient store errors (a busy sqlite file, a tracking server that hiccups, an upload
+that failed), never on bad input (a damaged checkpoint fails at once); it is idempotent by content hash, so a retry
+never makes a second version. `python -m flows.register --help`.
 """
 
 from __future__ import annotations
@@ -12,15 +13,25 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.retry import retry_if
 from show1.config import DEFAULT_PARAMS, apply_environment_defaults, load_params
 from show1.models.configs import STAGES
 
 
-@task(name="register-stage", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def _retryable(exc: BaseException) -> bool:
+    from show1.registry.register import retryable
+
+    return retryable(exc)
+
+
+@task(name="register-stage", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if(_retryable),
+      cache_policy=NO_CACHE)
 def register_stage(stage: str, params_path: Path, profile: str | None, checkpoint: str | None) -> dict[str, Any]:
     from show1.registry.register import register_stage as register
 
     version = register(load_params(params_path, profile), stage, Path(checkpoint) if checkpoint else None)
+    if version.note:
+        print(f"{stage}: {version.note}")
     print(f"{stage}: {'registered' if version.created else 'already registered as'} {version.uri} (challenger)")
     return {"stage": stage, "model": version.name, "version": version.version, "created": version.created,
             "content_hash": version.content_hash}

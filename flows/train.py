@@ -26,6 +26,7 @@ from show1.config import (
     train_processes,
 )
 from show1.training.runs import TRAINABLE_STAGES, TrainResult, finished_run
+from show1.training.tracking import NotInStore, run_in_store
 
 
 @task(name="train-stage", cache_policy=NO_CACHE)
@@ -36,15 +37,22 @@ def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profil
     target = run_dir
     if reuse and resume is None:
         done = finished_run(stage, data, run_dir, params, max_steps)
+        why = f"inputs changed since {run_dir} was trained"
         if done is not None:  # same params, data and steps: the finished run is the result (as DVC would skip it)
-            print(f"{stage}: unchanged inputs, reusing the finished run {run_dir}")
-            return {"stage": stage, "final": str(done.final), "reused": True, **done.summary()}
+            try:  # its training tracked in this store (registration links the version to it)
+                tracked = run_in_store(params, run_dir)
+            except NotInStore as exc:
+                why = str(exc)
+            else:
+                if tracked is not None and (note := tracked.note(run_dir)):  # logged into this store just now
+                    print(f"{stage}: {note}")
+                print(f"{stage}: unchanged inputs, reusing the finished run {run_dir}")
+                return {"stage": stage, "final": str(done.final), "reused": True, **done.summary()}
         if run_dir.exists():
             # Trained beside the finished run, which it replaces only once it has finished: a failed or killed
             # training leaves the previous run (and its final/ stage folder) as it was.
             target = run_dir.parent / f".{run_dir.name}.next"
-            print(f"{stage}: inputs changed since {run_dir} was trained: training again in {target}; it replaces "
-                  f"{run_dir} when it finishes")
+            print(f"{stage}: {why}: training again in {target}; it replaces {run_dir} when it finishes")
             shutil.rmtree(target, ignore_errors=True)  # what a killed retraining left: started again
     result = _train(stage, data, target, params_path, params, profile, max_steps, resume, accelerate_config,
                     processes, init_from)

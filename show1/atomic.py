@@ -1,17 +1,77 @@
-"""Atomic writes: a killed process leaves either the old file or the new one, never half of one."""
+"""Atomic writes: a killed process leaves either the old file or the new one, never half of one.
+
+A write that runs out of room (a full disk, a quota, the file size limit) leaves the same: its temporary is removed,
+and it raises `DiskFull` naming the file or folder it was writing (`disk_full_message` says what to do).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 TMP_MARK = ".tmp-"
+# Running out of room: no space left on the device, the disk quota, or the file size limit (RLIMIT_FSIZE, where
+# SIGXFSZ is ignored).
+DISK_FULL = {errno.ENOSPC: ("no space left on device", "free space"),
+             errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+             errno.EFBIG: ("file size limit exceeded", "raise the file size limit (ulimit -f)")}
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' writer reports the OS error behind it
+
+
+class DiskFull(OSError):
+    """A write that ran out of room. `filename` is the file or folder being written (never its temporary)."""
+
+
+def disk_full_errno(exc: BaseException) -> int | None:
+    """The errno (one of DISK_FULL) when `exc`, or an exception it was raised from, is a write that ran out of room:
+    an OSError, or a library's error that reports one in its message (safetensors: `… (os error 28)`)."""
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, OSError):
+            if current.errno in DISK_FULL:
+                return current.errno
+        else:
+            found = _RUST_OS_ERROR.search(str(current))
+            if found and int(found.group(1)) in DISK_FULL:
+                return int(found.group(1))
+        current = current.__cause__  # `raise … from` only: an error met while cleaning up is not its cause
+    return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is a write that ran out of room (see `disk_full_errno`)."""
+    return disk_full_errno(exc) is not None
+
+
+def disk_full_message(exc: BaseException, again: str) -> str:
+    """One line for a write that ran out of room: what ran out, what was being written, and the fix, e.g.
+    `no space left on device writing OUT/shards/shard-00005-….safetensors: free space and run the same command
+    again` (`again`: what to run once there is room)."""
+    code = disk_full_errno(exc) or errno.ENOSPC
+    what, remedy = DISK_FULL[code]
+    where = f" writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+    return f"{what}{where}: {remedy} and {again}"
+
+
+@contextlib.contextmanager
+def writing(target: Path | str) -> Iterator[None]:
+    """Raise a write that runs out of room in the block as `DiskFull` naming `target` (the outermost `writing`
+    names it: the folder being written rather than a file of its staging folder)."""
+    try:
+        yield
+    except Exception as exc:
+        code = disk_full_errno(exc)
+        if code is None:
+            raise
+        raise DiskFull(code, os.strerror(code), str(target)) from exc
 
 
 @contextlib.contextmanager
@@ -41,7 +101,7 @@ def publish(tmp: Path, target: Path) -> None:
 def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success fsync it and rename it over `target`."""
     target = Path(target)
-    with temporary_in(target.parent, target.name) as tmp:
+    with writing(target), temporary_in(target.parent, target.name) as tmp:
         yield tmp
         publish(tmp, target)
 
@@ -63,6 +123,20 @@ def write_bytes(target: Path | str, data: bytes) -> None:
 
 def write_text(target: Path | str, text: str) -> None:
     write_bytes(target, text.encode("utf-8"))
+
+
+def append(handle: BinaryIO, data: bytes, path: Path | str) -> None:
+    """Append `data` to the file open unbuffered (`open(path, "ab", buffering=0)`) as `handle`, whole or not at all:
+    a write that fails part-way (the disk filled up) is cut back off, so the file never ends in half a line."""
+    size = os.lseek(handle.fileno(), 0, os.SEEK_END)
+    with writing(path):
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[handle.write(view):]
+        except BaseException:
+            os.ftruncate(handle.fileno(), size)
+            raise
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -132,12 +206,13 @@ def folder_in_place(target: Path | str) -> Iterator[Path]:
     """Yield an empty staging folder; when the block ends without an error it replaces `target` whole.
     On an error (or a kill) `target` is untouched."""
     target = Path(target)
-    staging = staging_folder(target)
-    try:
-        yield staging
-        replace_folder(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with writing(target):
+        staging = staging_folder(target)
+        try:
+            yield staging
+            replace_folder(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def remove_stale_folders(folder: Path) -> int:

@@ -184,7 +184,9 @@ def curate(
         fail(str(exc))
     except RuntimeError as exc:  # e.g. another process holds the folder, no Dask scheduler at the address
         fail(str(exc))
-    except OSError as exc:  # a folder or store that refuses a write, a bucket that does not exist
+    except OSError as exc:  # a full disk, a folder or store that refuses a write, a bucket that does not exist
+        if atomic.is_disk_full(exc):  # nothing half-written is left: the rerun resumes with the chunks done
+            fail(atomic.disk_full_message(exc, "run the same command again"))
         fail(f"--out {folder}: {exc}")
     data = summary.to_dict()
     if metrics:
@@ -406,6 +408,7 @@ def train(
     `accelerate launch --multi_gpu --num_processes N -m show1.cli train ...` (CPU-only machines too).
     train.batch_size stays the global batch; only the main process writes and prints.
     """
+    from show1 import atomic
     from show1.data.shard_cache import CacheFull, StoreUnreachable
     from show1.training.trainer import TRAINABLE_STAGES
     from show1.training.trainer import train as run_training
@@ -428,11 +431,15 @@ def train(
                                   f"{row['samples_per_s']:.2f} samples/s", highlight=False))
     except (FileExistsError, FileNotFoundError, ValueError, LookupError, CacheFull, StoreUnreachable) as exc:
         fail(str(exc), code=2)
+    except Exception as exc:  # a full disk (safetensors reports it in an error of its own, hence not just OSError)
+        if not atomic.is_disk_full(exc):
+            raise
+        # A checkpoint is written whole or not at all: the run resumes from the last one written.
+        fail(atomic.disk_full_message(exc, "run the same command again" if resume == "latest"
+                                      else "resume: run the same command with --resume latest"))
     if not result.main_process:  # the other processes of a data-parallel run: the main one reports
         return
     if metrics:
-        from show1 import atomic
-
         atomic.write_json(metrics, result.summary())
     if result.processes > 1:
         out.print(f"{result.processes} processes, " + (
@@ -702,6 +709,8 @@ def register(
         atomic.write_json(details, {"model": version.name, "version": int(version.version),
                                     "content_hash": version.content_hash, "alias": alias})
     verb = "registered" if version.created else "already registered as"
+    if version.note:  # its training run was logged into this store from the one it was trained with
+        out.print(f"{stage}: {version.note}", highlight=False)
     out.print(f"{stage}: {verb} {version.uri} (alias {alias}, content {version.content_hash[:12]})\n"
               f"browse: {ui_command(params.tracking)}", highlight=False)
 
@@ -882,12 +891,16 @@ def run_cascade(
     wait: Annotated[bool, typer.Option(
         help="When another `show1 run` is running in this folder: wait for it (default), or refuse at once "
              "(--no-wait, exit code 1). Either way the lock file and its holder are named.")] = True,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Show Prefect's tracebacks of a failure here (default: its lines without them; the "
+                          "tracebacks go to a file that the error line names).")] = False,
 ) -> None:
     """Run the whole lifecycle as one Prefect flow: curate → validate → train every stage → register →
     generate and evaluate → promote. Re-runs redo only what changed.
 
-    `make demo` runs this on the tiny profile. Start `prefect server start` first to watch it in the Prefect UI.
+    `make demo` runs this on the tiny profile. Start `show1 ui` first to watch it in the Prefect UI.
     One run at a time per folder: a second one waits for the lock `.show1-run.lock` (or refuses, --no-wait).
+    A failure ends in one `error:` line (exit code 1).
     """
     from show1.preflight import check_run_inputs
     from show1.run_lock import RunLockedError, project_run_lock
@@ -905,11 +918,14 @@ def run_cascade(
     try:
         with project_run_lock(Path.cwd(), wait=wait, on_wait=waiting):
             from flows.cascade import cascade_flow, summary_lines
+            from show1.flow_failures import FlowFailed, run_flow
 
             _quiet_libraries()
-            result = cascade_flow(str(ctx.obj.params_path), ctx.obj.profile, str(manifest) if manifest else None,
-                                  prompts, limit, promote)
+            result = run_flow(cascade_flow, str(ctx.obj.params_path), ctx.obj.profile,
+                              str(manifest) if manifest else None, prompts, limit, promote, verbose=verbose)
     except RunLockedError as exc:
+        fail(str(exc))
+    except FlowFailed as exc:
         fail(str(exc))
     out.print("\n" + "\n".join(summary_lines(result)), highlight=False)
 
@@ -958,6 +974,10 @@ def stack_up(
     mlflow_workers: Annotated[int, typer.Option(min=1, help="Worker processes of the MLflow server.")] = 2,
     workers: Annotated[bool, typer.Option(help="Start a Prefect worker on each work pool (cpu, gpu) in this "
                                                "folder.")] = True,
+    credentials: Annotated[bool | None, typer.Option(
+        show_default=False, help="Every service requires credentials (generated into DIR/credentials; `show1 stack "
+                                 "env` prints them). Always on beyond 127.0.0.1; off there unless given, or the "
+                                 "folder already has credentials.")] = None,
 ) -> None:
     """Start the stack and print its URLs. A running stack is left as it is; one running in part gets its stopped
     services started again on their own ports.
@@ -970,7 +990,8 @@ def stack_up(
 
     try:
         state = up(StackSettings(folder=folder, host=host, timeout=timeout, mlflow_workers=mlflow_workers,
-                                 workers=workers), say=lambda line: err.print(line, highlight=False, soft_wrap=True))
+                                 workers=workers, credentials=credentials),
+                   say=lambda line: err.print(line, highlight=False, soft_wrap=True))
     except StackError as exc:
         fail(str(exc))
     _print_stack(state)
@@ -985,6 +1006,14 @@ def _print_stack(state: Any) -> None:
     out.print(f"S3:       {env['AWS_ENDPOINT_URL']}  bucket {state.bucket}; DVC remote: dvc remote add -d stack "
               f"{state.dvc_remote()}", highlight=False)
     out.print(f"Use it:   eval \"$(show1 stack env --dir {state.folder})\"", highlight=False)
+    out.print(_credentials_line(state), highlight=False)
+
+
+def _credentials_line(state: Any) -> str:
+    from show1.stack.credentials import path
+
+    return (f"credentials: on ({path(state.folder)})" if state.credentials else
+            "credentials: off (loopback only)")
 
 
 @stack_app.command("env")
@@ -1008,6 +1037,7 @@ def stack_status(folder: StackDir = Path(".stack")) -> None:
     for name, service in state.services.items():
         table.add_row(name, str(service.pid), service.url, "ok" if healthy[name] else "DOWN", service.log)
     out.print(table)
+    out.print(_credentials_line(state), highlight=False, soft_wrap=True)
     if not all(healthy.values()):
         raise typer.Exit(1)
 
@@ -1028,6 +1058,105 @@ def stack_down(
     except StackError as exc:
         fail(str(exc))
     out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}", highlight=False)
+
+
+BackupDir = Annotated[Path, typer.Argument(metavar="DIR", show_default=False, help="The backup's folder.")]
+
+
+@stack_app.command("backup")
+def stack_backup(
+    target: BackupDir,
+    folder: StackDir = Path(".stack"),
+    overwrite: Annotated[bool, typer.Option(help="Replace the backup in DIR (never a folder that is not a show1 "
+                                                 "backup).")] = False,
+) -> None:
+    """Back up the running stack into DIR (absent or empty): pg_dump of the mlflow and prefect databases (runs,
+    registry, aliases, tags; flows, deployments, flow runs), every object of the bucket (artifacts, a DVC remote)
+    and manifest.json (versions, ports, each file's sha256). DIR appears whole or not at all.
+
+    The servers keep running: each database is one consistent snapshot, taken before the bucket is copied, so the
+    artifacts they name are in the backup; artifacts written while the backup runs may be missing from it.
+    `show1 stack restore DIR` puts it back.
+    """
+    from show1.stack.backup import backup
+    from show1.stack.processes import StackError
+
+    try:
+        manifest = backup(folder, target, overwrite=overwrite,
+                          say=lambda line: err.print(line, highlight=False, soft_wrap=True))
+    except StackError as exc:
+        fail(str(exc))
+    out.print(f"backup of the stack in {folder}: {target} ({manifest['objects']} objects)", highlight=False)
+
+
+@stack_app.command("restore")
+def stack_restore(
+    source: BackupDir,
+    folder: StackDir = Path(".stack"),
+    force: Annotated[bool, typer.Option(help="Restore onto a stack that already holds runs or objects: its "
+                                             "databases are replaced, objects of the same key overwritten.")] = False,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds each server may take to start again.")] = 300.0,
+) -> None:
+    """Restore a `show1 stack backup` onto the running stack, which must be empty (show1 stack down --purge, then
+    show1 stack up): runs, versions, aliases, lineage, artifacts and the Prefect server's flow runs come back.
+
+    Every file is checked against the manifest first (a damaged backup is refused, nothing written). Then, with
+    the MLflow and Prefect servers and the workers stopped, both databases are replaced (pg_restore, one
+    transaction each) and the objects uploaded; the servers start again on their own ports.
+    """
+    from show1.stack.backup import restore
+    from show1.stack.processes import StackError
+
+    try:
+        manifest = restore(folder, source, force=force, timeout=timeout,
+                           say=lambda line: err.print(line, highlight=False, soft_wrap=True))
+    except StackError as exc:
+        fail(str(exc))
+    out.print(f"restored {source} (backed up {manifest['created']} from {manifest['stack']['folder']}) onto the "
+              f"stack in {folder}", highlight=False)
+
+
+@app.command("ui")
+def ui(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Where both UIs listen: 0.0.0.0 serves other machines.")] = "127.0.0.1",
+    mlflow_port: Annotated[int, typer.Option(min=0, max=65535, help="The MLflow UI's port (0: a free one).")] = 5000,
+    prefect_port: Annotated[int, typer.Option(min=0, max=65535, help="The Prefect UI's port (0: a free one).")] = 4200,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds each server may take to answer.")] = 300.0,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the UIs `show1 ui` started in this folder.")] = False,
+) -> None:
+    """Serve the MLflow UI (runs, registry) and the Prefect UI (flow runs) on this project's own stores, in the
+    background, and print their URLs.
+
+    MLflow shows params' tracking store (mlruns/); Prefect keeps its runs in .show1-ui/. While it runs, show1's
+    commands started in this folder with no PREFECT_API_URL (show1 run, make demo, python -m flows.*) report their
+    flow runs to it. A second `show1 ui` prints the URLs of the running one; `show1 ui --stop` stops both.
+    """
+    from show1.config import show1_command
+    from show1.stack import ui as local_ui
+    from show1.stack.processes import StackError
+
+    def say(line: str) -> None:
+        err.print(line, highlight=False, soft_wrap=True)
+
+    if stop:
+        stopped = local_ui.down(Path.cwd(), say=say)
+        out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}", highlight=False)
+        return
+    try:
+        state = local_ui.up(Path.cwd(), ctx.obj.params().tracking, local_ui.UISettings(
+            host=host, mlflow_port=mlflow_port, prefect_port=prefect_port, timeout=timeout), say=say)
+    except (StackError, StoreError) as exc:
+        fail(str(exc))
+    if "mlflow" in state.services:
+        out.print(f"MLflow:   {state.services['mlflow'].url}  (this project's store: {state.store})", highlight=False)
+    else:
+        out.print(f"MLflow:   {state.store}  (the tracking server's own UI)", highlight=False)
+    out.print(f"Prefect:  {state.services['prefect'].url}  (the flow runs of show1's commands started in this folder "
+              "from now on)", highlight=False)
+    if state.host in ("0.0.0.0", "::"):
+        out.print(f"Other machines: this machine's address, the same ports (served on {state.host})", highlight=False)
+    out.print(f"Stop:     {show1_command()} ui --stop  (logs in {Path(state.folder) / 'logs'})", highlight=False)
 
 
 def _quiet_libraries() -> None:

@@ -8,8 +8,11 @@ an error that names the key and the file. This is also the one place that reads 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,11 +61,24 @@ DASK_ENV = {
 }
 
 
+# `show1 ui` (show1/stack/ui.py) records the servers it runs for the project in this folder here.
+UI_FOLDER = Path(".show1-ui")
+UI_STATE = "ui.json"
+
+
 def apply_environment_defaults() -> None:
     """Switch off telemetry and hub access for every library show1 uses, and set show1's Prefect, CPU-thread and
-    Dask defaults (user settings win). Call before Prefect and torch are imported: they read them once, at import."""
+    Dask defaults (user settings win). Call before Prefect and torch are imported: they read them once, at import.
+
+    With no PREFECT_API_URL, and a `show1 ui` running for this folder, flows report to its Prefect server (so the
+    runs show in its UI) instead of a temporary one. Only before Prefect is imported: a process that already uses
+    its temporary API keeps it, and says so (`prefect_api_url()` stays None)."""
     for key, value in (OFFLINE_ENV | PREFECT_ENV | THREADS_ENV | DASK_ENV).items():
         os.environ.setdefault(key, value)
+    if not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
+        api = running_ui_prefect_api(UI_FOLDER)
+        if api:
+            os.environ["PREFECT_API_URL"] = api
 
 
 class ConfigError(ValueError):
@@ -452,6 +468,35 @@ def train_processes() -> int:
 def prefect_api_url() -> str | None:
     """The Prefect server flows report to (PREFECT_API_URL), or None: each command's temporary local API."""
     return os.environ.get("PREFECT_API_URL") or None
+
+
+def running_ui_prefect_api(folder: Path) -> str | None:
+    """The API of the Prefect server `show1 ui` runs from `folder` (its state file, ui.json), once that server has
+    answered and while its process runs; None otherwise, a stale or unreadable state file included."""
+    from show1.stack.processes import Service, is_running
+
+    try:
+        state = json.loads((folder / UI_STATE).read_text(encoding="utf-8"))
+        server = Service.model_validate(state["services"]["prefect"])
+        ready = state["ready"] is True
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return f"{server.url}/api" if ready and is_running(server) else None
+
+
+def show1_command() -> str:
+    """How a person calls this installation's show1 from the current folder, for the commands show1 prints:
+    `.venv/bin/show1` after `make demo` (the script beside the running Python; the venv need not be active), else
+    `python -m show1.cli` with the running Python."""
+    python = Path(sys.executable).absolute()  # not resolved: a venv's python is a link out of the venv
+    script = python.parent / "show1"
+    if not script.is_file():
+        return f"{shlex.quote(str(python))} -m show1.cli"
+    try:
+        shown = str(script.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(script)
+    return shlex.quote(shown if "/" in shown else f"./{shown}")
 
 
 def dvc_experiment() -> str | None:

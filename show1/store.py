@@ -8,10 +8,11 @@ Default: `sqlite:///mlruns/mlflow.db` with artifacts under `mlruns/artifacts` (p
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
-from show1.config import Tracking, apply_environment_defaults, tracking_uri
+from show1.config import Tracking, apply_environment_defaults, show1_command, tracking_uri
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -122,8 +123,11 @@ def experiment_id(client: Any, tracking: Tracking) -> str:
 
 
 def ui_command(tracking: Tracking) -> str:
-    """The one command that opens the MLflow UI on this store."""
+    """The one command that opens the MLflow UI on this store, as it runs in a new shell in this folder: `show1 ui`
+    (the MLflow and Prefect UIs on the project's stores; it prints their URLs) for an embedded store, with the store
+    named when the environment, not params, chose it; a tracking server's own UI otherwise."""
     uri = tracking_uri(tracking)
     if sqlite_path(uri) is None:
         return f"open {uri} (the tracking server's UI)"
-    return f"mlflow ui --backend-store-uri {uri} --port 5000"
+    store = "" if uri == tracking.uri else f"MLFLOW_TRACKING_URI={shlex.quote(uri)} "
+    return f"{store}{show1_command()} ui  (the MLflow and Prefect UIs on this project's stores)"

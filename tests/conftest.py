@@ -58,7 +58,8 @@ LONGEST_FILES = ("test_cascade.py", "test_dvc.py", "test_evaluation.py", "test_s
                  "test_registry.py", "test_training_ddp.py", "test_faults_training.py", "test_pipelines.py",
                  "test_training_overfit.py", "test_pipelines_orchestration.py", "test_faults.py", "test_curate_dask.py",
                  "test_training.py", "test_ingest.py", "test_lora.py",
-                 "test_sampling.py", "test_golden.py", "test_cli_generate.py", "test_first_frame.py")
+                 "test_sampling.py", "test_golden.py", "test_cli_generate.py", "test_first_frame.py",
+                 "test_disk_full.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

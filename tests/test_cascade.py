@@ -130,7 +130,8 @@ def test_two_runs_at_once_one_waits_then_reuses_everything(project):
     assert first.output.count(": 2 steps, final loss") == 4  # the small params reached every stage
     video = project.folder / "eval" / "videos" / "000.mp4"
     assert video.is_file() and (project.folder / "eval" / "report.html").is_file()
-    for line in (f"video:          {video.relative_to(project.folder)}", "report:", "MLflow UI:      mlflow ui",
+    show1 = Path(sys.executable).absolute().parent / "show1"  # as it runs from the project folder: `show1 ui`
+    for line in (f"video:          {video.relative_to(project.folder)}", "report:", f"MLflow UI:      {show1} ui  (",
                  "Prefect UI:", "lineage:        show1 lineage"):
         assert line in first.stdout, line
     client = MlflowClient(tracking_uri=project.store, registry_uri=project.store)

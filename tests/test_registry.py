@@ -21,7 +21,7 @@ from shared_cache import new_mlflow_store
 from typer.testing import CliRunner
 
 from show1.cli import app
-from show1.config import GateRule, load_params
+from show1.config import GateRule, load_params, show1_command
 from show1.data.curate import curate
 from show1.pipelines.cascade import Show1Pipeline
 from show1.registry import register as register_module
@@ -89,7 +89,7 @@ def test_register_tags_lineage_sets_challenger_and_is_idempotent(trained, tmp_pa
                  "--metrics", str(tmp_path / "register.json"), "--details", str(tmp_path / "register.details.json"))
     assert result.exit_code == 0, result.output
     assert "registered models:/reg-base/1 (alias challenger" in result.output
-    assert "mlflow ui --backend-store-uri" in result.output
+    assert f"browse: MLFLOW_TRACKING_URI={store} {show1_command()} ui" in result.output  # not params' store: named
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     version = client.get_model_version_by_alias("reg-base", "challenger")
     training = client.get_run(version.tags["training_run_id"])

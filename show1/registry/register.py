@@ -22,7 +22,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from show1.registry.init_source import FROM_HASH_TAG, FROM_VERSION_TAG
 from show1.registry.names import CHALLENGER, model_name
 from show1.store import connect, experiment_id
 from show1.training import lora
-from show1.training.tracking import training_run_id
+from show1.training.tracking import NotInStore, run_in_store, training_run_id
 from show1.weight_files import UnsafeWeightsError, check_folder, check_parts
 
 MODEL_TYPE = "show1-stage"
@@ -81,12 +81,34 @@ class ArtifactStoreError(RegistrationError):
     """The model's files could not be uploaded (the store is down or refuses): not the input's fault."""
 
 
+def retryable(exc: BaseException) -> bool:
+    """Whether a failed registration may succeed when tried again: an upload that failed, a store that was busy or
+    answered 5xx/429, files or network (OSError). Not bad input (RegistrationError names what to fix), a store that
+    cannot be opened for good, or a bug."""
+    from mlflow.exceptions import MlflowException
+
+    from show1.store import StoreError
+
+    if isinstance(exc, ArtifactStoreError):
+        return True
+    if isinstance(exc, StoreError):  # a busy or unreachable store is worth another try; a broken one is not
+        cause = exc.__cause__ or exc.__context__
+        return cause is not None and retryable(cause)
+    if isinstance(exc, RegistrationError):
+        return False
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        return status >= 500 or status == 429
+    return isinstance(exc, OSError)  # requests' and urllib3's connection errors are OSErrors too
+
+
 @dataclass(frozen=True)
 class RegisteredVersion:
     name: str
     version: str
     content_hash: str
     created: bool  # False: the same content was registered before, this is that version
+    note: str | None = None  # what registering did besides: its training run logged into this store from another
 
     @property
     def uri(self) -> str:
@@ -340,20 +362,30 @@ class _Stage:
     digest: str
 
 
-def _training_run(client: Any, folder: Path, run_id: str | None) -> tuple[str | None, Any]:
-    """The training run behind `folder` (`run_id`, else the one recorded in its run folder) and its MLflow run."""
+def _training_run(client: Any, params: Params, folder: Path, run_id: str | None) -> tuple[str | None, Any, str | None]:
+    """The training run behind `folder` in this store: `run_id`, else the one its run folder records (logged into this
+    store first when it was tracked in another one); its MLflow run, and a note saying what was copied."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    run_id = run_id or next((rid for parent in (folder.parent, folder.parent.parent)
-                             if (rid := training_run_id(parent))), None)
-    if not run_id:
-        return None, None
+    if run_id:
+        try:
+            return run_id, client.get_run(run_id), None
+        except MlflowException as exc:
+            raise RegistrationError(f"training run {run_id} (of {folder}) is not in the store "
+                                    f"{mlflow.get_tracking_uri()}: pass --run-id of a run in this store") from exc
+    run_dir = next((parent for parent in (folder.parent, folder.parent.parent) if training_run_id(parent)), None)
+    if run_dir is None:
+        return None, None, None
     try:
-        return run_id, client.get_run(run_id)
-    except MlflowException as exc:
-        raise RegistrationError(f"training run {run_id} (of {folder}) is not in the store "
-                                f"{mlflow.get_tracking_uri()}") from exc
+        found = run_in_store(params, run_dir)
+    except NotInStore as exc:
+        raise RegistrationError(
+            f"{folder}: {exc}. Register it with MLFLOW_TRACKING_URI set to the store it was trained with, pass "
+            f"--run-id of a training run in this store, or train the stage again") from None
+    if found is None:
+        return None, None, None
+    return found.run_id, client.get_run(found.run_id), found.note(run_dir)
 
 
 def _checked_stage(params: Params, stage: str, folder: Path, text_encoder: Path | None, training: Any,
@@ -386,7 +418,7 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
         return register_adapter(params, stage, folder, run_id, alias, say, text_encoder)
     stage_components(folder, stage)  # a missing or wrong folder is refused before the store is opened
     client = connect(params.tracking)
-    run_id, training = _training_run(client, folder, run_id)
+    run_id, training, note = _training_run(client, params, folder, run_id)
     checked = _checked_stage(params, stage, folder, text_encoder, training, say)
     tags = {"stage": stage, "content_hash": checked.digest, "source_folder": str(folder.resolve()),
             "profile": params.profile}
@@ -394,10 +426,11 @@ def register_stage(params: Params, stage: str, checkpoint: Path | None = None, t
         tags["text_encoder_source"] = str(checked.text_source.resolve())
     if checked.first_frame is not None:
         tags["first_frame_source"] = str(checked.first_frame.resolve())
-    return _publish(client, params, stage, folder, checked.digest, tags, run_id, training, alias, say,
-                    lambda target: assemble_model_folder(folder, checked.components, checked.text_source, target,
-                                                         checked.first_frame),
-                    {"stage": stage})
+    version = _publish(client, params, stage, folder, checked.digest, tags, run_id, training, alias, say,
+                       lambda target: assemble_model_folder(folder, checked.components, checked.text_source, target,
+                                                            checked.first_frame),
+                       {"stage": stage})
+    return replace(version, note=note)
 
 
 # --- LoRA adapters ------------------------------------------------------------------------------------------------
@@ -429,7 +462,9 @@ def base_version(client: Any, params: Params, stage: str, name: str, record: dic
         if record.get("folder_hash") and seal.get("content_hash") != record["folder_hash"]:
             raise RegistrationError(f"the adapter's base {source} changed since the adapter was trained on it "
                                     "(its content hash differs from base.json's folder_hash)")
-        _, training = _training_run(client, source, None)
+        _, training, copied = _training_run(client, params, source, None)
+        if copied:
+            say(copied)
         digest = _checked_stage(params, stage, source, text_encoder, training, say).digest
     found = _versions_with_hash(client, name, digest)
     if not found:
@@ -467,7 +502,7 @@ def register_adapter(params: Params, stage: str, folder: Path, run_id: str | Non
     if record["stage"] != stage:
         raise RegistrationError(f"{folder}: an adapter of the {record['stage']} stage, not of {stage}")
     client = connect(params.tracking)
-    run_id, training = _training_run(client, folder, run_id)
+    run_id, training, note = _training_run(client, params, folder, run_id)
     name = model_name(params.registry, stage)
     base = base_version(client, params, stage, name, record, say, text_encoder)
     base_hash = base.tags["content_hash"]
@@ -477,9 +512,10 @@ def register_adapter(params: Params, stage: str, folder: Path, run_id: str | Non
             stage_model.BASE_HASH_TAG: base_hash, "lora_rank": str(settings["r"]),
             "lora_alpha": str(settings.get("lora_alpha"))}
     record = {"stage": stage, "name": name, "version": str(base.version), "content_hash": base_hash}
-    return _publish(client, params, stage, folder, digest, tags, run_id, training, alias, say,
-                    lambda target: _assemble_adapter(folder, record, target),
-                    {"stage": stage, stage_model.BASE_MODEL: f"models:/{name}/{base.version}"})
+    version = _publish(client, params, stage, folder, digest, tags, run_id, training, alias, say,
+                       lambda target: _assemble_adapter(folder, record, target),
+                       {"stage": stage, stage_model.BASE_MODEL: f"models:/{name}/{base.version}"})
+    return replace(version, note=note)
 
 
 # --- publishing a version -----------------------------------------------------------------------------------------

@@ -64,6 +64,10 @@ def keys(endpoint: str, bucket: str = BUCKET, prefix: str = "") -> list[str]:
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
+def is_empty(endpoint: str, bucket: str = BUCKET) -> bool:
+    return not s3_client(endpoint).list_objects_v2(Bucket=bucket, MaxKeys=1).get("Contents")
+
+
 def save(endpoint: str, folder: Path, bucket: str = BUCKET) -> int:
     """Copy every object of the bucket into `folder` (replaced whole: a new copy is made beside it, then swapped
     in). Returns the number of objects."""

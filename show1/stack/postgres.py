@@ -10,7 +10,7 @@ and the Prefect server's PostgreSQL schema needs `pg_trgm` ("extension "pg_trgm"
 PostgreSQL refuses to run as root. Started by root (CI containers), it runs as an unprivileged user
 (`SHOW1_POSTGRES_USER`; default `postgres`, which the Debian package creates, else `nobody`), who owns the data
 folder and must be able to reach it. It listens on 127.0.0.1 only, with `trust` authentication: the stack's servers
-reach it, nothing else does.
+reach it, nothing else does. A stack with credentials (show1/stack/credentials.py) requires a password there too.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import shutil
 import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
+from urllib.parse import quote
 
 from show1.stack.processes import Service, StackError, start, wait_until
 
@@ -108,16 +110,63 @@ def init(data: Path) -> None:
     staging.rename(data)
 
 
-def start_server(data: Path, port: int, log: Path) -> Service:
-    """Start `postgres` on 127.0.0.1:`port` (TCP only). SIGINT is its fast shutdown: clients are disconnected."""
+def start_server(data: Path, port: int, log: Path, passfile: Path | None = None) -> Service:
+    """Start `postgres` on 127.0.0.1:`port` (TCP only). SIGINT is its fast shutdown: clients are disconnected.
+    `passfile`: the stack's pgpass file, which its health checks connect with when the stack has credentials."""
     argv = [str(binaries() / "postgres"), "-D", str(data), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
             "-c", "unix_socket_directories=", "-c", "max_connections=200"]
-    return start("postgres", argv, log=log, url=url(port), user=run_as(), stop_signal=signal.SIGINT)
+    return start("postgres", argv, log=log, url=url(port, passfile=passfile), user=run_as(),
+                 stop_signal=signal.SIGINT)
 
 
-def url(port: int, database: str = "postgres", driver: str = "") -> str:
+def url(port: int, database: str = "postgres", driver: str = "", passfile: Path | None = None,
+        password: str | None = None) -> str:
+    """The superuser's URL of `database`; with a `passfile` (libpq's, which psycopg and pg_dump read) or a `password`
+    (in the URL: only for a process's environment, never its command line) when the stack has credentials."""
     scheme = f"postgresql+{driver}" if driver else "postgresql"
-    return f"{scheme}://{SUPERUSER}@127.0.0.1:{port}/{database}"
+    user = f"{SUPERUSER}:{quote(password, safe='')}" if password else SUPERUSER
+    query = f"?passfile={quote(str(passfile))}" if passfile else ""
+    return f"{scheme}://{user}@127.0.0.1:{port}/{database}{query}"
+
+
+# With credentials on: every connection needs the password, and only 127.0.0.1 may connect (the server listens there
+# alone too); initdb's `trust` lines are gone.
+PASSWORD_HBA = ("# show1 stack with credentials: password authentication (scram-sha-256), loopback only\n"
+                "host all all 127.0.0.1/32 scram-sha-256\n")
+
+
+def require_password(service: Service, data: Path, port: int, password: str, passfile: Path) -> None:
+    """Give the superuser `password` and make the server require it (pg_hba.conf, then a reload). Run while the server
+    still trusts loopback (a new cluster) or with the password it already requires (`passfile`)."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(url(port, passfile=passfile), autocommit=True, connect_timeout=30) as connection:
+        connection.execute("SET password_encryption = 'scram-sha-256'")
+        connection.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(SUPERUSER),
+                                                                      sql.Literal(password)))
+    hba = data / "pg_hba.conf"
+    if hba.read_text(encoding="utf-8") != PASSWORD_HBA:
+        stat_info = hba.stat()
+        hba.write_text(PASSWORD_HBA, encoding="utf-8")
+        if os.geteuid() == 0:  # PostgreSQL's own user must still read it
+            os.chown(hba, stat_info.st_uid, stat_info.st_gid)
+        os.kill(service.pid, signal.SIGHUP)  # the postmaster rereads pg_hba.conf
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and accepts_without_password(port):
+            time.sleep(0.2)
+
+
+def accepts_without_password(port: int) -> bool:
+    """Whether the server lets the superuser in with no password."""
+    import psycopg
+
+    try:
+        # A missing password file: libpq then sends no password (a user's ~/.pgpass would send one).
+        with psycopg.connect(url(port), connect_timeout=5, passfile="/nonexistent/show1-no-pgpass"):
+            return True
+    except psycopg.OperationalError:
+        return False
 
 
 def healthy(service: Service) -> bool:
@@ -136,11 +185,57 @@ def wait_ready(service: Service, timeout: float) -> None:
     wait_until(service, lambda: healthy(service), timeout, "accepting connections")
 
 
-def create_databases(port: int, names: tuple[str, ...] = DATABASES) -> None:
+def tool(name: str) -> Path:
+    """A client program (`pg_dump`, `pg_restore`) of the same PostgreSQL as the server: a dump's format is the
+    server's version's."""
+    path = binaries() / name
+    if not os.access(path, os.X_OK):
+        raise StackError(f"{path} is missing: backups need PostgreSQL's client programs beside the server's")
+    return path
+
+
+def dump(port: int, database: str, target: Path, passfile: Path | None = None) -> None:
+    """`pg_dump` of `database` in the custom format (compressed, read by `pg_restore`): one consistent snapshot,
+    taken while the servers that use it run."""
+    done = subprocess.run([str(tool("pg_dump")), "--format=custom", "--file", str(target), "--dbname",
+                           url(port, database, passfile=passfile)], capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise StackError(f"pg_dump of the {database} database failed:\n{done.stderr[-3000:]}")
+
+
+def restore(port: int, database: str, source: Path, passfile: Path | None = None) -> None:
+    """Replace the objects of `database` with those of a `dump`, in one transaction: a failure leaves the database as
+    it was. Objects are owned by the superuser who restores them, whoever owned them where the dump was taken."""
+    done = subprocess.run([str(tool("pg_restore")), "--clean", "--if-exists", "--single-transaction", "--no-owner",
+                           "--no-privileges", "--dbname", url(port, database, passfile=passfile), str(source)],
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise StackError(f"pg_restore of {source} into the {database} database failed (it is unchanged):\n"
+                         f"{done.stderr[-3000:]}")
+
+
+def check_dump(source: Path) -> None:
+    """Refuse a dump that this `pg_restore` cannot read (another format, a newer PostgreSQL's), before a restore
+    replaces anything."""
+    done = subprocess.run([str(tool("pg_restore")), "--list", str(source)], capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode != 0:
+        raise StackError(f"{source} is not a dump this PostgreSQL ({binaries()}) can restore: "
+                         f"{done.stderr.strip()[-1000:]}")
+
+
+def server_version(port: int, passfile: Path | None = None) -> str:
+    import psycopg
+
+    with psycopg.connect(url(port, passfile=passfile), connect_timeout=30) as connection:
+        return str(connection.execute("SHOW server_version").fetchone()[0])
+
+
+def create_databases(port: int, names: tuple[str, ...] = DATABASES, passfile: Path | None = None) -> None:
     """Create each database that does not exist yet."""
     import psycopg
 
-    with psycopg.connect(url(port), autocommit=True, connect_timeout=30) as connection:
+    with psycopg.connect(url(port, passfile=passfile), autocommit=True, connect_timeout=30) as connection:
         existing = {row[0] for row in connection.execute("SELECT datname FROM pg_database")}
         for name in names:
             if name not in existing:

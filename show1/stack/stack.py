@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from show1 import atomic
 from show1.config import OFFLINE_ENV
-from show1.stack import object_store, postgres, servers
+from show1.stack import credentials, object_store, postgres, servers
 from show1.stack.processes import STOP_GRACE_S, Service, StackError, free_port, is_running, stop
 
 STATE = "stack.json"
@@ -38,6 +38,9 @@ class StackSettings(BaseModel):
     timeout: float = Field(300.0, gt=0)  # seconds each service may take to become healthy
     mlflow_workers: int = Field(2, ge=1)
     workers: bool = True  # start a Prefect worker on each work pool
+    # Every service requires credentials (show1/stack/credentials.py). None: on beyond loopback, off on 127.0.0.1
+    # alone; False is refused beyond loopback. A stack folder with credentials keeps them.
+    credentials: bool | None = None
 
 
 class StackState(BaseModel):
@@ -49,6 +52,7 @@ class StackState(BaseModel):
     bucket: str = object_store.BUCKET
     mlflow_workers: int = 2
     workers: bool = True
+    credentials: bool = False  # its services require the credentials in `credentials` in its folder
     ports: dict[str, int] = {}  # kept when a stopped service is started again, so its clients' URLs stay valid
     services: dict[str, Service] = {}
 
@@ -64,7 +68,17 @@ class StackState(BaseModel):
             env["PREFECT_API_URL"] = f"{self.url('prefect')}/api"
         if "s3" in self.services:
             env |= object_store.client_env(self.url("s3"))
+        if self.credentials and (secrets := credentials.read(Path(self.folder))) is not None:
+            env |= secrets.client_env()
         return env
+
+    def pgpass(self) -> Path | None:
+        """The password file of its PostgreSQL when it has credentials on."""
+        return Path(self.folder) / credentials.PGPASS if self.credentials else None
+
+    def secrets(self) -> credentials.Credentials | None:
+        """The stack's credentials when it has them on."""
+        return credentials.read(Path(self.folder)) if self.credentials else None
 
     def dvc_remote(self) -> str:
         return f"s3://{self.bucket}/dvc"
@@ -120,7 +134,8 @@ def up(settings: StackSettings, say: Callable[[str], None] = lambda _: None) -> 
                 "again on the same ports")
         else:
             state = StackState(folder=str(folder), project=str(settings.project.resolve()), host=settings.host,
-                               mlflow_workers=settings.mlflow_workers, workers=settings.workers)
+                               mlflow_workers=settings.mlflow_workers, workers=settings.workers,
+                               credentials=_credentials_on(settings, folder))
         before = dict(state.services)
         try:
             _start_all(state, folder, settings.timeout, say)
@@ -135,6 +150,15 @@ def up(settings: StackSettings, say: Callable[[str], None] = lambda _: None) -> 
                 _write_state(state.model_copy(update={"services": before}))
             raise
         return state
+
+
+def _credentials_on(settings: StackSettings, folder: Path) -> bool:
+    if credentials.loopback_only(settings.host):
+        return bool(settings.credentials) or credentials.path(folder).is_file()
+    if settings.credentials is False:
+        raise StackError(f"a stack on {settings.host} serves other machines and cannot run without credentials "
+                         "(--no-credentials is for 127.0.0.1 alone)")
+    return True
 
 
 def _ensure(state: StackState, name: str, start: Callable[[int], Service], host: str | None,
@@ -157,14 +181,24 @@ def _ensure(state: StackState, name: str, start: Callable[[int], Service], host:
 def _start_all(state: StackState, folder: Path, timeout: float, say: Callable[[str], None]) -> None:
     logs, env, host = folder / "logs", _server_env(), state.host
     data = folder / "postgres"
+    if state.credentials:
+        credentials.check_installed()
+    secrets = credentials.ensure(folder) if state.credentials else None
+    passfile = credentials.write_pgpass(folder, secrets, postgres.SUPERUSER) if secrets else None
     postgres.init(data)
-    pg, _ = _ensure(state, "postgres", lambda port: postgres.start_server(data, port, logs / "postgres.log"),
-                    "127.0.0.1", say)
+    pg, _ = _ensure(state, "postgres", lambda port: postgres.start_server(data, port, logs / "postgres.log",
+                                                                          passfile), "127.0.0.1", say)
     pg_port = state.ports["postgres"]
     postgres.wait_ready(pg, timeout)
-    postgres.create_databases(pg_port)
+    if secrets:
+        postgres.require_password(pg, data, pg_port, secrets.postgres_password, passfile)
+    postgres.create_databases(pg_port, (*postgres.DATABASES, credentials.AUTH_DATABASE) if secrets else
+                              postgres.DATABASES, passfile=passfile)
 
-    s3, fresh = _ensure(state, "s3", lambda port: object_store.start_server(host, port, logs / "s3.log"), host, say)
+    # moto cannot enforce access keys: with credentials the store stays on loopback, behind MLflow's artifact proxy.
+    s3_host = "127.0.0.1" if secrets else host
+    s3, fresh = _ensure(state, "s3", lambda port: object_store.start_server(s3_host, port, logs / "s3.log"), s3_host,
+                        say)
     object_store.wait_ready(s3, timeout)
     if fresh:
         object_store.ensure_bucket(s3.url, state.bucket)
@@ -173,23 +207,32 @@ def _start_all(state: StackState, folder: Path, timeout: float, say: Callable[[s
             say(f"loaded {restored} saved objects from {folder / 's3'} into s3://{state.bucket}")
 
     env |= object_store.client_env(s3.url)
+    auth_config = credentials.write_mlflow_auth_config(folder, secrets, postgres.url(
+        pg_port, credentials.AUTH_DATABASE, "psycopg", passfile=passfile)) if secrets else None
+    auth_string = secrets.prefect_auth_string if secrets else None
     mlflow, _ = _ensure(state, "mlflow", lambda port: servers.start_mlflow(
-        host, port, pg_port, state.bucket, state.mlflow_workers, env, logs / "mlflow.log"), host, say)
+        host, port, pg_port, state.bucket, state.mlflow_workers, env, logs / "mlflow.log", passfile, auth_config,
+        secrets.mlflow_secret_key if secrets else None), host, say)
     prefect, _ = _ensure(state, "prefect", lambda port: servers.start_prefect(
-        host, port, pg_port, folder / "prefect-home", env, logs / "prefect.log"), host, say)
+        host, port, pg_port, folder / "prefect-home", env, logs / "prefect.log",
+        secrets.postgres_password if secrets else None, auth_string), host, say)
     servers.wait_mlflow(mlflow, timeout)
     servers.wait_prefect(prefect, timeout)
+    if secrets:
+        credentials.ensure_mlflow_user(mlflow.url, secrets)
 
     if state.workers:
         api = f"{prefect.url}/api"
         worker_env = env | {"MLFLOW_TRACKING_URI": mlflow.url, "PREFECT_HOME": str(folder / "prefect-home")}
+        if secrets:
+            worker_env |= secrets.client_env()
         started = []
         for pool in servers.WORK_POOLS:
             worker, _ = _ensure(state, f"worker-{pool}", lambda _port, pool=pool: servers.start_worker(
                 pool, api, Path(state.project), worker_env, logs / f"worker-{pool}.log"), None, say)
             started.append((worker, pool))
         for worker, pool in started:
-            servers.wait_worker(worker, api, pool, timeout)
+            servers.wait_worker(worker, api, pool, timeout, auth_string)
 
 
 def _stop_all(state: StackState, say: Callable[[str], None], save_bucket: bool) -> list[str]:
@@ -227,7 +270,34 @@ def down(folder: Path, purge: bool = False, say: Callable[[str], None] = lambda 
         if purge:
             for name in ("postgres", "s3", "prefect-home"):
                 shutil.rmtree(folder / name, ignore_errors=True)
+            for name in (credentials.FILE, credentials.PGPASS, credentials.MLFLOW_AUTH_INI):
+                (folder / name).unlink(missing_ok=True)
         return stopped
+
+
+@contextlib.contextmanager
+def paused(folder: Path, timeout: float = 300.0, say: Callable[[str], None] = lambda _: None) -> Iterator[StackState]:
+    """The running stack in `folder` with its servers and workers stopped (PostgreSQL and the S3 store keep running),
+    for work on their data that they must not see half done; afterwards they start again on their own ports, even
+    when the work failed. No `stack up` or `down` runs meanwhile."""
+    folder = Path(folder).resolve()
+    with _exclusive(folder):
+        state = read_state(folder)
+        if state is None:
+            raise StackError(f"no stack runs in {folder} (show1 stack up --dir {folder})")
+        for name in reversed(ORDER):
+            service = state.services.get(name)
+            if name not in ("postgres", "s3") and service is not None and stop(service) != "not running":
+                say(f"stopped {name}")
+        try:
+            yield state
+        except BaseException:
+            try:
+                _start_all(state, folder, timeout, say)
+            except StackError as exc:  # the work's own error is the one to report
+                say(f"warning: {exc}")
+            raise
+        _start_all(state, folder, timeout, say)
 
 
 def health(state: StackState) -> dict[str, bool]:
@@ -236,8 +306,9 @@ def health(state: StackState) -> dict[str, bool]:
         "postgres": postgres.healthy, "s3": object_store.healthy, "mlflow": servers.mlflow_healthy,
         "prefect": servers.prefect_healthy}
     api = state.client_env().get("PREFECT_API_URL", "")
+    auth_string = secrets.prefect_auth_string if (secrets := state.secrets()) else None
     for pool in servers.WORK_POOLS:
-        checks[f"worker-{pool}"] = lambda service, pool=pool: servers.worker_healthy(service, api, pool)
+        checks[f"worker-{pool}"] = lambda service, pool=pool: servers.worker_healthy(service, api, pool, auth_string)
     return {name: is_running(service) and checks[name](service) for name, service in state.services.items()}
 
 

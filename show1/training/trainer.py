@@ -265,7 +265,8 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
 
     # --- the loop ----------------------------------------------------------------------------------------------------
     losses: list[float] = []
-    metrics = open(run_dir / METRICS, "a", encoding="utf-8") if ranks.is_main else None  # noqa: SIM115
+    # Unbuffered: each row is appended whole or not at all (`atomic.append`), even when the disk fills up.
+    metrics = open(run_dir / METRICS, "ab", buffering=0) if ranks.is_main else None  # noqa: SIM115
     slots = ranks.slots(per_process)
     # From the restored order on: the loader workers decode the next steps' clips (and a streamed folder's shards
     # are fetched) while this step trains.
@@ -321,8 +322,7 @@ def train(stage: str, data_dir: Path | str, run_dir: Path | str, params: Params,
                    "samples_per_s": cfg.batch_size / (time.perf_counter() - started)}
             if accelerator.device.type == "cuda":  # this process's peak, e.g. to compare FSDP with DDP per GPU
                 row["gpu_peak_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            atomic.append(metrics, (json.dumps(row) + "\n").encode("utf-8"), run_dir / METRICS)
             if tracker:
                 tracker.log_step(row)
             if on_step:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +222,31 @@ def test_a_deployment_runs_on_the_stacks_cpu_worker(stack):
         assert [v.version for v in client.search_model_versions(f"name = 'show1-{stage}'")] == ["1"]
 
 
+def test_the_stacks_uis_show_its_flow_runs_deployments_and_registry_in_a_browser(stack, tmp_path):
+    """In headless Chromium, at the URLs `stack up` printed: the Prefect UI lists the cascade's flow run and the
+    deployments (its UI asks the API where the browser found the UI, not at Prefect's default 127.0.0.1:4200), and
+    the MLflow UI lists the registered models."""
+    from browser import chromium, shown_text
+
+    env = stack.env()
+    base = env["PREFECT_API_URL"]
+    prefect = base.removesuffix("/api")
+    assert f"Prefect:  {prefect}" in stack.up.stdout
+    try:
+        api(base, "/deployments/name/show1-register/register")
+    except urllib.error.HTTPError:  # not deployed by the deployment test (this test run alone): deploy it here
+        done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "register"],
+                              cwd=stack.project, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    flows = {flow["id"]: flow["name"] for flow in api(base, "/flows/filter", {})}
+    [cascade] = [run for run in api(base, "/flow_runs/filter", {}) if flows[run["flow_id"]] == "show1-cascade"]
+    with chromium(tmp_path / "chromium-profile") as browser:
+        runs = shown_text(browser, f"{prefect}/runs", [cascade["name"], "show1-cascade"])
+        deployments = shown_text(browser, f"{prefect}/deployments", ["register", "show1-register"])
+        shown_text(browser, f"{env['MLFLOW_TRACKING_URI']}/#/models", [f"show1-{stage}" for stage in STAGES])
+    assert "Can't connect to Server API" not in runs + deployments
+
+
 def _events(base: str, name: str, at_least: int = 0) -> list[dict]:
     """The server's events named `name`, once it has stored `at_least` of them (it stores them in batches)."""
     deadline = time.monotonic() + 120
@@ -417,6 +443,77 @@ def test_training_carries_on_through_a_killed_and_restarted_mlflow_server(stack,
     assert status == "FINISHED"
 
 
+def test_a_backup_restored_onto_a_second_stack_brings_back_the_registry_lineage_artifacts_and_flow_runs(
+        stack, tmp_path):
+    """`show1 stack backup` of the running stack (left as it was), then `show1 stack restore` of it onto a second,
+    fresh stack beside it (its own PostgreSQL and S3 on other ports): there the same versions and aliases, the same
+    `show1 lineage`, `show1 generate --from-registry` on the restored weights, and the Prefect server's flow runs.
+    A backup with one byte flipped is refused before anything is written."""
+
+    def registry(env: dict[str, str]) -> dict:
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+        return {m.name: (m.aliases, sorted((v.version, v.run_id, v.tags.get("training_run_id"), v.tags.get(
+            "content_hash")) for v in client.search_model_versions(f"name = '{m.name}'")))
+            for m in client.search_registered_models()}
+
+    def flow_runs(env: dict[str, str]) -> dict[str, str]:
+        runs = api(env["PREFECT_API_URL"], "/flow_runs/filter", {"sort": "ID_DESC", "limit": 200})
+        return {run["id"]: run["state_type"] for run in runs}
+
+    env = stack.env()
+    before, runs = registry(env), flow_runs(env)
+    champion = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"]
+                            ).get_model_version_by_alias("show1-base", "champion")
+    lineage = show1(["lineage", "show1-base@champion", "--json"], stack.project, env).stdout
+    backup = tmp_path / "backup"
+    made = show1(["stack", "backup", str(backup), "--dir", str(stack.folder)], stack.project, stack.base_env)
+    manifest = json.loads((backup / "manifest.json").read_text())
+    assert manifest["objects"] == len(object_store.keys(env["AWS_ENDPOINT_URL"])) > 0, made.stderr
+    assert manifest["stack"]["ports"] == read_state(stack.folder).ports
+    assert {"postgres/mlflow.dump", "postgres/prefect.dump"} <= set(manifest["files"])
+    assert show1(["stack", "backup", str(backup), "--dir", str(stack.folder)], stack.project, stack.base_env,
+                 ok=False).returncode == 1  # an existing backup is not overwritten unasked
+    damaged = tmp_path / "damaged"
+    shutil.copytree(backup, damaged)
+    dump = damaged / "postgres" / "mlflow.dump"
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    dump.write_bytes(bytes(data))
+
+    other = Path(tempfile.mkdtemp(prefix="show1-stack-"))  # reachable by PostgreSQL's user, as the fixture's
+    other.chmod(0o755)
+    try:
+        show1(["stack", "up", "--dir", str(other), "--timeout", "900", "--mlflow-workers", "1", "--no-workers"],
+              stack.project, stack.base_env)
+        started = read_state(other)
+        assert started.ports["postgres"] != read_state(stack.folder).ports["postgres"]
+        refused = show1(["stack", "restore", str(damaged), "--dir", str(other)], stack.project, stack.base_env,
+                        ok=False)
+        assert refused.returncode == 1 and f"{dump} does not match its checksum" in " ".join(refused.stderr.split())
+        assert read_state(other).services == started.services  # nothing was stopped,
+        other_env = stack.base_env | stack_env(other, stack.project, stack.base_env)
+        assert registry(other_env) == {} and object_store.keys(other_env["AWS_ENDPOINT_URL"]) == []  # nor written
+
+        restored = show1(["stack", "restore", str(backup), "--dir", str(other)], stack.project, stack.base_env)
+        assert "restored the mlflow database" in restored.stderr, restored.stderr
+        other_env = stack.base_env | stack_env(other, stack.project, stack.base_env)
+        assert other_env["MLFLOW_TRACKING_URI"] != env["MLFLOW_TRACKING_URI"]
+        assert registry(other_env) == before
+        assert show1(["lineage", "show1-base@champion", "--json"], stack.project, other_env).stdout == lineage
+        assert champion.tags["training_run_id"] in lineage
+        out = tmp_path / "restored.mp4"
+        clone = fresh_clone(tmp_path / "clone")  # knows only the second stack's URLs: the weights come from there
+        generated = show1(["generate", "a red ball", "--from-registry", "champion", "--stages", "base,interp",
+                           "--steps", "1", "--out", str(out)], clone, other_env)
+        assert out.is_file() and "29 frames" in generated.stdout, generated.stdout
+        assert runs and flow_runs(other_env) == runs
+    finally:
+        subprocess.run([*SHOW1, "stack", "down", "--dir", str(other), "--purge"], cwd=stack.project,
+                       env=stack.base_env, capture_output=True, timeout=600)
+        shutil.rmtree(other, ignore_errors=True)
+    assert registry(stack.env()) == before  # the first stack is as it was
+
+
 def test_down_stops_everything_and_up_brings_back_the_registry_and_its_files(stack, tmp_path, monkeypatch):
     state = read_state(stack.folder)
     before = stack.env()
@@ -449,3 +546,129 @@ def test_down_stops_everything_and_up_brings_back_the_registry_and_its_files(sta
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # models:/ URIs resolve through it
     files = Path(download_artifacts("models:/show1-base@champion", dst_path=str(tmp_path)))
     assert any(p.suffix == ".safetensors" for p in files.rglob("*")), list(files.rglob("*"))
+
+
+def test_a_stack_beyond_loopback_requires_credentials_of_every_client_and_serves_the_runner_account(
+        tmp_path, monkeypatch):
+    """`show1 stack up --host 127.0.0.2` (another address than 127.0.0.1, as 0.0.0.0 or an interface's would be):
+    its credentials are generated into a file only its user reads; with `show1 stack env`'s exports MLflow serves
+    that address (no "Invalid Host header") and the runner account does what runners do, even in another account's
+    experiment and model; without them, or with a wrong password, MLflow and Prefect answer 401 and write nothing;
+    PostgreSQL refuses a connection without its password, which no process shows on its command line."""
+    import base64
+    import stat
+    import urllib.request
+
+    import psycopg
+
+    _postgres_or_skip()
+    env = project_env(tmp_path / "prefect-home")
+    for key in [k for k in env if k.startswith(("MLFLOW_", "PREFECT_API", "AWS_"))]:
+        env.pop(key)
+    folder = Path(tempfile.mkdtemp(prefix="show1-stack-"))  # reachable by PostgreSQL's user, as the fixture's
+    folder.chmod(0o755)
+    refused_folder = Path(tempfile.mkdtemp(prefix="show1-stack-"))
+
+    def http(url: str, body: dict | None = None, headers: dict | None = None) -> int:
+        request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers={
+            "Content-Type": "application/json", **(headers or {})}, method="GET" if body is None else "POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def basic(user: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    try:
+        no = show1(["stack", "up", "--dir", str(refused_folder), "--host", "127.0.0.2", "--no-credentials"],
+                   tmp_path, env, ok=False)
+        assert no.returncode == 1 and "cannot run without credentials" in " ".join(no.stderr.split()), no.stderr
+        assert not (refused_folder / "stack.json").exists()
+
+        up = show1(["stack", "up", "--dir", str(folder), "--host", "127.0.0.2", "--mlflow-workers", "1", "--timeout",
+                    "600"], tmp_path, env)
+        secrets_file = folder / "credentials"
+        assert f"credentials: on ({secrets_file})" in " ".join(up.stdout.split())
+        assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+        secrets = json.loads(secrets_file.read_text())
+        client_env = stack_env(folder, tmp_path, env)
+        uri = client_env["MLFLOW_TRACKING_URI"]
+        assert uri.startswith("http://127.0.0.2:") and client_env["PREFECT_API_URL"].startswith("http://127.0.0.2:")
+        assert client_env["MLFLOW_TRACKING_USERNAME"] == "show1"
+        assert client_env["MLFLOW_TRACKING_PASSWORD"] == secrets["mlflow_password"]
+        assert client_env["PREFECT_API_AUTH_STRING"] == secrets["prefect_auth_string"]
+        # Every service healthy, the workers ONLINE: they reach the Prefect server with its auth string.
+        assert "credentials: on" in show1(["stack", "status", "--dir", str(folder)], tmp_path, env).stdout
+
+        state = read_state(folder)
+        pg_url = state.services["postgres"].url  # the stack's own connection: its pgpass file
+        with psycopg.connect(pg_url.replace("/postgres?", "/mlflow?")) as connection:
+            before = connection.execute("SELECT count(*) FROM experiments").fetchone()[0]
+
+        # Nobody gets in without the runner's password, and a refused request writes nothing.
+        create = {"name": "intruder"}
+        api_url = f"{uri}/api/2.0/mlflow"
+        assert http(f"{api_url}/experiments/search?max_results=5") == 401
+        assert http(f"{api_url}/experiments/create", create) == 401
+        assert http(f"{api_url}/experiments/create", create, basic("show1", "wrong")) == 401
+        assert http(f"{api_url}/experiments/create", create, basic("admin", "wrong")) == 401
+        prefect_api = client_env["PREFECT_API_URL"]
+        auth = {"Authorization": "Basic " + base64.b64encode(secrets["prefect_auth_string"].encode()).decode()}
+        assert http(f"{prefect_api}/flow_runs/filter", {}) == 401
+        assert http(f"{prefect_api}/flows/", {"name": "intruder"}) == 401
+        assert http(f"{prefect_api}/flows/", {"name": "intruder"}, {"Authorization": "Basic d3Jvbmc="}) == 401
+        assert http(f"{prefect_api}/flow_runs/filter", {}, auth) == 200
+        assert http(f"{prefect_api}/flows/filter", {}, auth) == 200
+        with psycopg.connect(pg_url.replace("/postgres?", "/prefect?")) as connection:
+            assert connection.execute("SELECT count(*) FROM flow WHERE name = 'intruder'").fetchone()[0] == 0
+        with psycopg.connect(pg_url.replace("/postgres?", "/mlflow?")) as connection:
+            assert connection.execute("SELECT count(*) FROM experiments").fetchone()[0] == before
+
+        # The admin's experiment and model; the runner account logs, registers, aliases and deletes in them.
+        import mlflow
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secrets["mlflow_admin_password"])
+        admin = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        shared = admin.create_experiment("admins-experiment")
+        admin.create_registered_model("admins-model")
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.setenv(key, client_env[key])
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        runner = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        assert {e.name for e in mlflow.search_experiments()} >= {"Default", "admins-experiment"}
+        own = runner.create_experiment("runners-experiment")
+        for experiment in (own, shared):
+            run = runner.create_run(experiment)
+            runner.log_metric(run.info.run_id, "loss", 0.5)
+            runner.log_text(run.info.run_id, "weights", "model/weights.txt")  # through MLflow's artifact proxy
+            assert runner.download_artifacts(run.info.run_id, "model/weights.txt", str(tmp_path / experiment))
+            runner.set_terminated(run.info.run_id)
+        version = runner.create_model_version("admins-model", f"runs:/{run.info.run_id}/model", run.info.run_id)
+        runner.set_registered_model_alias("admins-model", "champion", version.version)
+        loser = runner.create_model_version("admins-model", f"runs:/{run.info.run_id}/model", run.info.run_id)
+        runner.delete_model_version("admins-model", loser.version)
+        assert runner.get_model_version_by_alias("admins-model", "champion").version == version.version
+
+        made = show1(["stack", "backup", str(tmp_path / "backup"), "--dir", str(folder)], tmp_path, env)
+        assert json.loads((tmp_path / "backup" / "manifest.json").read_text())["objects"] >= 2, made.stderr
+
+        # PostgreSQL: password only, and the password on no command line.
+        port = state.ports["postgres"]
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", passfile=str(tmp_path / "none"),
+                            connect_timeout=10)
+        for service in state.services.values():
+            for process in [psutil.Process(service.pid), *psutil.Process(service.pid).children(recursive=True)]:
+                try:
+                    command = " ".join(process.cmdline())
+                except psutil.NoSuchProcess:  # a short-lived child that ended meanwhile
+                    continue
+                assert all(secret not in command for secret in secrets.values()), (service.name, command)
+    finally:
+        subprocess.run([*SHOW1, "stack", "down", "--dir", str(folder), "--purge"], cwd=tmp_path, env=env,
+                       capture_output=True, timeout=600)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(refused_folder, ignore_errors=True)
