@@ -10,7 +10,6 @@ changes nothing, and one of a stack running in part starts its stopped services 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shlex
 import shutil
@@ -23,7 +22,7 @@ from pydantic import BaseModel, Field
 from show1 import atomic
 from show1.config import OFFLINE_ENV
 from show1.stack import credentials, object_store, postgres, servers
-from show1.stack.processes import STOP_GRACE_S, Service, StackError, free_port, is_running, stop
+from show1.stack.processes import STOP_GRACE_S, Service, StackError, folder_lock, free_port, is_running, stop
 
 STATE = "stack.json"
 ORDER = ("postgres", "s3", "mlflow", "prefect", *(f"worker-{pool}" for pool in servers.WORK_POOLS))
@@ -102,15 +101,6 @@ def _write_state(state: StackState) -> None:
     atomic.write_text(state_path(Path(state.folder)), state.model_dump_json(indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
-    """One `stack up`/`stack down` at a time per folder (an OS lock: released if the holder is killed)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def _server_env() -> dict[str, str]:
     env = dict(os.environ) | OFFLINE_ENV
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME"):
@@ -123,7 +113,7 @@ def up(settings: StackSettings, say: Callable[[str], None] = lambda _: None) -> 
     service died or was killed) gets its stopped services started again on their own ports, so the URLs its clients
     hold stay valid."""
     folder = settings.folder.resolve()
-    with _exclusive(folder):
+    with folder_lock(folder):
         state = read_state(folder)
         running = {name: is_running(service) for name, service in (state.services if state else {}).items()}
         if state is not None and running and all(running.values()):
@@ -257,7 +247,7 @@ def down(folder: Path, purge: bool = False, say: Callable[[str], None] = lambda 
     """Stop every service of the stack in `folder` (saving the bucket first); `purge` also deletes its data
     (databases, saved bucket, Prefect home), keeping the logs. Returns the names of the services that were running."""
     folder = Path(folder).resolve()
-    with _exclusive(folder):
+    with folder_lock(folder):
         state = read_state(folder)
         stopped = []
         if state is not None:
@@ -281,7 +271,7 @@ def paused(folder: Path, timeout: float = 300.0, say: Callable[[str], None] = la
     for work on their data that they must not see half done; afterwards they start again on their own ports, even
     when the work failed. No `stack up` or `down` runs meanwhile."""
     folder = Path(folder).resolve()
-    with _exclusive(folder):
+    with folder_lock(folder):
         state = read_state(folder)
         if state is None:
             raise StackError(f"no stack runs in {folder} (show1 stack up --dir {folder})")

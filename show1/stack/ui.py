@@ -14,11 +14,9 @@ stops what it started.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -26,7 +24,7 @@ from pydantic import BaseModel, Field
 from show1 import atomic
 from show1.config import OFFLINE_ENV, UI_FOLDER, UI_STATE, Tracking, tracking_uri
 from show1.stack import servers
-from show1.stack.processes import Service, StackError, free_port, is_running, stop
+from show1.stack.processes import Service, StackError, folder_lock, free_port, is_running, stop
 from show1.store import artifact_location, connect, sqlite_path
 
 ORDER = ("mlflow", "prefect")
@@ -72,15 +70,6 @@ def _write_state(state: UIState) -> None:
     atomic.write_text(Path(state.folder) / UI_STATE, state.model_dump_json(indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
-    """One `show1 ui` start or stop at a time per folder (an OS lock: released if its holder is killed)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def _port(host: str, port: int, option: str) -> int:
     """`port`, checked free on `host` (0: a free one), so a busy port fails before anything starts."""
     if port == 0:
@@ -107,7 +96,7 @@ def up(project: Path, tracking: Tracking, settings: UISettings,
        say: Callable[[str], None] = lambda _: None) -> UIState:
     """Start the UIs for the project in `project` on `tracking`'s store, or return the running ones unchanged."""
     folder = folder_of(project)
-    with _exclusive(folder):
+    with folder_lock(folder):
         state = read_state(folder)
         if state is not None and state.running():
             say(f"show1 ui already runs for {project} (show1 ui --stop, then show1 ui, to change its settings)")
@@ -172,7 +161,7 @@ def down(project: Path, say: Callable[[str], None] = lambda _: None) -> list[str
     folder = folder_of(project)
     if not folder.is_dir():
         return []
-    with _exclusive(folder):
+    with folder_lock(folder):
         state = read_state(folder)
         stopped = _stop_all(state, say) if state is not None else []
         (folder / UI_STATE).unlink(missing_ok=True)

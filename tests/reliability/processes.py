@@ -17,6 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 ROUNDS = int(os.environ.get("SHOW1_SOAK_ROUNDS", "1"))  # make test: one random kill each; soak runs set more
 SEED = int(os.environ.get("SHOW1_SOAK_SEED", "8"))
 
+# The training crash tests' params: the demo clips at a quarter of the tiny profile's sizes, a base step well under
+# a second.
+TRAINING_SMALL = {
+    "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
+    "train": {"learning_rate": 0.001, "batch_size": 2, "sample_every": 0, "keep_last": 3},
+}
+
 
 def show1(params: Path, *args: str, fault: str | None = None, env: dict[str, str] | None = None,
           timeout: float = 300) -> subprocess.CompletedProcess:

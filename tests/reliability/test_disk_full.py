@@ -29,7 +29,7 @@ import media
 import pytest
 import warm
 import yaml
-from processes import REPO, show1
+from processes import REPO, TRAINING_SMALL, show1
 
 from show1 import atomic
 from show1.config import load_params
@@ -238,10 +238,7 @@ def test_a_curation_that_fills_the_disk_fails_in_one_line_and_completes_once_spa
 
 # ------------------------------------------------------------------------------------------------ training
 
-SMALL = {  # the demo clips at a quarter of the tiny profile's sizes: a base step takes well under a second
-    "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
-    "train": {"learning_rate": 0.001, "batch_size": 2, "sample_every": 0, "keep_last": 3},
-}
+SMALL = TRAINING_SMALL
 
 
 @pytest.fixture(scope="module")

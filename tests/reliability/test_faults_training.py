@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from processes import REPO, ROUNDS, SEED, killed_at_random, show1
+from processes import REPO, ROUNDS, SEED, TRAINING_SMALL, killed_at_random, show1
 from typer.testing import CliRunner
 
 from show1.cli import app
@@ -26,10 +26,7 @@ runner = CliRunner()
 
 # ------------------------------------------------------------------------------------------------ training
 
-SMALL = {  # the demo clips at a quarter of the tiny profile's sizes: a base step takes well under a second
-    "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
-    "train": {"learning_rate": 0.001, "batch_size": 2, "sample_every": 0, "keep_last": 3},
-}
+SMALL = TRAINING_SMALL
 
 
 @pytest.fixture(scope="module")
