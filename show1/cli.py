@@ -902,6 +902,7 @@ def run_cascade(
     One run at a time per folder: a second one waits for the lock `.show1-run.lock` (or refuses, --no-wait).
     A failure ends in one `error:` line (exit code 1).
     """
+    from show1.flow_failures import FlowFailed
     from show1.preflight import check_run_inputs
     from show1.run_lock import RunLockedError, project_run_lock
 
@@ -918,7 +919,7 @@ def run_cascade(
     try:
         with project_run_lock(Path.cwd(), wait=wait, on_wait=waiting):
             from flows.cascade import cascade_flow, summary_lines
-            from show1.flow_failures import FlowFailed, run_flow
+            from show1.flow_failures import run_flow
 
             _quiet_libraries()
             result = run_flow(cascade_flow, str(ctx.obj.params_path), ctx.obj.profile,

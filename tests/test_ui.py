@@ -106,6 +106,7 @@ runner = CliRunner()
 def test_a_busy_port_fails_clearly_and_starts_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # other tests' servers in this worker
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -115,7 +116,8 @@ def test_a_busy_port_fails_clearly_and_starts_nothing(tmp_path, monkeypatch):
     message = " ".join(result.output.split())
     assert f"port {port} on 127.0.0.1 is in use" in message and "--prefect-port N" in message, message
     assert not (tmp_path / UI_FOLDER / UI_STATE).exists()
-    assert not [p for p in psutil.Process().children(recursive=True) if "mlflow" in " ".join(p.cmdline())]
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], started
 
 
 def _state(folder: Path, pid: int, started: float, ready: bool = True) -> Path:
