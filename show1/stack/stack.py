@@ -5,6 +5,8 @@ Prefect server → a Prefect worker on each work pool. Stopped in the reverse or
 (default `.stack/`): `stack.json` (what runs where), `logs/`, `postgres/` (the databases), `s3/` (the bucket, saved
 at `down`), `prefect-home/`. A `stack up` that fails stops what it started; a second `stack up` of a running stack
 changes nothing, and one of a stack running in part starts its stopped services again on their recorded ports.
+Beyond loopback every service requires credentials (`credentials` in the folder: show1/stack/credentials.py);
+`show1 stack backup|restore` is show1/stack/backup.py.
 """
 
 from __future__ import annotations
