@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test check browser postgres stack stack-down
+.PHONY: demo test check browser postgres iproute stack stack-down
 
 $(STAMP): pyproject.toml configs/pip-constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -49,6 +49,15 @@ postgres:
 	else echo "note: PostgreSQL missing (apt-get install postgresql, or set SHOW1_POSTGRES_BIN); the stack tests \
 	will be skipped"; fi
 
+# iproute2 (`ip`) for the tests that make a second host from network namespaces (tests/netns.py); without it, or
+# without root, they are skipped with a note.
+iproute:
+	@if command -v ip >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null) \
+			|| echo "note: could not install iproute2; the two-host tests will be skipped"; \
+	else echo "note: iproute2 missing (apt-get install iproute2); the two-host tests will be skipped"; fi
+
 # A team's stack on this machine: PostgreSQL, an S3 store, MLflow and Prefect servers, a worker per work pool.
 # Then: eval "$$(.venv/bin/show1 stack env)". README, "A team's stack".
 stack: $(STAMP) postgres
@@ -60,7 +69,7 @@ stack-down: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/show1 --profile tiny run
 
-test: $(STAMP) browser postgres
+test: $(STAMP) browser postgres iproute
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
 

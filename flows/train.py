@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,10 @@ from show1.config import (
     accelerate_config_file,
     apply_environment_defaults,
     load_params,
+    train_node_variables,
     train_processes,
 )
+from show1.training.launch import Nodes, launch_command, nodes_from
 from show1.training.runs import TRAINABLE_STAGES, TrainResult, finished_run
 from show1.training.tracking import NotInStore, run_in_store
 
@@ -56,6 +57,8 @@ def train_stage(stage: str, data: Path, run_dir: Path, params_path: Path, profil
             shutil.rmtree(target, ignore_errors=True)  # what a killed retraining left: started again
     result = _train(stage, data, target, params_path, params, profile, max_steps, resume, accelerate_config,
                     processes, init_from)
+    if not result.main_process:  # another node of a multi-node run: node 0 reports the run and replaces the folder
+        return {"stage": stage, "final": str(run_dir / "final"), "reused": False, "main_node": False}
     if target != run_dir:
         atomic.replace_folder(target, run_dir)
         result = TrainResult(run_dir=run_dir, steps=result.steps, final=run_dir / "final", losses=result.losses)
@@ -69,8 +72,9 @@ def _train(stage: str, data: Path, run_dir: Path, params_path: Path, params: Par
            init_from: str | None = None) -> TrainResult:
     """Train `stage` into `run_dir`: here, or in `processes` processes under torchrun / accelerate launch;
     `init_from` (a stage folder or `models:/show1-base@champion`) fine-tunes it."""
-    if accelerate_config or processes > 1:
-        launch = launcher(processes, accelerate_config)
+    nodes = nodes_from(train_node_variables())
+    if accelerate_config or processes > 1 or nodes.count > 1:
+        launch = launcher(processes, accelerate_config, nodes)
         command = [*launch, "-m", "show1.cli", "--params", str(params_path),
                    *(["--profile", profile] if profile else []), "train", "--stage", stage, "--data", str(data),
                    "--out", str(run_dir), "--quiet"]
@@ -78,7 +82,12 @@ def _train(stage: str, data: Path, run_dir: Path, params_path: Path, params: Par
         command += ["--resume", resume] if resume else []
         command += ["--init-from", init_from] if init_from else []
         print(f"{stage}: training under {' '.join(launch[1:])}")
-        subprocess.run(command, check=True)
+        subprocess.run(command, check=True)  # torchrun returns once every node's processes have ended
+        if not nodes.is_host:  # the run folder (shared storage) is node 0's to report and replace
+            print(f"{stage}: trained as a node of {nodes.count} (this node {nodes.address}); node 0, the rendezvous "
+                  f"host {nodes.host}, holds the run {run_dir} and reports it")
+            return TrainResult(run_dir=run_dir, steps=-1, final=run_dir / "final", losses=[], main_process=False,
+                               processes=processes * nodes.count)
         done = finished_run(stage, data, run_dir, params, max_steps)
         steps = done.steps if done is not None else -1
         result = TrainResult(run_dir=run_dir, steps=steps, final=run_dir / "final", losses=[])
@@ -90,13 +99,10 @@ def _train(stage: str, data: Path, run_dir: Path, params_path: Path, params: Par
     return result
 
 
-def launcher(processes: int, accelerate_config: str | None) -> list[str]:
-    """The command that starts the training processes: `accelerate launch` with the config (and `processes`, when
-    given, as its process count), else torchrun with `processes` on this machine (gloo on CPUs, NCCL on GPUs)."""
-    if accelerate_config:
-        count = ["--num_processes", str(processes)] if processes > 1 else []
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config, *count]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+def launcher(processes: int, accelerate_config: str | None, nodes: Nodes | None = None) -> list[str]:
+    """The command that starts the training processes (show1.training.launch): `accelerate launch` with the config,
+    else torchrun with `processes` on this machine, or on each of `nodes` (the SHOW1_TRAIN_NODES job variables)."""
+    return launch_command(processes, accelerate_config, nodes)
 
 
 def _progress(stage: str, every: int = 10) -> Any:
@@ -111,8 +117,13 @@ def _progress(stage: str, every: int = 10) -> Any:
 def train_flow(stages: list[str] | None = None, data: str | None = None, runs: str | None = None,
                params_path: str = str(DEFAULT_PARAMS), profile: str | None = None, max_steps: int | None = None,
                resume: str | None = None, accelerate_config: str | None = None,
-               reuse: bool = False, processes: int | None = None) -> list[dict[str, Any]]:
+               reuse: bool = False, processes: int | None = None,
+               register_trained: bool = False) -> list[dict[str, Any]]:
     """Train `stages` (default: every trainable stage) on the curated data, one after another.
+
+    With `register_trained`, each trained stage is then registered (`show1-STAGE`, alias challenger) by this same
+    flow run: what a runner on another machine than the stack does (prefect.yaml's `train` deployment), since its run
+    folders are on its own disk, where the `register` deployment on the stack's `cpu` worker cannot read them.
 
     With `reuse`, a stage whose finished run has the same params, data and steps is not trained again, and a
     run folder trained from other inputs is replaced (what the whole-cascade flow does, like `dvc repro`).
@@ -131,8 +142,16 @@ def train_flow(stages: list[str] | None = None, data: str | None = None, runs: s
         raise ValueError(f"cannot train {unknown}: trainable stages are {', '.join(TRAINABLE_STAGES)}")
     data_dir = Path(data) if data else params.paths.curated
     runs_dir = Path(runs) if runs else params.paths.runs
-    return [train_stage(stage, data_dir, runs_dir / stage, Path(params_path), profile, max_steps, resume,
-                        accelerate_config, reuse, processes) for stage in stages]
+    results = [train_stage(stage, data_dir, runs_dir / stage, Path(params_path), profile, max_steps, resume,
+                           accelerate_config, reuse, processes) for stage in stages]
+    if register_trained:
+        from flows.register import register_stage
+
+        for result in results:
+            if result.get("main_node") is False:  # another node of a multi-node run: node 0 registers it
+                continue
+            result["registered"] = register_stage(result["stage"], Path(params_path), profile, result["final"])
+    return results
 
 
 if __name__ == "__main__":
@@ -149,6 +168,7 @@ if __name__ == "__main__":
     parser.add_argument("--accelerate-config")
     parser.add_argument("--processes", type=int, help="Data-parallel processes per stage (default: "
                         "SHOW1_TRAIN_PROCESSES, else 1: in this process).")
+    parser.add_argument("--register", action="store_true", help="Register each trained stage (alias challenger).")
     args = parser.parse_args()
     train_flow(args.stages, args.data, args.runs, args.params, args.profile, args.max_steps, args.resume,
-               args.accelerate_config, processes=args.processes)
+               args.accelerate_config, processes=args.processes, register_trained=args.register)

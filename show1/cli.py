@@ -973,8 +973,11 @@ def stack_up(
                                            "(PostgreSQL always listens on 127.0.0.1 only).")] = "127.0.0.1",
     timeout: Annotated[float, typer.Option(min=1, help="Seconds each service may take to become healthy.")] = 300.0,
     mlflow_workers: Annotated[int, typer.Option(min=1, help="Worker processes of the MLflow server.")] = 2,
-    workers: Annotated[bool, typer.Option(help="Start a Prefect worker on each work pool (cpu, gpu) in this "
+    workers: Annotated[bool, typer.Option(help="Start a Prefect worker on each work pool of --pools in this "
                                                "folder.")] = True,
+    pools: Annotated[str, typer.Option(help="The work pools that get a worker on this machine, comma-separated. A "
+                                            "team whose GPU runners are other machines gives `cpu`: each runner "
+                                            "then serves `gpu` with `show1 worker --pool gpu`.")] = "cpu,gpu",
     credentials: Annotated[bool | None, typer.Option(
         show_default=False, help="Every service requires credentials (generated into DIR/credentials; `show1 stack "
                                  "env` prints them). Always on beyond 127.0.0.1; off there unless given, or the "
@@ -986,13 +989,19 @@ def stack_up(
     Each service is waited for until healthy; a failure stops what was started and shows the end of its log.
     The workers run deployments' flows in this folder. `show1 stack down` stops it all.
     """
+    from pydantic import ValidationError
+
     from show1.stack.processes import StackError
     from show1.stack.stack import StackSettings, up
 
     try:
-        state = up(StackSettings(folder=folder, host=host, timeout=timeout, mlflow_workers=mlflow_workers,
-                                 workers=workers, credentials=credentials),
-                   say=lambda line: err.print(line, highlight=False, soft_wrap=True))
+        settings = StackSettings(folder=folder, host=host, timeout=timeout, mlflow_workers=mlflow_workers,
+                                 workers=workers, credentials=credentials,
+                                 pools=tuple(pool.strip() for pool in pools.split(",") if pool.strip()))
+    except ValidationError as exc:
+        fail(f"--pools {pools}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", code=2)
+    try:
+        state = up(settings, say=lambda line: err.print(line, highlight=False, soft_wrap=True))
     except StackError as exc:
         fail(str(exc))
     _print_stack(state)
@@ -1115,6 +1124,43 @@ def stack_restore(
         fail(str(exc))
     out.print(f"restored {source} (backed up {manifest['created']} from {manifest['stack']['folder']}) onto the "
               f"stack in {folder}", highlight=False)
+
+
+@app.command("worker")
+def worker(
+    pool: Annotated[str, typer.Option(help="The work pool to serve: prefect.yaml deploys training and evaluation to "
+                                           "`gpu`, curation and registration to `cpu`.")] = "gpu",
+    name: Annotated[str | None, typer.Option(help="The worker's name on the Prefect server (default: "
+                                                  "show1-POOL-HOSTNAME).")] = None,
+    work_queue: Annotated[list[str] | None, typer.Option(
+        help="Serve only this work queue of the pool (repeatable; `prefect work-queue create NAME --pool POOL` "
+             "makes one): a queue per machine sends each node's flow run of a multi-node training to its own "
+             "machine (README).")] = None,
+) -> None:
+    """Serve a work pool of a team's stack from this machine (a GPU runner): a Prefect process worker that runs the
+    pool's flow runs in this clone, until stopped (Ctrl-C).
+
+    Give it the stack's settings first, as `show1 stack env` printed them on the stack's host (the Prefect API and
+    its auth string, the MLflow server and the runner account): `eval "$(cat stack.env)"; show1 worker --pool gpu`.
+    The flow runs read params.yaml and the data of this clone and write their run folders here.
+    """
+    import socket
+
+    from show1.config import OFFLINE_ENV
+    from show1.stack.servers import worker_command
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        fail("PREFECT_API_URL is not set: run the `export` lines `show1 stack env` prints on the stack's host "
+             "(eval \"$(show1 stack env)\" there; copy them to this machine), then this command again", code=2)
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        err.print("warning: MLFLOW_TRACKING_URI is not set: the flow runs will track into this clone's own store, "
+                  "not the stack's MLflow server", highlight=False)
+    command = worker_command(pool, name or f"show1-{pool}-{socket.gethostname()}", work_queue or ())
+    env = OFFLINE_ENV | dict(os.environ) | {"SHOW1_HOME": str(Path.cwd())}
+    err.print(f"serving the work pool {pool!r} of {api} from {Path.cwd()}", highlight=False)
+    sys.stderr.flush()
+    os.execve(command[0], command, env)  # the worker itself: its signals, its exit status
 
 
 @app.command("ui")

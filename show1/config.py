@@ -465,6 +465,15 @@ def train_processes() -> int:
     return int(value)
 
 
+TRAIN_NODE_VARIABLES = ("SHOW1_TRAIN_NODES", "SHOW1_RDZV_ENDPOINT", "SHOW1_RDZV_ID", "SHOW1_NODE_ADDRESS")
+
+
+def train_node_variables() -> dict[str, str]:
+    """The job variables of a multi-node training deployment that are set (checked by show1.training.launch):
+    SHOW1_TRAIN_NODES, SHOW1_RDZV_ENDPOINT, SHOW1_RDZV_ID, SHOW1_NODE_ADDRESS."""
+    return {name: os.environ[name] for name in TRAIN_NODE_VARIABLES if os.environ.get(name)}
+
+
 def prefect_api_url() -> str | None:
     """The Prefect server flows report to (PREFECT_API_URL), or None: each command's temporary local API."""
     return os.environ.get("PREFECT_API_URL") or None

@@ -122,3 +122,12 @@ def test_serving_the_nightly_schedule_without_a_prefect_server_says_what_it_need
     assert len(lines) == 1 and "needs a Prefect server" in lines[0] and "PREFECT_API_URL" in lines[0], lines
     assert not (tmp_path / "prefect.db").exists()  # no temporary server was started for it
     del subprocess
+
+
+def test_a_worker_without_the_stacks_settings_says_what_it_needs(tmp_path, monkeypatch):
+    """`show1 worker` on a runner that was not given `show1 stack env`'s exports: one line naming them, no worker."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = runner.invoke(app, ["worker", "--pool", "gpu"])
+    assert result.exit_code == 2, result.output
+    assert "PREFECT_API_URL is not set" in result.output and "show1 stack env" in result.output
+    assert "Traceback" not in result.output

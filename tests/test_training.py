@@ -1,6 +1,7 @@
 """The trainer on the real curated demo clips: atomic checkpoints, tracking, fine-tuning, and a trained stage folder
 that the pipeline loads. Overfitting: test_training_overfit.py; kill -9 and exact resume: tests/reliability/."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,30 @@ def test_training_is_tracked_in_mlflow_and_a_resume_continues_the_run(training_s
     from show1.data.video import probe
 
     assert probe(sample).width == 32 and probe(sample).height == 20
+
+
+def test_a_resume_logs_each_step_to_mlflow_once_when_the_killed_run_logged_past_its_checkpoint(
+        training_setup, tmp_path, mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    folder, params = training_setup
+    run = tmp_path / "run"
+    train("base", folder / "curated", run, params, max_steps=3, checkpoint_every=2)
+    logged = [(row["step"], row["loss"]) for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    # What a kill after step 3 was logged (to metrics.jsonl and MLflow) but before its checkpoint was written leaves.
+    shutil.rmtree(run / "checkpoints" / "step-000003")
+    shutil.rmtree(run / "final")
+    assert latest_checkpoint(run).name == "step-000002"
+    resumed = train("base", folder / "curated", run, params, max_steps=3, checkpoint_every=2, resume="latest")
+    assert resumed.steps == 3 and len(resumed.losses) == 1  # step 3 trained again
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["loss"]) for row in rows] == logged  # step 3 recomputed: the same loss
+    client = MlflowClient(tracking_uri=mlflow_store)
+    (tracked,) = client.search_runs([client.get_experiment_by_name(params.tracking.experiment).experiment_id])
+    for key in ("loss", "lr", "samples_per_s"):
+        history = client.get_metric_history(tracked.info.run_id, key)
+        assert [m.step for m in history] == [1, 2, 3], key
+    assert [(m.step, m.value) for m in client.get_metric_history(tracked.info.run_id, "loss")] == logged
 
 
 def test_sr2_trains_only_on_timesteps_below_900_and_pixel_stages_on_all(training_setup):

@@ -6,7 +6,7 @@ a sharded run resumes from them bit-exactly, and an unsharded run from them too.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shutil
 import signal
@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
+from training_runs import EVERY, ROOT, SMALL, STEPS, WEIGHTS, environment, rows, worst_difference
 
 from show1 import tensor_tree
 from show1.config import load_params
@@ -30,21 +31,6 @@ from show1.training.ranks import BatchSplitError, micro_batch
 from show1.training.trainer import TRAINING_STATE, train
 from show1.weight_files import check_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS, EVERY = 4, 2
-# The demo clips at a quarter of the tiny sizes; every draw of a clip is random (caption dropout included); a global
-# batch of 4 in 2 micro-steps (accumulation), so each of 2 processes takes 1 clip per micro-step.
-# The learning rate is small because AdamW's first steps move each weight by about ±lr whatever the size of its
-# gradient: a gradient element that sums to ~0 over the batch (the zero-initialised temporal convolutions have
-# many) takes its sign from float summation order, which differs between one process and two. At 1e-3 such elements
-# differ by 2e-3 after one step (measured); at 4e-6 no weight can drift 1e-4 in 4 steps (1e-5: 9e-5 in 6, measured).
-SMALL = {
-    "curate": {"clip": {"sizes": [[32, 20], [128, 80]], "stride": 8}},
-    "train": {"learning_rate": 4e-6, "caption_dropout": 0.3, "batch_size": 4, "grad_accum": 2, "sample_every": 0,
-              "keep_last": 5},
-}
-WEIGHTS = "final/unet/diffusion_pytorch_model.safetensors"
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
@@ -53,14 +39,6 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     (folder / "params.yaml").write_text(yaml.safe_dump(SMALL | {"tracking": {"uri": store}}))
     curate(ROOT / "data/manifests/demo.csv", folder / "curated", load_params(folder / "params.yaml"))
     return {"folder": folder, "params": folder / "params.yaml", "data": folder / "curated"}
-
-
-def environment() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for name in ("MLFLOW_TRACKING_URI", "SHOW1_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                 "MASTER_PORT"):
-        env.pop(name, None)
-    return env
 
 
 def train_args(setup: dict[str, Path], out: Path, *extra: str, params: Path | None = None) -> list[str]:
@@ -87,10 +65,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def two(setup) -> subprocess.CompletedProcess:
     """An uninterrupted run with 2 processes (torchrun), tracked."""
@@ -103,12 +77,6 @@ def one(setup):
     """The same run in this process: one process, the whole UNet."""
     return train("base", setup["data"], setup["folder"] / "one", load_params(setup["params"]), max_steps=STEPS,
                  checkpoint_every=EVERY, track=False)
-
-
-def worst_difference(run: Path, other: Path, name: str = WEIGHTS) -> float:
-    mine, theirs = load_file(str(run / name)), load_file(str(other / name))
-    assert mine.keys() == theirs.keys()
-    return max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
 
 
 def test_two_processes_train_on_one_global_batch_like_one_process(setup, two, one):
@@ -162,13 +130,19 @@ def test_kill_9_of_the_process_group_resumes_bit_exactly(setup, two, tmp_path):
     assert two.returncode == 0
     run = tmp_path / "run"
     # Killed with SIGKILL, the launcher and both ranks at once, once step 3 is written (the step-2 checkpoint is).
+    # torchrun starts each rank in a session of its own: the ranks are killed by pid, not through the launcher's group.
     group = subprocess.Popen(torchrun(setup, run, "--no-track"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env=environment(), cwd=tmp_path, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and group.poll() is None:
             if (run / "metrics.jsonl").is_file() and len(rows(run)) >= 3:
+                ranks = psutil.Process(group.pid).children(recursive=True)
                 os.killpg(group.pid, signal.SIGKILL)
+                for rank in ranks:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        rank.kill()
+                psutil.wait_procs(ranks, timeout=60)
                 break
             time.sleep(0.02)
         group.wait(timeout=60)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import sys
+import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from show1.stack import postgres
-from show1.stack.processes import Service, http_ok, start, wait_until
+from show1.stack.processes import Service, StackError, http_ok, start, wait_until
 
 WORK_POOLS = ("cpu", "gpu")  # the pools prefect.yaml deploys to
 ARTIFACTS_PREFIX = "mlflow"  # s3://BUCKET/mlflow: the tracking server's artifact store
@@ -135,19 +137,45 @@ def start_worker(pool: str, api_url: str, project: Path, env: Mapping[str, str],
     """A process worker polling `pool`; it creates the pool when missing. Flow runs start in `project`
     (SHOW1_HOME, which prefect.yaml's pull step changes into) with the stack's settings."""
     worker_env = {**env, "PREFECT_API_URL": api_url, "SHOW1_HOME": str(project)}
-    argv = [*PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--name", worker_name(pool),
-            "--install-policy", "never"]
+    argv = worker_command(pool, worker_name(pool))
     return start(f"worker-{pool}", argv, log=log, url=f"{api_url}/work_pools/{pool}", env=worker_env, cwd=project)
+
+
+def worker_command(pool: str, name: str, queues: Sequence[str] = ()) -> list[str]:
+    """`prefect worker start` of a process worker polling `pool` (created when missing) as `name`, only `queues` of it
+    when given; flow runs start where SHOW1_HOME points (prefect.yaml's pull step)."""
+    return [*PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--name", name, "--install-policy",
+            "never", *(arg for queue in queues for arg in ("--work-queue", queue))]
+
+
+def _prefect_post(api_url: str, path: str, body: dict, auth_string: str | None) -> Any:
+    from show1.stack.credentials import prefect_headers
+
+    request = urllib.request.Request(f"{api_url}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **prefect_headers(auth_string)})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def ensure_work_pools(api_url: str, pools: Sequence[str], auth_string: str | None = None) -> None:
+    """Create each work pool prefect.yaml deploys to (a process pool) unless it exists: a pool that no worker of the
+    stack serves (`gpu`, served by runners on other machines) must exist before anything is deployed to it."""
+    for pool in pools:
+        try:
+            _prefect_post(api_url, "/work_pools/", {"name": pool, "type": "process"}, auth_string)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:  # 409: it exists
+                raise StackError(f"the Prefect server at {api_url} refused to create the work pool {pool!r} "
+                                 f"({exc.code}): {exc.read().decode(errors='replace')[:300]}") from None
+        except OSError as exc:
+            raise StackError(f"the Prefect server at {api_url} could not create the work pool {pool!r}: {exc}") \
+                from None
 
 
 def online_workers(api_url: str, pool: str, auth_string: str | None = None) -> list[str]:
     """Names of the pool's workers the Prefect server sees as ONLINE."""
-    from show1.stack.credentials import prefect_headers
-
-    request = urllib.request.Request(f"{api_url}/work_pools/{pool}/workers/filter", data=b"{}", method="POST",
-                                     headers={"Content-Type": "application/json", **prefect_headers(auth_string)})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return [w["name"] for w in json.loads(response.read()) if w.get("status") == "ONLINE"]
+    workers = _prefect_post(api_url, f"/work_pools/{pool}/workers/filter", {}, auth_string)
+    return [w["name"] for w in workers if w.get("status") == "ONLINE"]
 
 
 def worker_healthy(service: Service, api_url: str, pool: str, auth_string: str | None = None) -> bool:

@@ -19,7 +19,7 @@ import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from show1 import atomic
 from show1.config import OFFLINE_ENV
@@ -27,6 +27,11 @@ from show1.stack import credentials, object_store, postgres, servers
 from show1.stack.processes import STOP_GRACE_S, Service, StackError, folder_lock, free_port, is_running, stop
 
 STATE = "stack.json"
+# Artifacts go through the MLflow server, both ways. Its S3 artifact store makes it offer clients presigned URLs of the
+# store instead (downloads of every size; uploads over 500 MB), and those name the address the server reaches the
+# store at, 127.0.0.1: on another machine every model download failed ("Connection refused" on the runner's own
+# loopback), and a stack with credentials keeps the store on loopback anyway.
+PROXIED_ARTIFACTS = {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false"}
 ORDER = ("postgres", "s3", "mlflow", "prefect", *(f"worker-{pool}" for pool in servers.WORK_POOLS))
 
 
@@ -38,7 +43,18 @@ class StackSettings(BaseModel):
     host: str = "127.0.0.1"  # where MLflow, Prefect and S3 listen; 0.0.0.0 serves other machines
     timeout: float = Field(300.0, gt=0)  # seconds each service may take to become healthy
     mlflow_workers: int = Field(2, ge=1)
-    workers: bool = True  # start a Prefect worker on each work pool
+    workers: bool = True  # start a Prefect worker on each work pool of `pools`
+    # The work pools that get a worker on this machine. A team whose GPU runners are other machines starts the stack
+    # with ("cpu",): the `gpu` pool's runs then go to the workers those machines start (`show1 worker --pool gpu`).
+    pools: tuple[str, ...] = servers.WORK_POOLS
+
+    @field_validator("pools")
+    @classmethod
+    def _known_pools(cls, pools: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [pool for pool in pools if pool not in servers.WORK_POOLS]
+        if unknown:
+            raise ValueError(f"unknown work pools {unknown}: prefect.yaml deploys to {', '.join(servers.WORK_POOLS)}")
+        return tuple(dict.fromkeys(pools))
     # Every service requires credentials (show1/stack/credentials.py). None: on beyond loopback, off on 127.0.0.1
     # alone; False is refused beyond loopback. A stack folder with credentials keeps them.
     credentials: bool | None = None
@@ -53,6 +69,7 @@ class StackState(BaseModel):
     bucket: str = object_store.BUCKET
     mlflow_workers: int = 2
     workers: bool = True
+    pools: tuple[str, ...] = servers.WORK_POOLS  # the work pools with a worker of the stack's own
     credentials: bool = False  # its services require the credentials in `credentials` in its folder
     ports: dict[str, int] = {}  # kept when a stopped service is started again, so its clients' URLs stay valid
     services: dict[str, Service] = {}
@@ -65,6 +82,7 @@ class StackState(BaseModel):
         env = {}
         if "mlflow" in self.services:
             env["MLFLOW_TRACKING_URI"] = self.url("mlflow")
+            env |= PROXIED_ARTIFACTS
         if "prefect" in self.services:
             env["PREFECT_API_URL"] = f"{self.url('prefect')}/api"
         if "s3" in self.services:
@@ -127,7 +145,7 @@ def up(settings: StackSettings, say: Callable[[str], None] = lambda _: None) -> 
         else:
             state = StackState(folder=str(folder), project=str(settings.project.resolve()), host=settings.host,
                                mlflow_workers=settings.mlflow_workers, workers=settings.workers,
-                               credentials=_credentials_on(settings, folder))
+                               pools=settings.pools, credentials=_credentials_on(settings, folder))
         before = dict(state.services)
         try:
             _start_all(state, folder, settings.timeout, say)
@@ -212,6 +230,7 @@ def _start_all(state: StackState, folder: Path, timeout: float, say: Callable[[s
     servers.wait_prefect(prefect, timeout)
     if secrets:
         credentials.ensure_mlflow_user(mlflow.url, secrets)
+    servers.ensure_work_pools(f"{prefect.url}/api", servers.WORK_POOLS, auth_string)
 
     if state.workers:
         api = f"{prefect.url}/api"
@@ -219,7 +238,7 @@ def _start_all(state: StackState, folder: Path, timeout: float, say: Callable[[s
         if secrets:
             worker_env |= secrets.client_env()
         started = []
-        for pool in servers.WORK_POOLS:
+        for pool in state.pools:
             worker, _ = _ensure(state, f"worker-{pool}", lambda _port, pool=pool: servers.start_worker(
                 pool, api, Path(state.project), worker_env, logs / f"worker-{pool}.log"), None, say)
             started.append((worker, pool))
@@ -299,11 +318,15 @@ def health(state: StackState) -> dict[str, bool]:
         "prefect": servers.prefect_healthy}
     api = state.client_env().get("PREFECT_API_URL", "")
     auth_string = secrets.prefect_auth_string if (secrets := state.secrets()) else None
-    for pool in servers.WORK_POOLS:
+    for pool in state.pools:
         checks[f"worker-{pool}"] = lambda service, pool=pool: servers.worker_healthy(service, api, pool, auth_string)
     return {name: is_running(service) and checks[name](service) for name, service in state.services.items()}
 
 
 def export_lines(state: StackState) -> list[str]:
     """`export K=V` lines for a POSIX shell: `eval "$(show1 stack env)"`."""
-    return [f"export {key}={shlex.quote(value)}" for key, value in state.client_env().items()]
+    lines = [f"export {key}={shlex.quote(value)}" for key, value in state.client_env().items()]
+    if state.credentials and "s3" in state.services:
+        lines.append("# AWS_*: the stack's S3 store listens on its host's 127.0.0.1 only (DVC there); other machines "
+                     "reach MLflow's artifacts through the MLflow server")
+    return lines

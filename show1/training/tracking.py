@@ -155,6 +155,12 @@ def _copy(client: Any, experiment: str, run_dir: Path, record: dict[str, Any], s
     return run_id
 
 
+def _last_step(client: Any, run_id: str, key: str) -> int:
+    """The last step of `key` the run holds (0 when none): MLflow keeps each metric's latest point on the run."""
+    latest = [metric.step for metric in client.get_run(run_id).data.to_proto().metrics if metric.key == key]
+    return max(latest, default=0)
+
+
 class TrainingRun:
     """One MLflow run per training run folder; a resumed run continues the same MLflow run (in another store than
     the one it started in: its copy there, see `run_in_store`)."""
@@ -177,6 +183,9 @@ class TrainingRun:
         run_id = found.run_id if found else None
         self.run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id(client, params.tracking),
                                     run_name=None if run_id else f"train-{stage}")
+        # A run killed after logging steps past its last checkpoint recomputes them on resume (the same values): they
+        # are logged once, so each step has one point in MLflow.
+        self.logged_through = _last_step(client, run_id, "loss") if run_id else 0
         if run_id is None:
             run_dir.mkdir(parents=True, exist_ok=True)
             flat: dict[str, Any] = {}
@@ -202,6 +211,9 @@ class TrainingRun:
             atomic.write_text(run_dir / RUN_ID_FILE, new_id)
 
     def log_step(self, row: dict[str, Any]) -> None:
+        """Log one metrics row, unless the run already holds its step (logged before a resume)."""
+        if row["step"] <= self.logged_through:
+            return
         self.mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def log_artifact(self, path: Path, folder: str) -> None:

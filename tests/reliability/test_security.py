@@ -193,9 +193,11 @@ def test_a_manifest_cannot_make_curation_read_or_write_outside_its_roots(tmp_pat
 
 
 FUZZ_EXAMPLES = int(os.environ.get("SHOW1_FUZZ_EXAMPLES", "25"))  # per command; more in the on-demand soak
-COMMANDS = {name: command for name, command in get_command(app).commands.items() if name not in ("run", "ui")}
+COMMANDS = {name: command for name, command in get_command(app).commands.items() if name not in ("run", "ui",
+                                                                                                   "worker")}
 # `run` is the other commands in sequence (its options are theirs); fuzzing it would start whole pipelines. `ui` starts
-# servers that outlive the command (tests/test_ui.py checks its options, a busy port included).
+# servers that outlive the command (tests/test_ui.py checks its options, a busy port included). `worker` becomes a
+# Prefect worker that serves until stopped (tests/stack/test_two_hosts.py runs it; test_cli.py its refusals).
 
 
 @pytest.fixture(scope="module")
