@@ -219,7 +219,7 @@ def ingest(
 
     from tqdm import tqdm
 
-    from show1 import events
+    from show1 import atomic, events
     from show1.data.errors import ManifestError
     from show1.data.executors import chunk_runner
     from show1.data.folder import DataFolder, FolderUnavailable
@@ -241,6 +241,8 @@ def ingest(
     except RuntimeError as exc:  # another process curates the folder, no Dask scheduler at the address
         fail(str(exc))
     except OSError as exc:  # a manifest URL that cannot be read, a folder or store that refuses a write
+        if atomic.is_disk_full(exc):  # the published dataset is as it was: the rerun ingests the same new rows
+            fail(atomic.disk_full_message(exc, "run the same command again"))
         fail(f"{manifest} → {folder}: {exc}")
     event: dict[str, Any] = {"name": report.event()["event"], "sent": False, "id": None}
     undelivered = None
@@ -340,6 +342,7 @@ def embed(
     """
     from tqdm import tqdm
 
+    from show1 import atomic
     from show1.data.clip_index import IndexMissing
     from show1.data.text_embeddings import StoreError
     from show1.training.embed import embed_folder
@@ -364,6 +367,10 @@ def embed(
             fail(str(exc), code=2)
         except RuntimeError as exc:  # another show1 embed holds the store
             fail(str(exc))
+        except OSError as exc:
+            if atomic.is_disk_full(exc):
+                fail(atomic.disk_full_message(exc, "run the same command again"))
+            fail(f"embedding the captions of {data}: {exc}")
     out.print(f"{report.added} caption(s) embedded, {report.captions - report.added} already stored; "
               f"{report.stored} in {report.store}", highlight=False)
 

@@ -157,6 +157,14 @@ def require_password(service: Service, data: Path, port: int, password: str, pas
             time.sleep(0.2)
 
 
+def requires_password(data: Path) -> bool:
+    """Whether the cluster in `data` was set to require the stack's password (a stack with credentials made it)."""
+    try:
+        return (data / "pg_hba.conf").read_text(encoding="utf-8") == PASSWORD_HBA
+    except OSError:
+        return False
+
+
 def accepts_without_password(port: int) -> bool:
     """Whether the server lets the superuser in with no password."""
     import psycopg

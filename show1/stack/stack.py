@@ -191,6 +191,11 @@ def _ensure(state: StackState, name: str, start: Callable[[int], Service], host:
 def _start_all(state: StackState, folder: Path, timeout: float, say: Callable[[str], None]) -> None:
     logs, env, host = folder / "logs", _server_env(), state.host
     data = folder / "postgres"
+    if postgres.requires_password(data) and not credentials.path(folder).is_file():
+        raise StackError(f"the databases in {data} require the password kept in {credentials.path(folder)}, which "
+                         "is missing: put that file back (from a copy of the stack folder), or start over with "
+                         f"`show1 stack down --purge --dir {folder}`, which deletes the runs and the registry "
+                         "(`show1 stack restore` brings back a backup onto the new stack)")
     if state.credentials:
         credentials.check_installed()
     secrets = credentials.ensure(folder) if state.credentials else None

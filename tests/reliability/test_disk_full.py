@@ -236,6 +236,34 @@ def test_a_curation_that_fills_the_disk_fails_in_one_line_and_completes_once_spa
     assert temporaries(out) == []
 
 
+def test_an_ingest_that_fills_the_disk_fails_in_one_line_and_completes_once_space_is_freed(corpus, small_disk):
+    """`show1 ingest` of one new, long clip into a published dataset, the disk filling while its shard is written:
+    one line, the dataset as it was, and the same command ingests it once space is freed."""
+    out = small_disk.folder / "out"
+    shutil.copytree(corpus["earlier"], out)
+    before = published(out)
+    new = corpus["manifest"].with_name("new.jsonl")
+    new.write_text(corpus["manifest"].read_text().splitlines()[BIG] + "\n")  # the long clip: the big shard
+    reference = corpus["reference"]
+    big = (reference / json.loads((reference / f"parts/part-{BIG:05d}.json").read_bytes())["shard"]).stat().st_size
+    small_disk.fill(room=pages(big) // 2, file_limit=big // 2)
+    command = ("ingest", str(new), "--data", str(out), "--no-event")
+
+    line = error_line(small_disk.run(corpus["params"], *command))
+    assert line.startswith(f"error: {small_disk.reason} writing {out}/"), line
+    assert line.endswith(" and run the same command again"), line
+    assert published(out) == before and temporaries(out) == []
+
+    small_disk.free()
+    again = small_disk.run(corpus["params"], *command)
+    assert again.returncode == 0, again.stderr
+    index = [json.loads(row) for row in (out / "index.jsonl").read_text().splitlines()]
+    captions = list(dict.fromkeys(row["caption"] for row in index))  # each video gives one clip or more
+    assert captions == [*(f"earlier {seed}" for seed in (20, 21, 22)), f"clip number {BIG}"]
+    published(out)  # every shard the index reads is whole
+    assert temporaries(out) == []
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 SMALL = TRAINING_SMALL
