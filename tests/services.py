@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +42,18 @@ def api(base: str, path: str, body: dict | None = None) -> dict | list:
                                      method="GET" if body is None else "POST")
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
+
+
+def stop_group(process: subprocess.Popen, first: int = signal.SIGTERM, grace: float = 30) -> None:
+    """Stop a process started with start_new_session=True, and its group: `first`, then SIGKILL after `grace` s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, first)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @contextlib.contextmanager

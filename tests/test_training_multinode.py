@@ -20,6 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from netns import Host, NoNamespaces, reachable, two_hosts
+from services import stop_group
 from training_runs import EVERY, ROOT, SMALL, STEPS, WEIGHTS, environment, rows, worst_difference
 
 from flows.train import launcher
@@ -71,13 +72,7 @@ def tracking(hosts, setup) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server)
 
 
 def node_settings(host: Host, rendezvous: Host, run_id: str) -> Nodes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shlex
 import shutil
 import signal
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 from clone import fresh_clone, project_env, use_small_cascade
 from netns import Host, NoNamespaces, two_hosts
+from services import stop_group
 
 from show1.stack import postgres
 from show1.stack.processes import StackError
@@ -211,12 +211,7 @@ def test_a_runner_given_only_the_exports_runs_training_and_evaluation_deployment
                                capture_output=True, text=True, timeout=900)
         _check(generated, "show1 generate --from-registry champion on the runner")
     finally:
-        os.killpg(worker.pid, signal.SIGINT)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_group(worker, signal.SIGINT, grace=60)
     served = log.read_text()
     # The runner's worker took both runs: the stack has no gpu worker of its own.
     assert "serving the work pool 'gpu'" in served and trained["id"] in served and evaluated["id"] in served, served
