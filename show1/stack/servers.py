@@ -129,6 +129,13 @@ def wait_prefect(service: Service, timeout: float) -> None:
     wait_until(service, lambda: prefect_healthy(service), timeout, "healthy")
 
 
+# While PostgreSQL is down (killed, restarting) the Prefect server answers 500, not 503: asyncpg's refused connection
+# is an OSError, which Prefect does not count as retryable. Its clients retry 429, 502 and 503 only, so a flow run lost
+# the log lines it sent then (and would lose a state change). The stack's workers and their flow runs, and every
+# client of `show1 stack env`, retry 500 too; a user's own setting wins.
+CLIENT_RETRIES = {"PREFECT_CLIENT_RETRY_EXTRA_CODES": "500"}
+
+
 def worker_name(pool: str) -> str:
     return f"show1-{pool}"
 
@@ -136,7 +143,7 @@ def worker_name(pool: str) -> str:
 def start_worker(pool: str, api_url: str, project: Path, env: Mapping[str, str], log: Path) -> Service:
     """A process worker polling `pool`; it creates the pool when missing. Flow runs start in `project`
     (SHOW1_HOME, which prefect.yaml's pull step changes into) with the stack's settings."""
-    worker_env = {**env, "PREFECT_API_URL": api_url, "SHOW1_HOME": str(project)}
+    worker_env = CLIENT_RETRIES | {**env, "PREFECT_API_URL": api_url, "SHOW1_HOME": str(project)}
     argv = worker_command(pool, worker_name(pool))
     return start(f"worker-{pool}", argv, log=log, url=f"{api_url}/work_pools/{pool}", env=worker_env, cwd=project)
 

@@ -85,6 +85,7 @@ class StackState(BaseModel):
             env |= PROXIED_ARTIFACTS
         if "prefect" in self.services:
             env["PREFECT_API_URL"] = f"{self.url('prefect')}/api"
+            env |= {k: v for k, v in servers.CLIENT_RETRIES.items() if k not in os.environ}
         if "s3" in self.services:
             env |= object_store.client_env(self.url("s3"))
         if self.credentials and (secrets := credentials.read(Path(self.folder))) is not None:

@@ -7,6 +7,7 @@ Runs alone: `pytest tests/stack`. Skipped, with the reason printed, only where P
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -28,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from services import api
 
 from show1.stack import object_store, postgres
-from show1.stack.processes import StackError, group_alive, is_running
+from show1.stack.processes import Service, StackError, group_alive, is_running
 from show1.stack.stack import read_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -393,9 +395,49 @@ def test_registration_with_the_object_store_down_fails_clearly_and_registers_not
     assert [v.version for v in client.search_model_versions("name = 's3down-sr1'")] == ["1"]
 
 
-def test_training_carries_on_through_a_killed_and_restarted_mlflow_server(stack, tmp_path):
-    """SIGKILL of the tracking server in the middle of a training run; `show1 stack up` starts it again on its port.
-    The training's MLflow client retries meanwhile: the run finishes, with each step's loss in PostgreSQL once."""
+@contextlib.contextmanager
+def _killed(stack: Stack, name: str) -> Iterator[Service]:
+    """The stack's service `name` killed (SIGKILL of its process group: its own children too, PostgreSQL's backends,
+    MLflow's workers); at the block's end `show1 stack up` starts it again, on its port: its URL is the same."""
+    service = read_state(stack.folder).services[name]
+    os.killpg(service.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while group_alive(service.pid):
+        assert time.monotonic() < deadline, f"{name} outlived SIGKILL"
+        time.sleep(0.1)
+    assert not is_running(service)
+    yield service
+    again = show1(["stack", "up", "--dir", str(stack.folder), "--timeout", "900"], stack.project, stack.base_env)
+    assert f"starting {name} again on the same ports" in again.stderr, again.stderr
+    restarted = read_state(stack.folder).services[name]
+    assert restarted.url == service.url and restarted.pid != service.pid
+
+
+def _whole(stack: Stack) -> None:
+    """Every service of the stack healthy, its workers ONLINE (those that rode out an outage did not die of it)."""
+    status = show1(["stack", "status", "--dir", str(stack.folder)], stack.project, stack.base_env)
+    assert status.stdout.count(" ok ") == 6, status.stdout
+
+
+def _logged_once(db: Any, run_dir: Path, steps: int) -> None:
+    """The training run of `run_dir` FINISHED in MLflow's PostgreSQL, with the loss of each of its `steps` steps (its
+    metrics.jsonl) there once."""
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    rows = db.execute("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss' GROUP BY step "
+                      "ORDER BY step", (run_id,)).fetchall()
+    status = db.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)).fetchone()[0]
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in rows] == logged and len(logged) == steps, (run_dir.name, rows, logged)
+    assert all(count == 1 for _, count in rows), (run_dir.name, rows)
+    assert status == "FINISHED", run_dir.name
+
+
+@pytest.mark.parametrize("service", ["mlflow", "postgres"])
+def test_training_carries_on_through_a_killed_and_restarted_tracking_server_or_database(stack, tmp_path, service):
+    """SIGKILL of the tracking server, or of PostgreSQL under it, in the middle of a training run; `show1 stack up`
+    starts it again on its port. The training's MLflow client retries meanwhile (the tracking server answers 503
+    while its database is gone, and reconnects when it is back): the run finishes, with each step's loss in
+    PostgreSQL once, and the whole stack is up again."""
     import psycopg
 
     # MLflow's retries back off 1, 2, 4 … s (its default doubles from 2 s): the same 7 retries ride out a restart of
@@ -415,32 +457,107 @@ def test_training_carries_on_through_a_killed_and_restarted_mlflow_server(stack,
                                   (run_id,)).fetchone()[0]
 
             deadline = time.monotonic() + 600
-            while logged_steps() < 1:
+            while (killed_at := logged_steps()) < 1:
                 assert training.poll() is None, training.communicate()
                 assert time.monotonic() < deadline, "the training logged no step"
                 time.sleep(0.2)
-            mlflow_server = read_state(stack.folder).services["mlflow"]
-            os.killpg(mlflow_server.pid, signal.SIGKILL)
-            killed_at = logged_steps()
-        assert killed_at < steps, "the training ended before the server was killed: raise steps"
-        time.sleep(2)
-        assert not is_running(mlflow_server)
-        again = show1(["stack", "up", "--dir", str(stack.folder), "--timeout", "900"], stack.project, stack.base_env)
-        assert "starting mlflow again on the same ports" in again.stderr, again.stderr
-        assert read_state(stack.folder).services["mlflow"].url == mlflow_server.url
+        assert killed_at < steps and training.poll() is None, "the training ended before the kill: raise steps"
+        with _killed(stack, service):
+            time.sleep(2)  # the training meets the outage
         stdout, stderr = training.communicate(timeout=900)
     finally:
         training.kill()
     assert training.returncode == 0, stdout[-2000:] + stderr[-4000:]
-    run_id = (run_dir / "mlflow_run_id").read_text().strip()
     with psycopg.connect(stack.pg("mlflow")) as db:
-        rows = db.execute("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss' GROUP BY step "
-                          "ORDER BY step", (run_id,)).fetchall()
-        status = db.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)).fetchone()[0]
-    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [step for step, _ in rows] == logged and len(logged) == steps, (rows, logged)
-    assert all(count == 1 for _, count in rows), rows
-    assert status == "FINISHED"
+        _logged_once(db, run_dir, steps)
+    _whole(stack)
+
+
+@pytest.mark.parametrize("service", ["postgres", "prefect"])
+def test_a_flow_run_on_the_stacks_worker_carries_on_through_a_killed_and_restarted_database_or_prefect_server(
+        stack, tmp_path, service):
+    """The training flow of two stages, deployed to the stack's `cpu` pool and run by its worker; once the server
+    has the first stage's task run COMPLETED and the second stage trains, SIGKILL of PostgreSQL (under both servers)
+    or of the Prefect server, and `show1 stack up` starts it again. The flow run ends COMPLETED, and after the
+    restart the server holds it once, COMPLETED, with one COMPLETED task run per stage and what it printed; in MLflow
+    each training run FINISHED with each step's loss once, and each run's sample video is in S3. (What a killed
+    Prefect server still loses is said at the end.)"""
+    import psycopg
+
+    steps, runs = 10, tmp_path / "runs"
+    params = yaml.safe_load((stack.project / "params.yaml").read_text())
+    params["train"] |= {"sample_every": steps, "sample_steps": 1}  # one sample video per run: an artifact in S3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = stack.env()
+    base = env["PREFECT_API_URL"]
+    deployment = api(base, "/deployments/", {
+        "name": f"faults-{service}", "flow_id": api(base, "/flows/name/show1-train")["id"],
+        "entrypoint": "flows/train.py:train_flow", "work_pool_name": "cpu", "enforce_parameter_schema": False,
+        "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(stack.project)}}]})
+    run = api(base, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {
+        "stages": ["base", "interp"], "runs": str(runs), "params_path": str(tmp_path / "params.yaml"),
+        "max_steps": steps}})
+    worker_log = stack.folder / "logs" / "worker-cpu.log"
+    log_start = worker_log.stat().st_size
+
+    def state() -> str:
+        return api(base, f"/flow_runs/{run['id']}")["state"]["type"]
+
+    def second_stage_trains() -> bool:  # the first stage's task run COMPLETED on the server, the second's started
+        tasks = api(base, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+        return "COMPLETED" in [task["state_type"] for task in tasks] and (runs / "interp" / "mlflow_run_id").is_file()
+
+    deadline = time.monotonic() + 600
+    while not (state() == "RUNNING" and second_stage_trains()):
+        assert state() in ("SCHEDULED", "PENDING", "RUNNING"), worker_log.read_text()[-4000:]
+        assert time.monotonic() < deadline, "the flow run did not reach its second stage"
+        time.sleep(0.5)
+    assert not (runs / "interp" / "final").exists(), "the second stage was trained before the kill: raise steps"
+    with _killed(stack, service):
+        time.sleep(2)  # the flow run meets the outage
+    deadline = time.monotonic() + 900
+    while (ended := state()) not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+        assert time.monotonic() < deadline, f"the flow run did not end: {ended}"
+        time.sleep(2)
+    assert ended == "COMPLETED", worker_log.read_text()[-6000:]
+    runs_of_deployment = api(base, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
+    assert [r["id"] for r in runs_of_deployment] == [run["id"]]
+    with psycopg.connect(stack.pg("prefect")) as db:
+        final, end_time = db.execute("SELECT state_type, end_time FROM flow_run WHERE id = %s",
+                                     (run["id"],)).fetchone()
+        tasks = db.execute("SELECT task_key, dynamic_key, state_type FROM task_run WHERE flow_run_id = %s",
+                           (run["id"],)).fetchall()
+    assert final == "COMPLETED" and end_time is not None
+    # one task run per stage: none run twice (a retried or resubmitted task would be a third)
+    assert len(tasks) == 2 and len({dynamic for _, dynamic, _ in tasks}) == 2, tasks
+    # no log batch of the flow run was refused (the workers retry the Prefect server's 500s while PostgreSQL is gone)
+    with open(worker_log, "rb") as log:
+        log.seek(log_start)
+        assert b"Error logging to API" not in log.read(), f"the flow run dropped log lines: see {worker_log}"
+    keys = object_store.keys(env["AWS_ENDPOINT_URL"], prefix="mlflow/")
+    with psycopg.connect(stack.pg("mlflow")) as db:
+        for stage in ("base", "interp"):
+            _logged_once(db, runs / stage, steps)
+            run_id = (runs / stage / "mlflow_run_id").read_text().strip()
+            samples = [key for key in keys if f"/{run_id}/artifacts/samples/" in key]
+            assert [key.rsplit("/", 1)[1] for key in samples] == [f"step-{steps:06d}.mp4"], (stage, samples)
+    _whole(stack)
+
+    # Each task run's last state, and what the flow run printed (during the outage included), on the server. A
+    # SIGKILLed Prefect server loses some of it (issue 36): the events and log lines it had taken but not stored yet,
+    # and the events a flow run emits while the server stays away longer than its events client's ~10 reconnection
+    # attempts (Prefect's in-memory messaging; not a setting). Seen: the second task run left RUNNING, a stage's last
+    # lines missing. Known for that kill alone: all of it must hold with PostgreSQL killed.
+    logs: list[str] = []
+    while page := api(base, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "offset": len(logs)}):
+        logs += [log["message"] for log in page]  # the server's pages of up to 200
+    lost = [f"task run {dynamic} {state}" for _, dynamic, state in tasks if state != "COMPLETED"]
+    lost += [f"log line {line!r}" for stage in ("base", "interp") for line in (
+        f"{stage}: step 1 loss", f"{stage}: step {steps} loss", f"{stage}: {steps} steps, final loss")
+        if not any(message.startswith(line) for message in logs)]
+    if lost and service == "prefect":
+        pytest.xfail(f"the Prefect server's SIGKILL lost: {lost}")
+    assert not lost, lost
 
 
 def test_a_backup_restored_onto_a_second_stack_brings_back_the_registry_lineage_artifacts_and_flow_runs(
@@ -676,3 +793,39 @@ def test_a_stack_beyond_loopback_requires_credentials_of_every_client_and_serves
                        capture_output=True, timeout=600)
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(refused_folder, ignore_errors=True)
+
+
+def test_a_training_tracked_in_the_demos_sqlite_store_is_copied_into_the_stack_when_registered(stack, tmp_path):
+    """The newcomer's path of the issue: a clone trains as `make demo` does, tracked in the project's own sqlite store
+    (no MLFLOW_TRACKING_URI); then `eval "$(show1 stack env)"` and the registration of that training on the stack.
+    It used to fail ("training run … is not in the store http://…", retried to no effect); now the training is logged
+    into the stack's MLflow once (a copy tagged with the run it copies), the version links to that copy, and a second
+    registration copies nothing."""
+    from show1.training.tracking import COPIED_FROM_TAG
+
+    demo = fresh_clone(tmp_path / "demo")
+    use_small_cascade(demo)
+    params = yaml.safe_load((demo / "params.yaml").read_text())
+    params["registry"] = {"model_prefix": "demo"}  # beside the fixture's show1-* models
+    (demo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    show1(["curate", "--quiet"], demo, stack.base_env)
+    show1(["train", "--stage", "base", "--quiet"], demo, stack.base_env)
+    trained = (demo / "runs" / "base" / "mlflow_run_id").read_text().strip()
+    assert (demo / "mlruns" / "mlflow.db").is_file()
+
+    env = stack.env()
+    first = show1(["register", "--stage", "base"], demo, env)
+    assert "models:/demo-base/1" in first.stdout, first.stdout
+    assert f"the training run {trained}" in " ".join((first.stdout + first.stderr).split()), first.stdout
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version_by_alias("demo-base", "challenger")
+    copy = client.get_run(version.tags["training_run_id"])
+    assert copy.info.run_id != trained and copy.data.tags[COPIED_FROM_TAG] == trained
+    assert [m.step for m in client.get_metric_history(copy.info.run_id, "loss")] == [1, 2]
+
+    second = show1(["register", "--stage", "base"], demo, env)
+    assert "models:/demo-base/1" in second.stdout and f"the training run {trained}" not in second.stdout + \
+        second.stderr, second.stdout
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    copies = client.search_runs(experiments, filter_string=f"tags.`{COPIED_FROM_TAG}` = '{trained}'")
+    assert [run.info.run_id for run in copies] == [copy.info.run_id]
