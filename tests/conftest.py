@@ -152,10 +152,22 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_root(tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> str:
+    """One new sqlite MLflow store for a whole test module: its tests track into it when the module sets
+    ONE_STORE_PER_MODULE = True (what they register lives on from test to test)."""
+    return new_mlflow_store(shared, tmp_path_factory.mktemp("store") / "mlflow.db")
+
+
 @pytest.fixture(autouse=True)
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: Path) -> str:
-    """Every test tracks into its own sqlite MLflow store, never the repository's mlruns/ (a new, empty store)."""
-    uri = new_mlflow_store(shared, tmp_path / "mlruns" / "mlflow.db")
+def mlflow_store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 shared: Path) -> str:
+    """Every test tracks into its own sqlite MLflow store (a new, empty one), never the repository's mlruns/; or,
+    in a module that sets ONE_STORE_PER_MODULE, into the module's `store`."""
+    if getattr(request.module, "ONE_STORE_PER_MODULE", False):
+        uri = request.getfixturevalue("store")
+    else:
+        uri = new_mlflow_store(shared, tmp_path / "mlruns" / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 

@@ -16,7 +16,6 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from services import api, prefect_server
-from shared_cache import new_mlflow_store
 from typer.testing import CliRunner
 
 from show1.cli import app
@@ -35,15 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, shared) -> str:
-    return new_mlflow_store(shared, tmp_path_factory.mktemp("store") / "mlflow.db")
-
-
-@pytest.fixture(autouse=True)
-def mlflow_store(store, monkeypatch) -> str:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    return store
+# The registered challengers the tests evaluate live in the module's store (conftest's
+# mlflow_store):
+ONE_STORE_PER_MODULE = True
 
 
 @pytest.fixture(scope="module")

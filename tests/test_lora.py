@@ -19,7 +19,6 @@ import yaml
 from conftest import TRAINING_SMALL, curated_one_clip, deep_merge
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
-from shared_cache import new_mlflow_store
 
 from show1.config import load_params
 from show1.data.video import to_uint8_frames
@@ -36,16 +35,9 @@ LORA = {"rank": 4, "alpha": 8}
 PROMPT = "a rabbit on a hill"
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, shared) -> str:
-    return new_mlflow_store(shared, tmp_path_factory.mktemp("store") / "mlflow.db")
-
-
-@pytest.fixture(autouse=True)
-def mlflow_store(store, monkeypatch) -> str:
-    """The module's tests share one store: the base version the adapters are registered on lives there."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    return store
+# The base version the adapters are registered on lives in the module's store (conftest's
+# mlflow_store):
+ONE_STORE_PER_MODULE = True
 
 
 def params_file(folder: Path, lora_settings: dict | None = None, **train: object) -> Path:

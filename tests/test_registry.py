@@ -17,7 +17,6 @@ import warm
 import yaml
 from mlflow.tracking import MlflowClient
 from services import mlflow_server
-from shared_cache import new_mlflow_store
 from typer.testing import CliRunner
 
 from show1.cli import app
@@ -38,17 +37,9 @@ SMALL = {  # the demo clips at a quarter of the tiny profile's sizes: every stag
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, shared) -> str:
-    return new_mlflow_store(shared, tmp_path_factory.mktemp("store") / "mlflow.db")
-
-
-@pytest.fixture(autouse=True)
-def mlflow_store(store, monkeypatch) -> str:
-    """This module's tests share one store (the trained runs live there); each test registers under its own
-    model prefix, so tests do not see each other's models."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    return store
+# Each test registers under its own model prefix; the trained runs live in the module's store (conftest's
+# mlflow_store):
+ONE_STORE_PER_MODULE = True
 
 
 @pytest.fixture(scope="module")
