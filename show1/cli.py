@@ -973,6 +973,11 @@ def _stack_state(folder: Path) -> Any:
     return state
 
 
+def _progress_line(line: str) -> None:
+    """What the stack and the UIs report while they start and stop: on stderr, never wrapped."""
+    err.print(line, highlight=False, soft_wrap=True)
+
+
 @stack_app.command("up")
 def stack_up(
     folder: StackDir = Path(".stack"),
@@ -1008,7 +1013,7 @@ def stack_up(
     except ValidationError as exc:
         fail(f"--pools {pools}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", code=2)
     try:
-        state = up(settings, say=lambda line: err.print(line, highlight=False, soft_wrap=True))
+        state = up(settings, say=_progress_line)
     except StackError as exc:
         fail(str(exc))
     _print_stack(state)
@@ -1071,7 +1076,7 @@ def stack_down(
     from show1.stack.stack import down
 
     try:
-        stopped = down(folder, purge=purge, say=lambda line: err.print(line, highlight=False, soft_wrap=True))
+        stopped = down(folder, purge=purge, say=_progress_line)
     except StackError as exc:
         fail(str(exc))
     out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}", highlight=False)
@@ -1100,7 +1105,7 @@ def stack_backup(
 
     try:
         manifest = backup(folder, target, overwrite=overwrite,
-                          say=lambda line: err.print(line, highlight=False, soft_wrap=True))
+                          say=_progress_line)
     except StackError as exc:
         fail(str(exc))
     out.print(f"backup of the stack in {folder}: {target} ({manifest['objects']} objects)", highlight=False)
@@ -1126,7 +1131,7 @@ def stack_restore(
 
     try:
         manifest = restore(folder, source, force=force, timeout=timeout,
-                           say=lambda line: err.print(line, highlight=False, soft_wrap=True))
+                           say=_progress_line)
     except StackError as exc:
         fail(str(exc))
     out.print(f"restored {source} (backed up {manifest['created']} from {manifest['stack']['folder']}) onto the "
@@ -1190,16 +1195,13 @@ def ui(
     from show1.stack import ui as local_ui
     from show1.stack.processes import StackError
 
-    def say(line: str) -> None:
-        err.print(line, highlight=False, soft_wrap=True)
-
     if stop:
-        stopped = local_ui.down(Path.cwd(), say=say)
+        stopped = local_ui.down(Path.cwd(), say=_progress_line)
         out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}", highlight=False)
         return
     try:
         state = local_ui.up(Path.cwd(), ctx.obj.params().tracking, local_ui.UISettings(
-            host=host, mlflow_port=mlflow_port, prefect_port=prefect_port, timeout=timeout), say=say)
+            host=host, mlflow_port=mlflow_port, prefect_port=prefect_port, timeout=timeout), say=_progress_line)
     except (StackError, StoreError) as exc:
         fail(str(exc))
     if "mlflow" in state.services:
