@@ -26,7 +26,7 @@ from typing import Any
 import media
 import pytest
 import yaml
-from shared_cache import new_mlflow_store, new_prefect_home, shared_root
+from shared_cache import SHARED_ROOT, new_mlflow_store, new_prefect_home, shared_root
 
 from show1.config import Params, load_params
 from show1.data.curate import curate
@@ -68,6 +68,36 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in rank:
             item.add_marker(pytest.mark.slow)
+
+
+# Disk: pyproject's tmp_path_retention_policy = "failed" removes a passing test's tmp_path, but folders that module
+# and session fixtures make with tmp_path_factory.mktemp lived until the next session: registered stages, stores,
+# clones and stacks summed to 19 GB on one run, and CI's disk filled part-way through. A wider fixture's folders
+# (the ones that appeared under this process's temp root while it was set up, less those its own dependencies
+# claimed; never the session's show1-shared) are removed when it is torn down, unless a test failed meanwhile (kept,
+# as tmp_path's are, to look at).
+_CLAIMED: set[Path] = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+    if fixturedef.scope == "function":
+        return (yield)
+    root = request.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    before, failed, made = set(root.iterdir()), request.session.testsfailed, set()
+
+    def remove() -> None:  # added before the fixture's own teardown, so it runs after it (stacks stopped first)
+        if request.session.testsfailed == failed:
+            for folder in made:
+                shutil.rmtree(folder, ignore_errors=True)
+        _CLAIMED.difference_update(made)
+
+    fixturedef.addfinalizer(remove)
+    try:
+        return (yield)
+    finally:
+        made.update(p for p in set(root.iterdir()) - before - _CLAIMED if p.name != SHARED_ROOT)
+        _CLAIMED.update(made)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -23,10 +23,13 @@ from typing import Any
 import pytest
 
 
+SHARED_ROOT = "show1-shared"
+
+
 def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of this test session that every xdist worker sees (the parent of the workers' own temp roots)."""
     base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "show1-shared"
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / SHARED_ROOT
     root.mkdir(exist_ok=True)
     return root
 
