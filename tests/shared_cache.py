@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 
-
 SHARED_ROOT = "show1-shared"
 
 
