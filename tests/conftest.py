@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,11 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureR
 
     def remove() -> None:  # added before the fixture's own teardown, so it runs after it (stacks stopped first)
         if request.session.testsfailed == failed:
-            for folder in made:
-                shutil.rmtree(folder, ignore_errors=True)
+            for folder in made:  # the folders, and pytest's `<name>current` links to them
+                if folder.is_symlink():
+                    folder.unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
         _CLAIMED.difference_update(made)
 
     fixturedef.addfinalizer(remove)
@@ -198,8 +202,22 @@ def mlflow_store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: py
         uri = request.getfixturevalue("store")
     else:
         uri = new_mlflow_store(shared, tmp_path / "mlruns" / "mlflow.db")
+    _forget_mlflow_uris()
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def _forget_mlflow_uris() -> None:
+    """MLflow's set_tracking_uri/set_registry_uri (show1.store.connect calls both) are globals of the process that
+    win over the environment, and they export MLFLOW_REGISTRY_URI for good: left by an earlier in-process test, they
+    sent a later test's `models:/` download to that test's store (its files removed by then: an empty download)."""
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry
+        from mlflow.tracking._tracking_service import utils as tracking
+
+        tracking._tracking_uri = None
+        registry._registry_uri = None
 
 
 @pytest.fixture
