@@ -45,12 +45,18 @@ def shown_text(driver: Any, url: str, expected: list[str], timeout: float = 60) 
     """Load `url` and return the page's visible text once every string of `expected` is in it; fail with the text
     after `timeout` seconds."""
     driver.get(url)
+    return text_once_shown(driver, expected, timeout)
+
+
+def text_once_shown(driver: Any, expected: list[str], timeout: float = 60) -> str:
+    """The visible text of the page the browser is on (not loaded again) once every string of `expected` is in it."""
     deadline = time.monotonic() + timeout
     while True:
         text = driver.execute_script("return document.body ? document.body.innerText : ''")
         if all(word in text for word in expected):
             return text
-        assert time.monotonic() < deadline, f"{url} shows no {[w for w in expected if w not in text]}:\n{text[-3000:]}"
+        missing = [word for word in expected if word not in text]
+        assert time.monotonic() < deadline, f"{driver.current_url} shows no {missing}:\n{text[-3000:]}"
         time.sleep(0.5)
 
 

@@ -671,7 +671,9 @@ def test_a_stack_beyond_loopback_requires_credentials_of_every_client_and_serves
     its credentials are generated into a file only its user reads; with `show1 stack env`'s exports MLflow serves
     that address (no "Invalid Host header") and the runner account does what runners do, even in another account's
     experiment and model; without them, or with a wrong password, MLflow and Prefect answer 401 and write nothing;
-    PostgreSQL refuses a connection without its password, which no process shows on its command line."""
+    PostgreSQL refuses a connection without its password, which no process shows on its command line. In a browser,
+    the Prefect UI's login page refuses a wrong auth string and takes the right one; the MLflow UI lists the models
+    with the runner account."""
     import base64
     import stat
     import urllib.request
@@ -776,6 +778,24 @@ def test_a_stack_beyond_loopback_requires_credentials_of_every_client_and_serves
         made = show1(["stack", "backup", str(tmp_path / "backup"), "--dir", str(folder)], tmp_path, env)
         assert json.loads((tmp_path / "backup" / "manifest.json").read_text())["objects"] >= 2, made.stderr
 
+        # Both UIs in a browser, as a person of the team opens them. Prefect's asks for the auth string (its own
+        # login page), refuses a wrong one, and with the right one shows the stack's work pools; MLflow's asks the
+        # browser for HTTP basic auth, and with the runner account it lists the admin's model.
+        from browser import chromium, shown_text, text_once_shown
+
+        prefect_ui = prefect_api.removesuffix("/api")
+        with chromium(tmp_path / "chromium-profile") as browser:
+            shown_text(browser, f"{prefect_ui}/work-pools", ["Login"])
+            _log_in_to_prefect(browser, "admin:wrong")
+            text_once_shown(browser, ["Authentication failed"])
+            _log_in_to_prefect(browser, secrets["prefect_auth_string"])
+            pools = shown_text(browser, f"{prefect_ui}/work-pools", ["Work Pools", "cpu", "gpu"])
+            assert "Login" not in pools, pools
+            # the account in the URL once (what the browser's prompt does), then the UI at its own address: the
+            # browser sends the account along, from its cache of HTTP credentials, as it would after its prompt
+            browser.get(f"http://show1:{secrets['mlflow_password']}@{uri.removeprefix('http://')}/")
+            shown_text(browser, f"{uri}/#/models", ["admins-model"])
+
         # PostgreSQL: password only, and the password on no command line.
         port = state.ports["postgres"]
         with pytest.raises(psycopg.OperationalError, match="password"):
@@ -793,6 +813,17 @@ def test_a_stack_beyond_loopback_requires_credentials_of_every_client_and_serves
                        capture_output=True, timeout=600)
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(refused_folder, ignore_errors=True)
+
+
+def _log_in_to_prefect(browser: Any, auth_string: str) -> None:
+    """Type `auth_string` into the Prefect UI's login page (its one password field) and submit it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    field = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.CSS_SELECTOR, "input[type=password]"))
+    field.clear()
+    field.send_keys(auth_string)
+    field.submit()
 
 
 def test_a_training_tracked_in_the_demos_sqlite_store_is_copied_into_the_stack_when_registered(stack, tmp_path):
