@@ -34,8 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-# The registered challengers the tests evaluate live in the module's store (conftest's
-# mlflow_store):
+# The registered challengers the tests evaluate live in the module's store: conftest's `store`.
 ONE_STORE_PER_MODULE = True
 
 

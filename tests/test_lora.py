@@ -35,8 +35,7 @@ LORA = {"rank": 4, "alpha": 8}
 PROMPT = "a rabbit on a hill"
 
 
-# The base version the adapters are registered on lives in the module's store (conftest's
-# mlflow_store):
+# The base version the adapters are registered on lives in the module's store: conftest's `store`.
 ONE_STORE_PER_MODULE = True
 
 

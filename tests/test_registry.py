@@ -37,8 +37,7 @@ SMALL = {  # the demo clips at a quarter of the tiny profile's sizes: every stag
 runner = CliRunner()
 
 
-# Each test registers under its own model prefix; the trained runs live in the module's store (conftest's
-# mlflow_store):
+# Each test registers under its own model prefix; the trained runs live in the module's store: conftest's `store`.
 ONE_STORE_PER_MODULE = True
 
 
